@@ -1,0 +1,157 @@
+"""Stage ``cache_activations``: the zero-shot image embeddings of one dataset split, in HDF5.
+
+Layout (DESIGN section 2): ``/embeddings`` float32 (N, d) in ~1 MiB row chunks, uncompressed;
+``/labels`` int64 (N,); ``/index`` int64 (N,), the row in the source dataset; root attributes
+record provenance. The file is filled under a ``.partial`` name beside the output, which records
+how many rows are done, so a killed job resumes where it stopped; the finished file is renamed
+into place, so the declared output is never truncated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+import saeft
+from saeft.config import StageConfig, require
+from saeft.data.registry import get_dataset
+from saeft.io import config_hash
+from saeft.models import load_clip, preprocess_for
+from saeft.training import Progress, setup_torch
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CHUNK_BYTES = 1 << 20
+
+
+@dataclasses.dataclass
+class CacheConfig(StageConfig):
+    """Embedding cache settings (config key ``cache``)."""
+
+    batch_size: int = 256
+    """Images per forward pass."""
+    workers: int = 0
+    """DataLoader worker processes (0: load in the main process)."""
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "cache.batch_size", "must be at least 1")
+        require(self.workers >= 0, "cache.workers", "must be non-negative")
+
+
+def run(
+    model_path: str | os.PathLike,
+    dataset: str,
+    split: str,
+    dataset_options: Any,
+    cfg: CacheConfig,
+    out: str | os.PathLike,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Embed every image of ``dataset``/``split`` with the CLIP at ``model_path`` into ``out``."""
+    setup_torch(0)
+    out = Path(out)
+    clip, arch = load_clip(model_path)
+    spec = get_dataset(dataset)
+    data = spec.load(split, preprocess_for(clip), dataset_options)
+    n, dim = len(data), clip.visual.output_dim
+    identity = {
+        "schema_version": SCHEMA_VERSION,
+        "model": arch,
+        "pretrained": (provenance or {}).get("pretrained", ""),
+        "dataset": dataset,
+        "split": split,
+        "preprocessing": repr(preprocess_for(clip)).replace("\n", " "),
+        "count": n,
+        "dim": dim,
+        "dtype": "float32",
+        "saeft_version": saeft.__version__,
+        "config_hash": config_hash({"model": str(model_path), "options": _options_dict(dataset_options), "provenance": provenance}),
+    }
+    partial = out.with_name(out.name + ".partial")
+    done = _resumable_rows(partial, identity)
+    mode = "a" if done else "w"
+    with h5py.File(partial, mode) as handle:
+        if not done:
+            _create_layout(handle, n, dim, identity)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(data, range(done, n)), batch_size=cfg.batch_size, num_workers=cfg.workers
+        )
+        progress = Progress(n, f"cache {dataset}/{split}")
+        row = done
+        with torch.no_grad():
+            for images, labels in loader:
+                embeddings = clip.encode_image(images).float().numpy()
+                stop = row + len(labels)
+                handle["embeddings"][row:stop] = embeddings
+                handle["labels"][row:stop] = labels.numpy()
+                handle["index"][row:stop] = np.arange(row, stop)
+                row = stop
+                handle.attrs["rows_done"] = row
+                handle.flush()
+                progress.update(row)
+        handle.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        del handle.attrs["rows_done"]
+    os.replace(partial, out)
+    logger.info("cached %d x %d embeddings of %s/%s to %s (%d resumed)", n, dim, dataset, split, out, done)
+    return {"count": n, "dim": dim, "resumed_rows": done}
+
+
+def _create_layout(handle: h5py.File, n: int, dim: int, identity: dict[str, Any]) -> None:
+    chunk_rows = max(1, min(n, CHUNK_BYTES // (4 * dim)))
+    handle.create_dataset("embeddings", shape=(n, dim), dtype="float32", chunks=(chunk_rows, dim))
+    handle.create_dataset("labels", shape=(n,), dtype="int64")
+    handle.create_dataset("index", shape=(n,), dtype="int64")
+    for key, value in identity.items():
+        handle.attrs[key] = value
+    handle.attrs["rows_done"] = 0
+
+
+def _resumable_rows(partial: Path, identity: dict[str, Any]) -> int:
+    """Rows already written by an interrupted run with the same identity; 0 to start afresh."""
+    if not partial.exists():
+        return 0
+    try:
+        with h5py.File(partial, "r") as handle:
+            same = all(handle.attrs.get(k) == v for k, v in identity.items())
+            rows = int(handle.attrs.get("rows_done", 0))
+    except OSError as exc:
+        logger.warning("discarding unreadable partial cache %s (%s)", partial, exc)
+        rows, same = 0, False
+    if not same:
+        logger.info("partial cache %s is from another configuration; starting afresh", partial)
+        partial.unlink()
+        return 0
+    logger.info("resuming %s at row %d", partial, rows)
+    return rows
+
+
+def read_cache(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Embeddings, labels and attributes of a finished cache, checked against the layout."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as handle:
+            for name in ("embeddings", "labels", "index"):
+                if name not in handle:
+                    raise ValueError(f"{path}: not a saeft cache (no /{name})")
+            attrs = dict(handle.attrs)
+            if "rows_done" in attrs:
+                raise ValueError(f"{path}: unfinished cache ({attrs['rows_done']} rows done)")
+            embeddings, labels = handle["embeddings"][:], handle["labels"][:]
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    if embeddings.shape[0] != attrs.get("count"):
+        raise ValueError(f"{path}: {embeddings.shape[0]} rows but attrs say {attrs.get('count')}")
+    return embeddings, labels, attrs
+
+
+def _options_dict(options: Any) -> Any:
+    return options.to_dict() if hasattr(options, "to_dict") else options

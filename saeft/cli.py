@@ -1,0 +1,232 @@
+"""The ``saeft`` command: one subcommand per pipeline stage.
+
+Rules call these with paths and the stage's resolved config as JSON; every subcommand also works
+by hand (``saeft <stage> --help``). ``--track`` names the MLflow run of the job (experiment, run
+name, tags); without it nothing is tracked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+logger = logging.getLogger("saeft")
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--track", type=_json_arg, default=None,
+                        help="MLflow run as JSON: {experiment, run_name, tags}; omit to not track")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all allowed)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def _config(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--config", type=_json_arg, default={}, help=f"{what} config as a JSON object")
+
+
+def _dataset_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="registered dataset name")
+    parser.add_argument("--dataset-options", type=_json_arg, default={},
+                        help="the dataset's options as JSON (the shapes world: config key 'synthetic')")
+
+
+def cmd_init_tracking(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.tracking import init_store
+
+    return {"ok": init_store(args.experiment)}
+
+
+def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import pretrain
+    from saeft.data.synthetic import WorldConfig
+
+    world = WorldConfig.from_dict(args.world, "synthetic.")
+    return pretrain.run(args.arch, world, pretrain.PretrainConfig.from_dict(args.config, "pretrain."), args.out)
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import prepare
+
+    return prepare.run_model(args.arch, args.pretrained, args.out)
+
+
+def cmd_head(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import prepare
+
+    return prepare.run_head(args.model, args.dataset, args.out)
+
+
+def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import cache
+    from saeft.data.registry import get_dataset
+
+    options = get_dataset(args.dataset).options(args.dataset_options)
+    cfg = cache.CacheConfig.from_dict(args.config, "cache.")
+    return cache.run(args.model, args.dataset, args.split, options, cfg, args.out, {"pretrained": args.pretrained or ""})
+
+
+def cmd_train_sae(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import sae
+
+    cfg = sae.SAETrainConfig.from_dict(args.config, "sae.")
+    return sae.run(args.train, args.heldout, args.out_weights, args.out_json, cfg)
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import finetune
+    from saeft.data.registry import get_dataset
+
+    options = get_dataset(args.dataset).options(args.dataset_options)
+    cfg = finetune.FinetuneConfig.from_dict(args.config, "finetune.")
+    return finetune.run(args.model, args.head, args.dataset, options, cfg, args.out_model, args.out_json,
+                        sae_path=args.sae, on_epoch=lambda record: _RUN.log_metrics(record, step=int(record["epoch"])))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import evaluate
+    from saeft.data.registry import get_dataset
+
+    options = get_dataset(args.dataset).options(args.dataset_options)
+    cfg = evaluate.EvaluateConfig.from_dict(args.config, "evaluate.")
+    result = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity)
+    return {"value": result["value"], "n": result["n"]}
+
+
+def cmd_aggregate(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import aggregate
+
+    cfg = aggregate.AggregateConfig.from_dict(args.config, "aggregate.")
+    metrics = aggregate.run(args.evals, args.tables, args.figures, cfg)
+    for name in aggregate.TABLE_FILES:
+        _RUN.log_artifact(os.path.join(args.tables, name))
+    for name in aggregate.FIGURE_FILES:
+        _RUN.log_artifact(os.path.join(args.figures, name))
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saeft", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], dict[str, Any]], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        _common(p)
+        return p
+
+    p = add("init-tracking", cmd_init_tracking, "create the MLflow store and experiment (once, before parallel jobs)")
+    p.add_argument("--experiment", required=True, help="experiment name (the study)")
+
+    p = add("pretrain", cmd_pretrain, "pretrain a small CLIP contrastively on the captioned shapes world")
+    p.add_argument("--arch", required=True, help="open_clip architecture name")
+    p.add_argument("--world", type=_json_arg, default={}, help="shapes-world config (key 'synthetic') as JSON")
+    _config(p, "pretraining")
+    p.add_argument("--out", required=True, help="output weights (.safetensors)")
+
+    p = add("prepare", cmd_prepare, "materialise the zero-shot CLIP as one local safetensors file")
+    p.add_argument("--arch", required=True, help="open_clip architecture name")
+    p.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint; omit for random weights")
+    p.add_argument("--out", required=True, help="output weights (.safetensors)")
+
+    p = add("head", cmd_head, "build a dataset's zero-shot head from its prompt templates")
+    p.add_argument("--model", required=True, help="zero-shot CLIP weights from 'saeft prepare'")
+    p.add_argument("--dataset", required=True, help="registered dataset name")
+    p.add_argument("--out", required=True, help="output head (.safetensors)")
+
+    p = add("cache", cmd_cache, "cache the zero-shot image embeddings of a dataset split in HDF5")
+    p.add_argument("--model", required=True, help="zero-shot CLIP weights from 'saeft prepare'")
+    p.add_argument("--pretrained", default=None, help="provenance recorded in the cache's attributes")
+    _dataset_args(p)
+    p.add_argument("--split", required=True, help="dataset split to embed")
+    _config(p, "cache")
+    p.add_argument("--out", required=True, help="output HDF5 file")
+
+    p = add("train-sae", cmd_train_sae, "train a Top-K sparse autoencoder on cached embeddings")
+    p.add_argument("--train", required=True, help="HDF5 cache of the training embeddings")
+    p.add_argument("--heldout", required=True, help="HDF5 cache of held-out embeddings (metrics)")
+    _config(p, "SAE")
+    p.add_argument("--out-weights", required=True, help="output SAE weights (.safetensors)")
+    p.add_argument("--out-json", required=True, help="output sae.json (config and metrics)")
+
+    p = add("finetune", cmd_finetune, "fine-tune the zero-shot classifier with one method and seed")
+    p.add_argument("--model", required=True, help="zero-shot CLIP weights")
+    p.add_argument("--head", required=True, help="the dataset's zero-shot head")
+    _dataset_args(p)
+    p.add_argument("--sae", default=None, help="SAE weights (SAE methods only)")
+    _config(p, "fine-tuning (finetune keys plus method and method_params)")
+    p.add_argument("--out-model", required=True, help="output classifier weights (.safetensors)")
+    p.add_argument("--out-json", required=True, help="output train.json")
+
+    p = add("evaluate", cmd_evaluate, "evaluate a model on one evaluation split")
+    p.add_argument("--model", required=True, help="classifier weights, or zero-shot CLIP weights with --head")
+    p.add_argument("--head", default=None, help="zero-shot head (evaluates the zero-shot model)")
+    _dataset_args(p)
+    p.add_argument("--split", required=True, help="evaluation split")
+    p.add_argument("--identity", type=_json_arg, default={}, help="JSON recorded in the result: study, model, method, seed")
+    _config(p, "evaluation")
+    p.add_argument("--out", required=True, help="output result JSON")
+
+    p = add("aggregate", cmd_aggregate, "build the tables and figures from evaluation results")
+    p.add_argument("--evals", nargs="+", required=True, help="evaluation result JSON files")
+    p.add_argument("--tables", required=True, help="output folder of tables")
+    p.add_argument("--figures", required=True, help="output folder of figures")
+    _config(p, "aggregation")
+    return parser
+
+
+class _NoRun:
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+_RUN: Any = _NoRun()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``saeft`` command; returns the exit status."""
+    global _RUN
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # open_clip warns on the root logger about every model it creates without weights, also
+    # where saeft loads the weights right after: keep job logs about the job.
+    logging.getLogger().addFilter(lambda record: "No pretrained weights loaded" not in record.getMessage())
+    if args.threads:
+        os.environ["SAEFT_THREADS"] = str(args.threads)
+    from saeft.config import ConfigError
+    from saeft.tracking import job_run
+
+    params = {k: v for k, v in vars(args).items() if k not in {"fn", "track", "log_level"}}
+    started = time.monotonic()
+    try:
+        with job_run(args.track, params) as run:
+            _RUN = run
+            metrics = args.fn(args) or {}
+            run.log_metrics({**metrics, "seconds": time.monotonic() - started})
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    finally:
+        _RUN = _NoRun()
+    logger.info("done in %.1fs", time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: the procedural shapes world and the registry that the stages read datasets from."""

@@ -1,0 +1,67 @@
+"""Loading and validating a study config against ``workflow/schemas/config.schema.yaml``.
+
+Used by the Snakefile when it loads (so a bad config fails before any job starts) and by tests.
+Errors name the key path, e.g. ``finetune.lr: 'fast' is not of type 'number'``. Defaults from the
+schema are filled in, so every stage sees a complete config. Imports no torch: dry runs stay fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from saeft.config import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load_schema(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The config JSON schema (draft-07)."""
+    return yaml.safe_load(Path(path or SCHEMA_PATH).read_text())
+
+
+def _with_defaults(validator_class: type) -> type:
+    """A validator that also fills in ``default`` values of missing properties (a default must
+    stand beside any ``$ref``, not in the referenced definition)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator: Any, properties: dict[str, Any], instance: Any, schema: dict[str, Any]) -> Any:
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Validate ``config`` in place, fill defaults, and return it; raise ConfigError naming keys."""
+    schema = load_schema(schema_path)
+    # First report errors on the config as given, then fill defaults (which are valid).
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{_key(e)}: {_message(e)}" for e in errors]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    _with_defaults(jsonschema.Draft7Validator)(schema).validate(config)
+    return config
+
+
+def _key(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return ".".join(filter(None, [path, extra[0] if len(extra) == 1 else "{" + ",".join(extra) + "}"]))
+    return path or "(top level)"
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        return f"unknown key (allowed here: {allowed})"
+    return error.message

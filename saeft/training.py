@@ -1,0 +1,66 @@
+"""Pieces every training loop shares: threads and seeds, the learning-rate schedule, progress."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def setup_torch(seed: int, threads: int | None = None) -> torch.Generator:
+    """Seed Python, NumPy and torch, pin the thread count, and return a generator for data order.
+
+    ``threads`` defaults to ``SAEFT_THREADS`` or, failing that, the CPUs this process may use
+    (Snakemake passes each job's thread count through the rule).
+    """
+    threads = threads or int(os.environ.get("SAEFT_THREADS", "0")) or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base learning rate, then cosine decay to zero at ``total_steps``."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Progress:
+    """Logs ``step/total``, rate and ETA at most every ``every_s`` seconds: one plain line per
+    report, readable in a non-TTY Snakemake or SLURM log."""
+
+    def __init__(self, total: int, label: str, every_s: float = 10.0) -> None:
+        self.total = total
+        self.label = label
+        self.every_s = every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, step: int, **values: float) -> None:
+        """Report progress after ``step`` (1-based) steps, with named values such as the loss."""
+        now = time.monotonic()
+        if now - self.last < self.every_s and step < self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / max(step, 1) * (self.total - step)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        logger.info("%s %d/%d (%.0f%%) %s elapsed %.0fs eta %.0fs", self.label, step, self.total,
+                    100.0 * step / max(self.total, 1), shown, elapsed, eta)

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny shapes world and a small random CLIP saved like prepare_model does."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ARCH = "saeft-tiny-rn"
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    from saeft.data.synthetic import WorldConfig
+
+    return WorldConfig(seed=3, image_size=32, train_per_class=4, val_per_class=2, test_per_class=2, pretrain_per_class=2)
+
+
+@pytest.fixture(scope="session")
+def clip_file(tmp_path_factory):
+    """A randomly initialised tiny CLIP in the safetensors format of prepare_model."""
+    import torch
+
+    from saeft.models import create_clip, save_clip
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    save_clip(path, create_clip(ARCH).eval(), ARCH, source=None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def head_file(clip_file, tmp_path_factory):
+    from saeft.prepare import run_head
+
+    path = tmp_path_factory.mktemp("heads") / "shapes.safetensors"
+    run_head(clip_file, "shapes", path)
+    return path

@@ -1,0 +1,253 @@
+"""Tests for saeft.aggregate: tidy table, summary statistics, Markdown, figure, run()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+
+from saeft import aggregate
+from saeft.aggregate import (
+    OOD_AVG,
+    AggregateConfig,
+    load_metrics,
+    plot_id_vs_ood,
+    summarize,
+    to_markdown,
+)
+from saeft.config import ConfigError
+
+EVALSETS = {"test": "id", "sketch": "ood", "rendition": "ood"}
+SEEDS = (0, 1, 2)
+
+
+def _value(method: str, seed: int | None, evalset: str) -> float:
+    """Distinct, deterministic fractions (multiples of 1/400, as from n=400 examples)."""
+    base = {"zeroshot": 0.60, "ft": 0.85, "saeft": 0.83}[method]
+    shift = {"test": 0.0, "sketch": -0.20, "rendition": -0.10}[evalset]
+    if method == "ft":
+        shift *= 1.5  # FT loses more under shift
+    jitter = 0.0 if seed is None else [0.0, 0.0125, -0.0075][seed] * (1 + len(evalset) % 3)
+    return round((base + shift + jitter) * 400) / 400
+
+
+def _write_eval(folder: Path, **overrides) -> Path:
+    rec = {
+        "study": "default",
+        "model": "saeft-tiny",
+        "dataset": "shapes",
+        "method": "ft",
+        "seed": 0,
+        "evalset": "test",
+        "role": "id",
+        "metric": "top1",
+        "value": 0.5,
+        "n": 400,
+        "per_class": {"correct": [100, 100], "total": [200, 200]},
+        "classnames": ["circle", "square"],
+    }
+    rec.update(overrides)
+    seed = "none" if rec["seed"] is None else rec["seed"]
+    path = folder / rec["model"] / rec["dataset"] / rec["method"] / f"seed{seed}" / (
+        f"{rec['evalset']}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+    return path
+
+
+@pytest.fixture
+def eval_paths(tmp_path: Path) -> list[Path]:
+    paths = []
+    # Written saeft-first so the configured order, not file order, must decide the table rows.
+    for method, seeds in (("saeft", SEEDS), ("zeroshot", (None,)), ("ft", SEEDS)):
+        for seed in seeds:
+            for evalset, role in EVALSETS.items():
+                paths.append(
+                    _write_eval(
+                        tmp_path / "eval",
+                        method=method,
+                        seed=seed,
+                        evalset=evalset,
+                        role=role,
+                        value=_value(method, seed, evalset),
+                    )
+                )
+    return paths
+
+
+@pytest.fixture
+def cfg() -> AggregateConfig:
+    return AggregateConfig()
+
+
+def test_tidy_table_columns_dtypes_rows(eval_paths: list[Path]) -> None:
+    df = load_metrics(eval_paths)
+    assert list(df.columns) == [
+        "study", "model", "dataset", "method", "seed", "evalset", "role", "metric", "value", "n",
+    ]
+    assert len(df) == len(eval_paths) == (3 + 1 + 3) * 3
+    assert df["seed"].dtype == "Int64"
+    assert df["value"].dtype == np.float64
+    assert df["n"].dtype == np.int64
+    for col in ("study", "model", "dataset", "method", "evalset", "role", "metric"):
+        assert pd.api.types.is_string_dtype(df[col]), col
+    zs = df[df["method"] == "zeroshot"]
+    assert zs["seed"].isna().all() and len(zs) == 3
+    assert df.loc[df["method"] == "ft", "seed"].notna().all()
+
+
+def test_summary_matches_hand_computation(eval_paths: list[Path], cfg: AggregateConfig) -> None:
+    summary = summarize(load_metrics(eval_paths), cfg)
+    assert len(summary) == 3
+    assert aggregate.value_columns(summary) == ["test", "sketch", "rendition", OOD_AVG]
+    for col in ("test", "sketch", "rendition", OOD_AVG):
+        for suffix in (" mean", " std", ""):
+            assert col + suffix in summary.columns
+
+    row = summary.set_index("method").loc["ft"]
+    sketch = np.array([_value("ft", s, "sketch") for s in SEEDS])
+    assert row["sketch mean"] == pytest.approx(sketch.mean())
+    assert row["sketch std"] == pytest.approx(sketch.std(ddof=1))
+    assert row["sketch"] == f"{sketch.mean() * 100:.1f} ± {sketch.std(ddof=1) * 100:.1f}"
+
+    # OOD avg: per seed over the OOD sets first, then over seeds.
+    per_seed = np.array(
+        [np.mean([_value("ft", s, e) for e in ("sketch", "rendition")]) for s in SEEDS]
+    )
+    assert row[f"{OOD_AVG} mean"] == pytest.approx(per_seed.mean())
+    assert row[f"{OOD_AVG} std"] == pytest.approx(per_seed.std(ddof=1))
+    assert row["n_seeds"] == 3
+
+    zs = summary.set_index("method").loc["zeroshot"]
+    assert zs["n_seeds"] == 1
+    assert np.isnan(zs["test std"])
+    assert zs["test"] == f"{_value('zeroshot', None, 'test') * 100:.1f}"  # mean alone
+    assert "±" not in zs[OOD_AVG]
+
+
+def test_markdown_rows_in_configured_order(eval_paths: list[Path], cfg: AggregateConfig) -> None:
+    summary = summarize(load_metrics(eval_paths), cfg)
+    md = to_markdown(summary, cfg)
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert "top-1 accuracy" in header[0]
+    assert header[1:] == ["test (ID)", "sketch", "rendition", OOD_AVG]
+    assert set(lines[1].replace("|", "").replace(":", "").replace("-", "")) <= {" ", ""}
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [r[0] for r in body] == ["Zero-shot", "FT", "SAE-FT"]
+    ft = summary.set_index("method").loc["ft"]
+    assert body[1][2] == ft["sketch"]
+    assert body[1][4] == ft[OOD_AVG]
+    # One section only: no per-(model, dataset) headings.
+    assert "###" not in md
+
+
+def test_markdown_sections_and_unlisted_methods(tmp_path: Path) -> None:
+    paths = []
+    for dataset in ("shapes", "digits"):
+        for method in ("zz_custom", "aa_custom", "ft"):
+            for evalset, role in EVALSETS.items():
+                paths.append(
+                    _write_eval(tmp_path, dataset=dataset, method=method, evalset=evalset,
+                                role=role, value=0.5)
+                )
+    cfg = AggregateConfig(decimals=2, percent=False)
+    summary = summarize(load_metrics(paths), cfg)
+    assert list(summary["method"][:3]) == ["ft", "aa_custom", "zz_custom"]
+    md = to_markdown(summary, cfg)
+    assert "### saeft-tiny / shapes" in md and "### saeft-tiny / digits" in md
+    assert "| FT | 0.50 | 0.50 | 0.50 | 0.50 |" in md
+
+
+def test_missing_key_names_file(tmp_path: Path) -> None:
+    good = _write_eval(tmp_path)
+    bad = tmp_path / "broken.json"
+    rec = json.loads(good.read_text())
+    del rec["role"]
+    bad.write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match=r"broken\.json.*'role'"):
+        load_metrics([good, bad])
+
+
+def test_invalid_value_names_file(tmp_path: Path) -> None:
+    bad = _write_eval(tmp_path, value=83.4)  # a percentage, not a fraction
+    with pytest.raises(ValueError, match=r"test\.json.*'value'"):
+        load_metrics([bad])
+
+
+def test_duplicates_raise(tmp_path: Path) -> None:
+    a = _write_eval(tmp_path / "a", value=0.5)
+    b = _write_eval(tmp_path / "b", value=0.6)
+    with pytest.raises(ValueError, match="duplicate") as info:
+        load_metrics([a, b])
+    assert str(a) in str(info.value) and str(b) in str(info.value)
+
+
+def test_zeroshot_null_seed_duplicates_raise(tmp_path: Path) -> None:
+    a = _write_eval(tmp_path / "a", method="zeroshot", seed=None)
+    b = _write_eval(tmp_path / "b", method="zeroshot", seed=None)
+    with pytest.raises(ValueError, match="duplicate"):
+        load_metrics([a, b])
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="decimals"):
+        AggregateConfig(decimals=-1)
+    with pytest.raises(ConfigError, match="unknown"):
+        AggregateConfig.from_dict({"decimal": 2})
+    assert AggregateConfig.from_dict({"decimals": 2, "percent": False}).decimals == 2
+
+
+def test_run_writes_outputs(
+    eval_paths: list[Path], cfg: AggregateConfig, tmp_path: Path
+) -> None:
+    tables, figures = tmp_path / "tables", tmp_path / "figures"
+    headline = aggregate.run(eval_paths, tables, figures, cfg)
+
+    for name in aggregate.TABLE_FILES:
+        assert (tables / name).is_file(), name
+    for name in aggregate.FIGURE_FILES:
+        assert (figures / name).is_file(), name
+    # Atomic writes leave no temp files behind.
+    assert not [p for p in tmp_path.rglob(".*.tmp")]
+
+    df = load_metrics(eval_paths)
+    back = pd.read_parquet(tables / aggregate.METRICS_PARQUET)
+    pd.testing.assert_frame_equal(back, df)
+
+    csv = pd.read_csv(tables / aggregate.SUMMARY_CSV)
+    summary = summarize(df, cfg)
+    assert list(csv.columns) == list(summary.columns)
+    assert csv.loc[csv["method"] == "ft", "sketch"].item() == (
+        summary.loc[summary["method"] == "ft", "sketch"].item()
+    )
+    assert (tables / aggregate.SUMMARY_MD).read_text() == to_markdown(summary, cfg)
+
+    ft = summary.set_index("method").loc["ft"]
+    assert headline["saeft-tiny/shapes/ft/id"] == pytest.approx(ft["test mean"])
+    assert headline["saeft-tiny/shapes/ft/ood_avg"] == pytest.approx(ft[f"{OOD_AVG} mean"])
+
+
+def test_plot_is_valid_png_with_labels(
+    eval_paths: list[Path], cfg: AggregateConfig, tmp_path: Path
+) -> None:
+    summary = summarize(load_metrics(eval_paths), cfg)
+    png = tmp_path / "fig" / "id_vs_ood.png"
+    fig = plot_id_vs_ood(summary, png, cfg)
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    assert image.std() > 0  # not a blank canvas
+
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "ID top-1 accuracy (%)"
+    assert ax.get_ylabel().startswith("OOD-average") and "(%)" in ax.get_ylabel()
+    legend_labels = {t.get_text() for leg in fig.legends for t in leg.get_texts()}
+    assert {"Zero-shot", "FT", "SAE-FT"} <= legend_labels

@@ -1,0 +1,75 @@
+"""The HDF5 embedding cache: declared layout, provenance attributes, resume, bad files."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from saeft import cache
+from saeft.models import load_clip, preprocess_for
+from saeft.data.registry import get_dataset
+
+
+def test_layout_and_attrs(tiny_world, clip_file, tmp_path):
+    out = tmp_path / "train.h5"
+    info = cache.run(clip_file, "shapes", "train", tiny_world, cache.CacheConfig(batch_size=7), out, {"pretrained": "x"})
+    n = tiny_world.split_size("train")
+    assert info == {"count": n, "dim": 128, "resumed_rows": 0}
+    with h5py.File(out, "r") as handle:
+        assert handle["embeddings"].shape == (n, 128) and handle["embeddings"].dtype == np.float32
+        assert handle["embeddings"].chunks[1] == 128 and handle["embeddings"].compression is None
+        assert handle["labels"].dtype == np.int64 and handle["index"][:].tolist() == list(range(n))
+        attrs = dict(handle.attrs)
+    for key in ("schema_version", "model", "pretrained", "dataset", "split", "preprocessing", "count",
+                "dim", "dtype", "saeft_version", "config_hash", "created"):
+        assert key in attrs, key
+    assert attrs["split"] == "train" and attrs["count"] == n and attrs["pretrained"] == "x"
+    assert "rows_done" not in attrs
+    assert not out.with_name("train.h5.partial").exists()
+
+
+def test_embeddings_match_the_model(tiny_world, clip_file, tmp_path):
+    out = tmp_path / "val.h5"
+    cache.run(clip_file, "shapes", "val", tiny_world, cache.CacheConfig(), out)
+    embeddings, labels, _ = cache.read_cache(out)
+    clip, _ = load_clip(clip_file)
+    data = get_dataset("shapes").load("val", preprocess_for(clip), tiny_world)
+    images = torch.stack([data[i][0] for i in range(3)])
+    with torch.no_grad():
+        expected = clip.encode_image(images).numpy()
+    np.testing.assert_allclose(embeddings[:3], expected, rtol=1e-5, atol=1e-5)
+    assert labels[:3].tolist() == [data[i][1] for i in range(3)]
+
+
+def test_resumes_a_partial_cache(tiny_world, clip_file, tmp_path):
+    full = tmp_path / "full.h5"
+    cache.run(clip_file, "shapes", "train", tiny_world, cache.CacheConfig(batch_size=8), full)
+    out = tmp_path / "resumed.h5"
+    partial = out.with_name("resumed.h5.partial")
+    # Simulate a job killed after 16 rows: the same file with rows_done = 16 and garbage after.
+    import shutil
+
+    shutil.copy(full, partial)
+    with h5py.File(partial, "a") as handle:
+        handle["embeddings"][16:] = 0.0
+        handle.attrs["rows_done"] = 16
+        del handle.attrs["created"]
+    info = cache.run(clip_file, "shapes", "train", tiny_world, cache.CacheConfig(batch_size=8), out)
+    assert info["resumed_rows"] == 16
+    a, _, _ = cache.read_cache(full)
+    b, _, _ = cache.read_cache(out)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_unfinished_or_foreign_files_are_rejected(tmp_path):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as handle:
+        handle.create_dataset("x", data=np.zeros(3))
+    with pytest.raises(ValueError, match="foreign.h5: not a saeft cache"):
+        cache.read_cache(foreign)
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="junk.h5: not a readable HDF5"):
+        cache.read_cache(junk)

@@ -1,0 +1,77 @@
+"""Config validation at load time: the default config is valid; bad ones name the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from saeft.config import ConfigError
+from saeft.study import validate_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_config():
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_gets_defaults():
+    config = validate_config(default_config())
+    assert config["study"] == "default"
+    assert len(config["seeds"]) >= 2
+    assert config["evaluate"]["batch_size"] >= 1
+    assert config["finetune"]["label_smoothing"] == 0.0  # filled from the schema
+
+
+def test_empty_config_takes_every_default():
+    config = validate_config({})
+    assert config["model"]["pretrained"] == "pretrain_clip"
+    assert set(config["methods"]) == {"ft", "saeft"}
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key"),
+    [
+        (("finetune", "lr"), "fast", "finetune.lr"),
+        (("finetune", "lr"), -1.0, "finetune.lr"),
+        (("finetune", "epochs"), 2.5, "finetune.epochs"),
+        (("seeds",), ["a"], "seeds.0"),
+        (("sae", "k"), 0, "sae.k"),
+        (("sae", "normalize"), "l1", "sae.normalize"),
+        (("methods", "saeft", "lambda_remove"), -0.1, "methods.saeft.lambda_remove"),
+        (("methods", "saeft", "lamda"), 1.0, "methods.saeft.lamda"),
+        (("methods", "magic"), {}, "methods.magic"),
+        (("synthetic", "spurious"), 2.0, "synthetic.spurious"),
+        (("finetune", "learning_rate"), 0.1, "finetune.learning_rate"),
+        (("colour",), "red", "colour"),
+        (("datasets",), ["imagenet_typo"], "datasets.0"),
+        (("study",), "a b", "study"),
+    ],
+)
+def test_bad_values_name_the_key(path, value, key):
+    config = default_config()
+    node = config
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as info:
+        validate_config(copy.deepcopy(config))
+    assert f"{key}:" in str(info.value)
+
+
+def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune: {lr: fast}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(bad), "-d", str(tmp_path / "w")],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "finetune.lr" in result.stdout + result.stderr
+    assert not (tmp_path / "w" / "results").exists()

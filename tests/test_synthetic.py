@@ -1,0 +1,102 @@
+"""The procedural shapes world: deterministic, balanced, and its domains really differ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from saeft.config import ConfigError
+from saeft.data import synthetic
+from saeft.data.registry import get_dataset
+
+
+def test_same_seed_same_images(tiny_world):
+    a_images, a_labels = synthetic.render_split(tiny_world, "train")
+    b_images, b_labels = synthetic.render_split(tiny_world, "train")
+    assert np.array_equal(a_images, b_images) and np.array_equal(a_labels, b_labels)
+
+
+def test_image_does_not_depend_on_how_many_are_rendered(tiny_world):
+    whole, _ = synthetic.render_split(tiny_world, "test")
+    part, _ = synthetic.render_split(tiny_world, "test", 5, 8)
+    assert np.array_equal(whole[5:8], part)
+
+
+def test_other_seed_other_images(tiny_world):
+    other = synthetic.WorldConfig(**{**tiny_world.to_dict(), "seed": tiny_world.seed + 1})
+    a, _ = synthetic.render_split(tiny_world, "train", 0, 10)
+    b, _ = synthetic.render_split(other, "train", 0, 10)
+    assert not np.array_equal(a, b)
+
+
+def test_splits_are_balanced_and_sized(tiny_world):
+    for split in synthetic.SPLITS:
+        images, labels = synthetic.render_split(tiny_world, split)
+        assert images.shape == (tiny_world.split_size(split), 32, 32, 3)
+        assert images.dtype == np.uint8
+        counts = np.bincount(labels, minlength=len(synthetic.CLASSNAMES))
+        assert counts.min() == counts.max()
+
+
+def test_domains_differ_in_pixel_statistics():
+    world = synthetic.WorldConfig(test_per_class=6)
+    stats = {}
+    for split in ("test", "sketch", "rendition", "hard"):
+        images, _ = synthetic.render_split(world, split)
+        grey = images.mean(axis=-1)
+        colourfulness = np.abs(images.astype(float) - images.mean(axis=-1, keepdims=True)).mean()
+        stats[split] = (grey.mean(), colourfulness)
+    # Sketches are bright paper and grey ink; photos and renditions are colourful.
+    assert stats["sketch"][0] > stats["test"][0] + 40
+    assert stats["sketch"][1] < 5 < stats["test"][1]
+    assert stats["rendition"][1] > stats["sketch"][1] + 20
+    # Same-class images of two domains are far apart in pixel space.
+    test, _ = synthetic.render_split(world, "test")
+    sketch, _ = synthetic.render_split(world, "sketch")
+    assert np.abs(test.astype(float) - sketch).mean() > 40
+
+
+def test_shortcut_follows_the_config():
+    """In ID photos the background hue follows the class; in the hard shift it never does."""
+    def hue_match(split: str, world: synthetic.WorldConfig) -> float:
+        images, labels = synthetic.render_split(world, split)
+        import colorsys
+
+        matches = []
+        for image, label in zip(images, labels):
+            corner = image[:3, :3].reshape(-1, 3).mean(axis=0) / 255.0
+            hue = colorsys.rgb_to_hsv(*corner)[0]
+            distance = min(abs(hue - synthetic.CLASS_HUES[label]), 1 - abs(hue - synthetic.CLASS_HUES[label]))
+            matches.append(distance < 0.05)
+        return float(np.mean(matches))
+
+    world = synthetic.WorldConfig(test_per_class=20)
+    assert hue_match("test", world) > 0.6
+    assert hue_match("hard", world) < 0.2
+    assert hue_match("test", synthetic.WorldConfig(test_per_class=20, spurious=0.0)) < 0.3
+
+
+def test_captions_name_class_and_style():
+    rng = np.random.default_rng(0)
+    text = synthetic.caption(3, "sketch", rng)
+    assert "star" in text and ("sketch" in text or "drawing" in text)
+
+
+def test_bad_world_config_names_the_key():
+    with pytest.raises(ConfigError, match="synthetic.spurious"):
+        synthetic.WorldConfig(spurious=1.5)
+    with pytest.raises(ConfigError, match="synthetic.colour"):
+        synthetic.WorldConfig.from_dict({"colour": 1}, "synthetic.")
+
+
+def test_registry_serves_splits_as_tensors(tiny_world):
+    import torch
+
+    spec = get_dataset("shapes")
+    data = spec.load("sketch", lambda image: torch.zeros(1), tiny_world)
+    assert len(data) == tiny_world.split_size("sketch")
+    assert spec.role("test") == "id" and spec.role("sketch") == "ood" and spec.role("train") == "train"
+    with pytest.raises(ValueError, match="no split 'pretrainx'"):
+        spec.load("pretrainx", None, tiny_world)
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet1'"):
+        get_dataset("imagenet1")

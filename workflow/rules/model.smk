@@ -1,0 +1,72 @@
+# The zero-shot model: pretrained by the pipeline itself (default study) or taken from open_clip
+# weights, then materialised as one local safetensors file with a zero-shot head per dataset.
+
+
+rule pretrain_clip:
+    output:
+        f"{R}/pretrain/{{model}}/model.safetensors",
+    params:
+        world=as_json(config["synthetic"]),
+        cfg=as_json(config["pretrain"]),
+        track=track("pretrain_clip"),
+    log:
+        f"logs/{STUDY}/pretrain_clip/{{model}}.log",
+    benchmark:
+        f"benchmarks/{STUDY}/pretrain_clip/{{model}}.tsv"
+    threads: workflow.cores
+    shell:
+        "saeft pretrain --arch {wildcards.model} --world {params.world:q} --config {params.cfg:q}"
+        " --out {output} --threads {threads} --track {params.track:q} > {log} 2>&1"
+
+
+def prepare_model_input(wildcards):
+    """The pretrain_clip output when the study pretrains its own model, else a local file (or none)."""
+    source = pretrained_source()
+    kind = pretrained_kind(source)
+    if kind == "pipeline":
+        return {"weights": f"{R}/pretrain/{wildcards.model}/model.safetensors"}
+    if kind == "file":
+        return {"weights": source}
+    return {}
+
+
+def pretrained_argument(wildcards, input):
+    """--pretrained for 'saeft prepare': the input file, the open_clip tag, or nothing."""
+    if "weights" in input.keys():
+        return f"--pretrained {input.weights}"
+    source = pretrained_source()
+    return f"--pretrained {source}" if source else ""
+
+
+rule prepare_model:
+    input:
+        unpack(prepare_model_input),
+    output:
+        f"{R}/models/{{model}}/zeroshot/model.safetensors",
+    params:
+        source=pretrained_source(),
+        pretrained=pretrained_argument,
+        track=track("prepare_model"),
+    log:
+        f"logs/{STUDY}/prepare_model/{{model}}.log",
+    benchmark:
+        f"benchmarks/{STUDY}/prepare_model/{{model}}.tsv"
+    shell:
+        "saeft prepare --arch {wildcards.model} {params.pretrained} --out {output}"
+        " --track {params.track:q} > {log} 2>&1"
+
+
+rule build_zeroshot_head:
+    input:
+        model=f"{R}/models/{{model}}/zeroshot/model.safetensors",
+    output:
+        f"{R}/models/{{model}}/zeroshot/heads/{{dataset}}.safetensors",
+    params:
+        track=track("build_zeroshot_head"),
+    log:
+        f"logs/{STUDY}/build_zeroshot_head/{{model}}/{{dataset}}.log",
+    benchmark:
+        f"benchmarks/{STUDY}/build_zeroshot_head/{{model}}/{{dataset}}.tsv"
+    shell:
+        "saeft head --model {input.model} --dataset {wildcards.dataset} --out {output}"
+        " --threads {threads} --track {params.track:q} > {log} 2>&1"
