@@ -1,7 +1,8 @@
 # saeft: SAE-regularised robust fine-tuning of CLIP, from embeddings to the paper's tables.
 #   snakemake --cores all                                 embedded default study (offline, CPU)
 #   snakemake --cores all --configfile workflow/configs/X.yaml
-#   snakemake --cores all --profile slurm                 on a SLURM cluster
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -10,7 +11,7 @@ min_version("9.0")
 # The embedded default study, unless --configfile names a study: then that file alone (plus the
 # schema's defaults) is the config, so nothing of the default study leaks into it.
 if not workflow.overwrite_configfiles:
-    workflow.configfile("config.yaml")
+    workflow.configfile(os.path.join(workflow.basedir, "config.yaml"))
 
 
 include: "workflow/rules/common.smk"

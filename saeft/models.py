@@ -19,12 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from saeft.io import load_tensors, save_tensors
+from saeft.study import PRETRAIN_SOURCE, pretrained_kind  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-PRETRAIN_SOURCE = "pretrain_clip"
-"""The ``model.pretrained`` value meaning: weights come from the pipeline's own pretrain_clip rule."""
 
 _registered = False
 
@@ -38,17 +35,6 @@ def open_clip_module() -> Any:
         open_clip.add_model_config(Path(str(resources.files("saeft") / "assets")))
         _registered = True
     return open_clip
-
-
-def pretrained_kind(pretrained: str | None) -> str:
-    """Classify a ``model.pretrained`` value: 'pipeline', 'file', 'tag' or 'none'."""
-    if pretrained is None:
-        return "none"
-    if pretrained == PRETRAIN_SOURCE:
-        return "pipeline"
-    if pretrained.endswith(CHECKPOINT_SUFFIXES) or os.sep in pretrained:
-        return "file"
-    return "tag"
 
 
 def create_clip(name: str, pretrained: str | None = None) -> nn.Module:

@@ -17,7 +17,22 @@ import yaml
 
 from saeft.config import ConfigError
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+PRETRAIN_SOURCE = "pretrain_clip"
+"""The ``model.pretrained`` value meaning: weights come from the pipeline's own pretrain_clip rule."""
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def pretrained_kind(pretrained: str | None) -> str:
+    """Classify a ``model.pretrained`` value: 'pipeline', 'file', 'tag' or 'none'."""
+    if pretrained is None:
+        return "none"
+    if pretrained == PRETRAIN_SOURCE:
+        return "pipeline"
+    if pretrained.endswith(CHECKPOINT_SUFFIXES) or os.sep in pretrained:
+        return "file"
+    return "tag"
 
 
 def load_schema(path: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 A dataset declares its class names, prompt templates, splits (which one trains, which is held out,
 which is the ID evaluation, which are the shifts) and its metric. Stages ask the registry for a
-split and get a ``torch.utils.data.Dataset`` of ``(image tensor, label)``.
+split and get a ``torch.utils.data.Dataset`` of ``(image tensor, label)``. The registry imports
+no torch itself, so the Snakefile can read it and dry runs stay fast.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import numpy as np
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from saeft.data import synthetic
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class DatasetSpec:
     """Distribution-shift evaluation splits."""
     metric: str = "top1"
     """Metric reported for every evaluation split."""
-    loader: Callable[..., torch.utils.data.Dataset] | None = None
+    loader: Callable[..., "torch.utils.data.Dataset"] | None = None
     """``loader(split, transform, options) -> Dataset``."""
     options_type: Callable[..., Any] | None = None
     """Builds the loader's options from the dataset's config mapping (validated)."""
@@ -76,22 +77,9 @@ class DatasetSpec:
         return self.loader(split, transform, options)
 
 
-class ArrayImageDataset(torch.utils.data.Dataset):
-    """Images held in memory as uint8 (N, H, W, 3), transformed on access like files would be."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.images = images
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
-
-
 def _load_shapes(split: str, transform: Callable[[Image.Image], torch.Tensor], options: synthetic.WorldConfig) -> torch.utils.data.Dataset:
+    from saeft.data.arrays import ArrayImageDataset
+
     images, labels = synthetic.render_split(options, split)
     logger.info("rendered %d images of shapes/%s", len(labels), split)
     return ArrayImageDataset(images, labels, transform)

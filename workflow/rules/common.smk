@@ -3,8 +3,7 @@ import json
 import subprocess
 
 from saeft.data.registry import get_dataset
-from saeft.models import PRETRAIN_SOURCE, pretrained_kind
-from saeft.study import validate_config
+from saeft.study import pretrained_kind, validate_config
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 

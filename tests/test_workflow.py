@@ -1,0 +1,127 @@
+"""The whole pipeline through Snakemake on a reduced study, in a temporary working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "data" / "tiny_study.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir: Path, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
+               "--configfile", str(config or workdir / "study.yaml"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if result.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}\n{logs}")
+    return result
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from a dry run's job stats table."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:", 1)[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    shutil.copy(TINY, workdir / "study.yaml")
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def test_run_produces_tables_and_figure(study):
+    tables = study / "results" / "tiny" / "tables"
+    summary = (tables / "summary.md").read_text()
+    for label in ("Zero-shot", "FT", "SAE-FT", "test (ID)", "sketch", "rendition", "hard", "resampled", "OOD avg"):
+        assert label in summary, label
+    metrics = pd.read_parquet(tables / "metrics.parquet")
+    # zero-shot once, two methods x two seeds; five evaluation splits each.
+    assert len(metrics) == (1 + 2 * 2) * 5
+    assert set(metrics["method"]) == {"zeroshot", "ft", "saeft"}
+    assert metrics["value"].between(0, 1).all()
+    png = study / "results" / "tiny" / "figures" / "id_vs_ood.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stage_outputs_follow_the_contracts(study):
+    import h5py
+
+    base = study / "results" / "tiny"
+    with h5py.File(base / "cache" / "saeft-tiny-rn" / "shapes" / "train.h5", "r") as handle:
+        assert handle["embeddings"].shape == (60, 128) and handle.attrs["split"] == "train"
+    sae = json.loads((base / "sae" / "saeft-tiny-rn" / "shapes" / "sae.json").read_text())
+    assert {"fvu", "l0", "dead_fraction"} <= set(sae["metrics"])
+    train = json.loads((base / "finetune" / "saeft-tiny-rn" / "shapes" / "saeft" / "seed1" / "train.json").read_text())
+    assert train["config"]["seed"] == 1 and len(train["history"]) == 2
+    assert not list(base.rglob("*.partial")) and not list(base.rglob("checkpoint.pt"))
+    assert not list(base.rglob(".*.tmp"))
+
+
+def test_mlflow_has_one_run_per_job_with_params_and_metrics(study):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    names = [run.info.run_name for run in runs]
+    jobs = len(list((study / "logs" / "tiny").rglob("*.log")))
+    assert len(runs) == jobs and len(set(names)) == len(names)
+    finetune = [r for r in runs if r.data.tags.get("rule") == "finetune"]
+    assert len(finetune) == 4
+    run = next(r for r in finetune if r.data.tags["wc.method"] == "saeft" and r.data.tags["wc.seed"] == "0")
+    assert run.info.run_name == "finetune/model=saeft-tiny-rn,dataset=shapes,method=saeft,seed=0"
+    assert run.data.params["config.method_params.lambda"] == "10" and run.data.params["config.lr"] == "0.001"
+    assert "heldout_top1" in run.data.metrics and run.info.status == "FINISHED"
+
+
+def test_second_run_has_nothing_to_do(study):
+    result = snakemake(study, "-n", "--cores", "2")
+    assert planned_jobs(result) == {}
+
+
+def test_changing_finetune_lr_reruns_only_finetune_and_after(study, tmp_path):
+    config = yaml.safe_load((study / "study.yaml").read_text())
+    config["finetune"]["lr"] = 0.0005
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(snakemake(study, "-n", "--cores", "2", config=changed))
+    assert set(jobs) == {"finetune", "evaluate_model", "aggregate_tables", "all"}
+    assert jobs["finetune"] == 4 and jobs["evaluate_model"] == 4 * 5
+
+
+def test_changing_sae_k_reruns_the_sae_and_its_users_only(study, tmp_path):
+    config = yaml.safe_load((study / "study.yaml").read_text())
+    config["sae"]["k"] = 4
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(snakemake(study, "-n", "--cores", "2", config=changed))
+    assert set(jobs) == {"train_sae", "finetune", "evaluate_model", "aggregate_tables", "all"}
+    assert jobs["finetune"] == 2  # saeft's two seeds; ft does not use the SAE
+
+
+def test_fixed_seeds_give_identical_metrics(study):
+    before = pd.read_parquet(study / "results" / "tiny" / "tables" / "metrics.parquet")
+    snakemake(study, "--cores", "2", "--forcerun", "finetune")
+    after = pd.read_parquet(study / "results" / "tiny" / "tables" / "metrics.parquet")
+    key = ["method", "seed", "evalset"]
+    pd.testing.assert_frame_equal(before.sort_values(key).reset_index(drop=True), after.sort_values(key).reset_index(drop=True))
