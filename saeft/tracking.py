@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from saeft.io import config_hash
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORE = "mlflow.db"
@@ -86,7 +88,8 @@ def job_run(track: Mapping[str, Any] | None, params: Mapping[str, Any]) -> Itera
     try:
         mlflow = _mlflow()
         mlflow.set_experiment(track["experiment"])
-        mlflow.start_run(run_name=track.get("run_name"), tags=dict(track.get("tags", {})))
+        tags = {**track.get("tags", {}), "config_hash": config_hash(params)}
+        mlflow.start_run(run_name=track.get("run_name"), tags=tags)
         flat = {k: str(v)[:6000] for k, v in _flatten(params).items()}
         for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per call
             mlflow.log_params(dict(list(flat.items())[start:start + 100]))

@@ -92,6 +92,10 @@ def test_mlflow_has_one_run_per_job_with_params_and_metrics(study):
     assert run.info.run_name == "finetune/model=saeft-tiny-rn,dataset=shapes,method=saeft,seed=0"
     assert run.data.params["config.method_params.lambda"] == "10" and run.data.params["config.lr"] == "0.001"
     assert "heldout_top1" in run.data.metrics and run.info.status == "FINISHED"
+    assert run.data.tags["git_commit"] and run.data.tags["config_hash"]
+    [aggregate] = [r for r in runs if r.data.tags.get("rule") == "aggregate_tables"]
+    artifacts = {a.path for a in client.list_artifacts(aggregate.info.run_id)}
+    assert {"summary.md", "metrics.parquet", "id_vs_ood.png"} <= artifacts
 
 
 def test_second_run_has_nothing_to_do(study):
@@ -99,22 +103,23 @@ def test_second_run_has_nothing_to_do(study):
     assert planned_jobs(result) == {}
 
 
-def test_changing_finetune_lr_reruns_only_finetune_and_after(study, tmp_path):
+def plan_after_change(study: Path, tmp_path: Path, section: str, key: str, value: object) -> dict[str, int]:
+    """The jobs a dry run plans after setting ``section.key`` to ``value`` in the study config."""
     config = yaml.safe_load((study / "study.yaml").read_text())
-    config["finetune"]["lr"] = 0.0005
+    config[section][key] = value
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
-    jobs = planned_jobs(snakemake(study, "-n", "--cores", "2", config=changed))
+    return planned_jobs(snakemake(study, "-n", "--cores", "2", config=changed))
+
+
+def test_changing_finetune_lr_reruns_only_finetune_and_after(study, tmp_path):
+    jobs = plan_after_change(study, tmp_path, "finetune", "lr", 0.0005)
     assert set(jobs) == {"finetune", "evaluate_model", "aggregate_tables", "all"}
     assert jobs["finetune"] == 4 and jobs["evaluate_model"] == 4 * 5
 
 
 def test_changing_sae_k_reruns_the_sae_and_its_users_only(study, tmp_path):
-    config = yaml.safe_load((study / "study.yaml").read_text())
-    config["sae"]["k"] = 4
-    changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(config))
-    jobs = planned_jobs(snakemake(study, "-n", "--cores", "2", config=changed))
+    jobs = plan_after_change(study, tmp_path, "sae", "k", 4)
     assert set(jobs) == {"train_sae", "finetune", "evaluate_model", "aggregate_tables", "all"}
     assert jobs["finetune"] == 2  # saeft's two seeds; ft does not use the SAE
 
