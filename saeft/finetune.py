@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 from saeft.config import ConfigError, StageConfig, require
 from saeft.data.registry import get_dataset
-from saeft.io import atomic_path, write_json
+from saeft.io import write_json
 from saeft.models import classifier_from_zeroshot, preprocess_for, save_classifier
 from saeft.regularizers import sae_penalty
 from saeft.sae import load_sae
-from saeft.training import Progress, setup_torch, warmup_cosine
+from saeft.training import CHECKPOINT_NAME, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ METHOD_PARAMS: dict[str, dict[str, float]] = {
     "saeft": {"lambda": 70.0, "lambda_add": 10.0, "lambda_remove": 0.02, "mu": 1.0},
 }
 SAE_METHODS = frozenset({"sae_sparse", "sae_add", "saeft"})
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclasses.dataclass
@@ -111,7 +110,7 @@ def run(
     """Fine-tune and write ``out_model`` (safetensors) and ``out_json`` (config and history)."""
     generator = setup_torch(cfg.seed)
     model, arch = classifier_from_zeroshot(zeroshot_model, head)
-    preprocess = preprocess_for_visual(model)
+    preprocess = preprocess_for(model.visual)
     spec = get_dataset(dataset)
     train = spec.load(spec.train_split, preprocess, dataset_options)
     heldout = spec.load(spec.heldout_split, preprocess, dataset_options)
@@ -121,13 +120,19 @@ def run(
     if reg is not None:  # the frozen zero-shot encoder f_0
         teacher = copy.deepcopy(model.visual).eval().requires_grad_(False)
 
+    # Training reads the evaluation transform: deterministic views, as in the reference code.
     loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size, generator=generator)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * len(loader)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
     checkpoint = Path(out_model).with_name(CHECKPOINT_NAME)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    saved = resume_checkpoint(checkpoint, cfg.to_dict(), parts)
     history: list[dict[str, float]] = []
-    start_epoch = _resume(checkpoint, cfg, model, optimizer, scheduler, generator, history)
+    if saved is not None:
+        generator.set_state(saved["generator"])
+        history.extend(saved["history"])
+    start_epoch = len(history)
     progress = Progress(total_steps, f"finetune {dataset}/{cfg.method}/seed{cfg.seed}")
     lam = cfg.method_params.get("lambda", 0.0)
 
@@ -162,7 +167,7 @@ def run(
         logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
         if on_epoch is not None:
             on_epoch(record)
-        _save_checkpoint(checkpoint, cfg, model, optimizer, scheduler, generator, history)
+        save_checkpoint(checkpoint, cfg.to_dict(), parts, {"generator": generator.get_state(), "history": history})
 
     save_classifier(out_model, model.eval(), arch, {"method": cfg.method, "seed": cfg.seed, "dataset": dataset})
     summary = {"config": cfg.to_dict(), "dataset": dataset, "arch": arch, "steps": total_steps,
@@ -171,11 +176,6 @@ def run(
     write_json(out_json, summary)
     checkpoint.unlink(missing_ok=True)
     return summary["final"]
-
-
-def preprocess_for_visual(model: torch.nn.Module) -> Any:
-    """The evaluation transform of a classifier's visual tower (training uses it too)."""
-    return preprocess_for(model.visual)
 
 
 @torch.no_grad()
@@ -203,35 +203,3 @@ def interpolate_weights(
             raise ValueError(f"{key}: shapes {tuple(theta_0.shape)} and {tuple(theta_ft.shape)} differ")
         mixed[key] = torch.lerp(theta_0, theta_ft, alpha) if theta_0.is_floating_point() else theta_ft.clone()
     return mixed
-
-
-def _save_checkpoint(path: Path, cfg: FinetuneConfig, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                     generator: torch.Generator, history: list[dict[str, float]]) -> None:
-    state = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-             "torch_rng": torch.get_rng_state(), "history": history}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _resume(path: Path, cfg: FinetuneConfig, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-            generator: torch.Generator, history: list[dict[str, float]]) -> int:
-    """Restore the last epoch checkpoint of this exact config; returns the epoch to start at."""
-    if not path.exists():
-        return 0
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        logger.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
-        return 0
-    if state.get("config") != cfg.to_dict():
-        logger.info("checkpoint %s is from another configuration; starting afresh", path)
-        return 0
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    history.extend(state["history"])
-    logger.info("resumed from %s after epoch %d", path, len(history))
-    return len(history)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saeft.io import load_tensors, save_tensors
-from saeft.study import PRETRAIN_SOURCE, pretrained_kind  # noqa: F401  (re-exported)
+from saeft.study import pretrained_kind
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 from saeft.config import StageConfig, require
 from saeft.data import synthetic
 from saeft.models import create_clip, open_clip_module, preprocess_for, save_clip, tokenizer_for
-from saeft.training import Progress, setup_torch, warmup_cosine
+from saeft.training import CHECKPOINT_NAME, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +40,22 @@ class PretrainConfig(StageConfig):
     """Linear warm-up steps before the cosine decay."""
     seed: int = 0
     """Seed of initialisation, batch composition and caption choice."""
+    checkpoint_every: int = 200
+    """Steps between resumable checkpoints (kept beside the output, removed at the end)."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "pretrain.steps", "must be at least 1")
         require(self.lr > 0, "pretrain.lr", "must be positive")
         require(self.weight_decay >= 0, "pretrain.weight_decay", "must be non-negative")
         require(self.warmup_steps >= 0, "pretrain.warmup_steps", "must be non-negative")
+        require(self.checkpoint_every >= 1, "pretrain.checkpoint_every", "must be at least 1")
 
 
-def run(arch: str, world: synthetic.WorldConfig, cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
-    """Pretrain ``arch`` on the world's ``pretrain`` split and save it to ``out`` (safetensors)."""
+def run(arch: str, world: synthetic.WorldConfig, cfg: PretrainConfig, out: str | Path,
+        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Pretrain ``arch`` on the world's ``pretrain`` split and save it to ``out`` (safetensors).
+
+    ``on_step(step)`` is called after each step (progress hooks, fault injection in tests)."""
     setup_torch(cfg.seed)
     model = create_clip(arch, pretrained=None)
     preprocess = preprocess_for(model)
@@ -65,9 +72,16 @@ def run(arch: str, world: synthetic.WorldConfig, cfg: PretrainConfig, out: str |
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
     progress = Progress(cfg.steps, "pretrain")
     rng = np.random.default_rng(cfg.seed)
+    checkpoint = Path(out).with_name(CHECKPOINT_NAME)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    identity = {"arch": arch, "world": world.to_dict(), "pretrain": cfg.to_dict()}
+    saved = resume_checkpoint(checkpoint, identity, parts)
+    losses: list[float] = []
+    if saved is not None:
+        rng.bit_generator.state = saved["numpy_rng"]
+        losses = saved["losses"]
     model.train()
-    losses = []
-    for step in range(1, cfg.steps + 1):
+    for step in range(len(losses) + 1, cfg.steps + 1):
         rows = np.array([group[rng.integers(len(group))] for group in groups])
         tokens = tokenizer([synthetic.caption(int(labels[r]), str(domains[r]), rng) for r in rows])
         image_features, text_features, logit_scale = model(pixels[rows], tokens)
@@ -81,5 +95,10 @@ def run(arch: str, world: synthetic.WorldConfig, cfg: PretrainConfig, out: str |
             model.logit_scale.clamp_(0, np.log(100))
         losses.append(loss.item())
         progress.update(step, loss=float(np.mean(losses[-20:])))
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save_checkpoint(checkpoint, identity, parts, {"numpy_rng": rng.bit_generator.state, "losses": losses})
+        if on_step is not None:
+            on_step(step)
     save_clip(out, model.eval(), arch, source="pretrain_clip")
+    checkpoint.unlink(missing_ok=True)
     return {"final_loss": float(np.mean(losses[-20:])), "steps": cfg.steps, "n_images": len(labels), "batch_size": len(groups)}

@@ -8,10 +8,18 @@ import os
 import random
 import time
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
+from saeft.io import atomic_path
+
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+"""Resumable training state, kept beside (never among) a stage's declared outputs."""
 
 
 def setup_torch(seed: int, threads: int | None = None) -> torch.Generator:
@@ -64,3 +72,32 @@ class Progress:
         shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         logger.info("%s %d/%d (%.0f%%) %s elapsed %.0fs eta %.0fs", self.label, step, self.total,
                     100.0 * step / max(self.total, 1), shown, elapsed, eta)
+
+
+def save_checkpoint(path: Path, config: dict[str, Any], parts: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Atomically save ``parts`` (objects with ``state_dict``), torch's RNG and ``extra`` under
+    ``config``, which a resume must match exactly."""
+    state = {"config": config, "torch_rng": torch.get_rng_state(), **extra}
+    state.update({name: part.state_dict() for name, part in parts.items()})
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def resume_checkpoint(path: Path, config: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any] | None:
+    """Restore ``parts`` and torch's RNG from ``path`` if it was saved under the same ``config``;
+    returns the whole saved state (for the caller's ``extra``), or None to start afresh."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: start afresh rather than fail
+        logger.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
+        return None
+    if state.get("config") != config:
+        logger.info("checkpoint %s is from another configuration; starting afresh", path)
+        return None
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    torch.set_rng_state(state["torch_rng"])
+    logger.info("resuming from %s", path)
+    return state

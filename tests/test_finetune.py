@@ -10,6 +10,7 @@ from saeft.config import ConfigError
 from saeft.io import load_tensors
 from saeft.sae import SAETrainConfig
 from saeft.sae import run as train_sae
+from saeft.training import CHECKPOINT_NAME
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_ft_loss_decreases(tmp_path, clip_file, head_file, tiny_world):
 
     history = json.loads((folder / "train.json").read_text())["history"]
     assert history[-1]["ce"] < history[0]["ce"]
-    assert not (folder / finetune.CHECKPOINT_NAME).exists()
+    assert not (folder / CHECKPOINT_NAME).exists()
 
 
 def test_saeft_runs_with_every_term(tmp_path, clip_file, head_file, tiny_world, sae_file):
@@ -73,7 +74,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path, clip_file, head_fi
     # The kill lands before epoch 2 is checkpointed: the job resumes from epoch 1.
     with pytest.raises(Killed):
         finetune.run(clip_file, head_file, "shapes", tiny_world, cfg, out_model, out_json, sae_path=sae_file, on_epoch=kill_after_two)
-    assert (folder / finetune.CHECKPOINT_NAME).exists() and not out_model.exists()
+    assert (folder / CHECKPOINT_NAME).exists() and not out_model.exists()
     finetune.run(clip_file, head_file, "shapes", tiny_world, cfg, out_model, out_json, sae_path=sae_file)
     wa, wb = load_tensors(whole / "model.safetensors")[0], load_tensors(out_model)[0]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

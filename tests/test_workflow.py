@@ -124,6 +124,29 @@ def test_changing_sae_k_reruns_the_sae_and_its_users_only(study, tmp_path):
     assert jobs["finetune"] == 2  # saeft's two seeds; ft does not use the SAE
 
 
+@pytest.mark.parametrize("source", ["file", "openai"])
+def test_real_weights_take_pretrain_clip_out_of_the_dag(tmp_path, source):
+    config = yaml.safe_load(TINY.read_text())
+    if source == "file":
+        weights = tmp_path / "ViT-tiny.safetensors"
+        weights.write_bytes(b"")  # a dry run only checks that the input exists
+        source = str(weights)
+    config["model"]["pretrained"] = source
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(snakemake(tmp_path, "-n", "--cores", "2", config=study))
+    assert "pretrain_clip" not in jobs and jobs["prepare_model"] == 1
+
+
+def test_missing_checkpoint_fails_before_any_job(tmp_path):
+    config = yaml.safe_load(TINY.read_text())
+    config["model"]["pretrained"] = str(tmp_path / "absent.safetensors")
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(config))
+    with pytest.raises(AssertionError, match="model.pretrained: checkpoint .*absent.safetensors does not exist"):
+        snakemake(tmp_path, "-n", "--cores", "2", config=study)
+
+
 def test_fixed_seeds_give_identical_metrics(study):
     before = pd.read_parquet(study / "results" / "tiny" / "tables" / "metrics.parquet")
     snakemake(study, "--cores", "2", "--forcerun", "finetune")

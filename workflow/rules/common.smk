@@ -1,11 +1,14 @@
 # Config validation, wildcard constraints, and the target and input functions of every rule.
 import json
+import os
 import subprocess
 
 from saeft.data.registry import get_dataset
 from saeft.study import pretrained_kind, validate_config
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+if pretrained_kind(config["model"]["pretrained"]) == "file" and not os.path.isfile(config["model"]["pretrained"]):
+    raise WorkflowError(f"model.pretrained: checkpoint {config['model']['pretrained']} does not exist")
 
 STUDY = config["study"]
 R = f"results/{STUDY}"
