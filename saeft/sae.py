@@ -214,18 +214,25 @@ class TopKSAE(torch.nn.Module):
         """Dense ``W_enc (z - b_pre) + b_enc`` of prepared ``z`` (differentiable)."""
         return torch.addmm(self.b_enc, z - self.b_pre, self.W_enc.T)
 
-    def encode_sparse(self, z: torch.Tensor, *, pre: torch.Tensor | None = None) -> SparseCode:
+    def encode_sparse(
+        self, z: torch.Tensor, *, pre: torch.Tensor | None = None, frozen: bool = False
+    ) -> SparseCode:
         """Sparse code of prepared ``z`` (B, d), with a sparse backward (see :class:`SparseCode`).
 
-        ``pre`` may pass the already computed (no-grad) pre-activations.
+        ``pre`` may pass the already computed (no-grad) pre-activations. ``frozen`` uses the
+        parameters detached (gradient reaches ``z`` only) and the inference selection, and
+        never updates the Batch-Top-K threshold.
         """
         if z.ndim != 2:
             raise ValueError(f"encode_sparse: expected (B, d) embeddings, got {tuple(z.shape)}")
+        W_enc, b_enc, b_pre = self.W_enc, self.b_enc, self.b_pre
+        if frozen:
+            W_enc, b_enc, b_pre = W_enc.detach(), b_enc.detach(), b_pre.detach()
         batch = z.shape[0]
-        x = z - self.b_pre
+        x = z - b_pre
         if pre is None:
             with torch.no_grad():
-                pre = torch.addmm(self.b_enc, x, self.W_enc.T)
+                pre = torch.addmm(b_enc, x, W_enc.T)
         pre = pre.detach()
         if self.architecture == "topk":
             values, indices = pre.topk(self.k, dim=-1, sorted=False)
@@ -233,7 +240,7 @@ class TopKSAE(torch.nn.Module):
             offsets = torch.arange(0, batch * self.k, self.k)
             values, indices = values.reshape(-1), indices.reshape(-1)
         else:
-            if self.training:
+            if self.training and not frozen:
                 flat_values, flat = pre.reshape(-1).topk(min(self.k * batch, pre.numel()), sorted=False)
                 with torch.no_grad():
                     kept_min = flat_values.min()
@@ -246,7 +253,7 @@ class TopKSAE(torch.nn.Module):
             rows, indices = flat // self.n_features, flat % self.n_features
             values = pre.reshape(-1)[flat]
             offsets = torch.searchsorted(rows, torch.arange(batch))
-        return _flat_code(values, x, self.W_enc, self.b_enc, indices, rows, offsets, batch, self.relu)
+        return _flat_code(values, x, W_enc, b_enc, indices, rows, offsets, batch, self.relu)
 
     def decode_sparse(self, code: SparseCode) -> torch.Tensor:
         """Reconstruction ``W_dec s + b_pre`` from a sparse code, without the dense matmul."""
