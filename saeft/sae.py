@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from saeft.config import StageConfig, require
+from saeft.config import ConfigError, StageConfig, require
 from saeft.io import load_tensors, save_tensors, write_json
 from saeft.training import CHECKPOINT_NAME, resume_checkpoint, save_checkpoint, warmup_cosine
 
@@ -455,7 +455,14 @@ def sweep_configs(section: Mapping[str, Any]) -> dict[str, SAETrainConfig]:
         )
         require(name not in out, f"{where}name", f"duplicate sweep name {name!r}")
         overrides = {key: value for key, value in entry.items() if key != "name"}
-        out[name] = SAETrainConfig.from_dict({**base, **overrides}, where=where)
+        try:
+            out[name] = SAETrainConfig.from_dict({**base, **overrides}, where=where)
+        except ConfigError as exc:
+            # __post_init__ names keys as sae.<key>; point at the entry instead.
+            message = str(exc)
+            if message.startswith("sae.") and not message.startswith(where):
+                message = where + message[len("sae."):]
+            raise ConfigError(message) from exc
     return out
 
 
@@ -679,8 +686,9 @@ def train_saes(
     return {name: results[name] for name in cfgs}
 
 
-class _Member:
-    """One SAE of a group and its training state."""
+class Trainer:
+    """One SAE and its training state (AdamW, schedule, dead-latent counters); :meth:`step`
+    trains it on one prepared batch. :func:`train_saes` drives one per SAE."""
 
     def __init__(self, name: str, cfg: SAETrainConfig, d: int, total_steps: int) -> None:
         self.name, self.cfg = name, cfg
@@ -716,6 +724,7 @@ class _Member:
         }
 
     def step(self, batch: torch.Tensor) -> None:
+        """One optimiser step on a prepared batch: MSE + AuxK, unit-norm decoder kept."""
         sae, cfg = self.sae, self.cfg
         x = batch - sae.b_pre
         with torch.no_grad():
@@ -769,7 +778,7 @@ def _train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, cfgs, c
                 f"cache {train_h5} ({d})"
             )
         steps_per_epoch = -(-n_train // first.batch_size)
-        members = [_Member(name, cfg, d, steps_per_epoch * first.epochs) for name, cfg in cfgs.items()]
+        members = [Trainer(name, cfg, d, steps_per_epoch * first.epochs) for name, cfg in cfgs.items()]
         prepare = members[0].sae.prepare
         # One streamed pass for the statistics b_pre starts from and FVU divides by.
         total = torch.zeros(d, dtype=torch.float64)
@@ -935,6 +944,7 @@ __all__ = [
     "ChunkBatches",
     "SAETrainConfig",
     "SparseCode",
+    "Trainer",
     "TopKSAE",
     "evaluate_sae",
     "geometric_median",
