@@ -79,8 +79,21 @@ class SparseCode(NamedTuple):
     """Number of rows B."""
 
 
+# Entries per chunk of gathered decoder columns in the decode backward (bounds its memory).
+_GATHER_ENTRIES = 32768
+
+
+def _sparse_rows_mm(indices, rows, values, n: int, dense: torch.Tensor) -> torch.Tensor:
+    """``S @ dense`` for the (n, B) sparse matrix with ``S[indices[i], rows[i]] = values[i]``."""
+    sparse = torch.sparse_coo_tensor(
+        torch.stack([indices, rows]), values, (n, dense.shape[0]), check_invariants=False
+    )
+    return torch.sparse.mm(sparse, dense)
+
+
 class _GatheredLinear(torch.autograd.Function):
-    """``values[i] = x[rows[i]] . W[indices[i]] + b[indices[i]]``, forward given, backward sparse.
+    """``values[i] = (z - b_pre)[rows[i]] . W[indices[i]] + b[indices[i]]``: forward given,
+    backward sparse.
 
     The forward values come from a dense no-grad matmul (every pre-activation is needed for the
     selection anyway); the backward touches only the kept entries: O(nnz x d) instead of the
@@ -88,36 +101,68 @@ class _GatheredLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, x, W, b, indices, rows, offsets):  # type: ignore[override]
-        ctx.save_for_backward(x, W, indices, rows, offsets)
-        ctx.b_shape = None if b is None else b.shape
+    def forward(ctx, values, z, b_pre, W, b, indices, rows, offsets):  # type: ignore[override]
+        ctx.save_for_backward(z, b_pre, W, indices, rows, offsets)
+        ctx.has_b = b is not None
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, W, indices, rows, offsets = ctx.saved_tensors
-        grad_x = grad_W = grad_b = None
+        z, b_pre, W, indices, rows, offsets = ctx.saved_tensors
+        grad_z = grad_b_pre = grad_W = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_x = F.embedding_bag(indices, W, offsets, mode="sum", per_sample_weights=grad)
+            grad_z = F.embedding_bag(indices, W, offsets, mode="sum", per_sample_weights=grad)
+            if grad_z.shape[0] != z.shape[0]:  # trailing empty rows get no bag
+                grad_z = F.pad(grad_z, (0, 0, 0, z.shape[0] - grad_z.shape[0]))
+        per_latent = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[4]:
+            per_latent = torch.zeros(W.shape[0], dtype=grad.dtype).index_add_(0, indices, grad)
         if ctx.needs_input_grad[2]:
-            sparse = torch.sparse_coo_tensor(
-                torch.stack([indices, rows]), grad, (W.shape[0], x.shape[0]), check_invariants=False
-            )
-            grad_W = torch.sparse.mm(sparse, x)
+            # Summed over rows, the input gradient is the per-latent total times W.
+            grad_b_pre = -(per_latent @ W)
         if ctx.needs_input_grad[3]:
-            grad_b = torch.zeros(ctx.b_shape, dtype=grad.dtype).index_add_(0, indices, grad)
-        return None, grad_x, grad_W, grad_b, None, None, None
+            grad_W = _sparse_rows_mm(indices, rows, grad, W.shape[0], z - b_pre)
+        if ctx.needs_input_grad[4]:
+            grad_b = per_latent
+        return None, grad_z, grad_b_pre, grad_W, grad_b, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``out[b] = sum_{i in row b} values[i] * Wt[indices[i]]`` (``Wt``: decoder columns as rows)
+    by ``embedding_bag``, with a backward that also stays O(nnz x d)."""
+
+    @staticmethod
+    def forward(ctx, values, Wt, indices, rows, offsets, batch):  # type: ignore[override]
+        ctx.save_for_backward(values, Wt, indices, rows)
+        out = F.embedding_bag(indices, Wt, offsets, mode="sum", per_sample_weights=values)
+        if out.shape[0] != batch:  # trailing empty rows get no bag
+            out = F.pad(out, (0, 0, 0, batch - out.shape[0]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        values, Wt, indices, rows = ctx.saved_tensors
+        grad_values = grad_Wt = None
+        if ctx.needs_input_grad[0]:
+            # Row-wise dots of gathered columns with the output gradient, chunked for memory.
+            parts = []
+            for start in range(0, indices.numel(), _GATHER_ENTRIES):
+                sl = slice(start, start + _GATHER_ENTRIES)
+                parts.append((Wt[indices[sl]] * grad[rows[sl]]).sum(dim=-1))
+            grad_values = torch.cat(parts) if parts else values.new_zeros(0)
+        if ctx.needs_input_grad[1]:
+            grad_Wt = _sparse_rows_mm(indices, rows, values, Wt.shape[0], grad)
+        return grad_values, grad_Wt, None, None, None, None
 
 
 def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
     """``dense(code) @ W_dec.T`` (no bias) from the kept entries only: an ``embedding_bag`` over
     decoder columns, O(nnz x d); gradients reach ``code.values`` and ``W_dec``."""
-    out = F.embedding_bag(
-        code.indices, W_dec.T, code.offsets, mode="sum", per_sample_weights=code.values
+    # embedding_bag wants the columns as contiguous rows; the copy is O(d x n), the dense
+    # decode it replaces O(B x d x n).
+    return _SparseDecode.apply(
+        code.values, W_dec.T.contiguous(), code.indices, code.rows, code.offsets, code.batch
     )
-    if out.shape[0] != code.batch:  # trailing empty rows get no bag
-        out = F.pad(out, (0, 0, 0, code.batch - out.shape[0]))
-    return out
 
 
 def to_dense(code: SparseCode, n_features: int) -> torch.Tensor:
@@ -128,9 +173,9 @@ def to_dense(code: SparseCode, n_features: int) -> torch.Tensor:
     )
 
 
-def _flat_code(values, x, W, b, indices, rows, offsets, batch, relu) -> SparseCode:
-    if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or (b is not None and b.requires_grad)):
-        values = _GatheredLinear.apply(values, x, W, b, indices, rows, offsets)
+def _flat_code(values, z, b_pre, W, b, indices, rows, offsets, batch, relu) -> SparseCode:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (z, b_pre, W, b)):
+        values = _GatheredLinear.apply(values, z, b_pre, W, b, indices, rows, offsets)
     if relu:
         values = torch.relu(values)
     return SparseCode(values, indices, rows, offsets, batch)
@@ -253,7 +298,7 @@ class TopKSAE(torch.nn.Module):
             rows, indices = flat // self.n_features, flat % self.n_features
             values = pre.reshape(-1)[flat]
             offsets = torch.searchsorted(rows, torch.arange(batch))
-        return _flat_code(values, x, W_enc, b_enc, indices, rows, offsets, batch, self.relu)
+        return _flat_code(values, z, b_pre, W_enc, b_enc, indices, rows, offsets, batch, self.relu)
 
     def decode_sparse(self, code: SparseCode) -> torch.Tensor:
         """Reconstruction ``W_dec s + b_pre`` from a sparse code, without the dense matmul."""
@@ -726,9 +771,8 @@ class Trainer:
     def step(self, batch: torch.Tensor) -> None:
         """One optimiser step on a prepared batch: MSE + AuxK, unit-norm decoder kept."""
         sae, cfg = self.sae, self.cfg
-        x = batch - sae.b_pre
         with torch.no_grad():
-            pre = torch.addmm(sae.b_enc, x, sae.W_enc.T)
+            pre = torch.addmm(sae.b_enc, batch - sae.b_pre, sae.W_enc.T)
         code = sae.encode_sparse(batch, pre=pre)
         recon = sae.decode_sparse(code)
         loss = F.mse_loss(recon, batch)
@@ -745,8 +789,8 @@ class Trainer:
             rows = torch.arange(batch.shape[0]).repeat_interleave(k_aux)
             offsets = torch.arange(0, batch.shape[0] * k_aux, k_aux)
             aux_code = _flat_code(
-                values.reshape(-1), x, sae.W_enc, sae.b_enc, indices.reshape(-1), rows, offsets,
-                batch.shape[0], sae.relu,
+                values.reshape(-1), batch, sae.b_pre, sae.W_enc, sae.b_enc, indices.reshape(-1),
+                rows, offsets, batch.shape[0], sae.relu,
             )
             # Dead latents learn to explain what the live ones miss (in the MSE's units).
             residual = (batch - recon).detach()
