@@ -314,3 +314,15 @@ def test_geometric_median_init(caches):
     sae, metrics = train_sae(*caches, SAETrainConfig(**{**FAST, "b_pre_init": "median", "epochs": 1}))
     assert metrics["fvu"] < 1.0
     assert sae.b_pre.abs().sum() > 0
+
+
+def test_cli_trains_a_sweep_and_refuses_an_empty_one(tmp_path, caches):
+    from saeft import cli
+
+    section = {**FAST, "epochs": 1, "sweep": [{"name": "a", "k": 2}, {"name": "b", "k": 3}]}
+    argv = ["train-sae-sweep", "--train", str(caches[0]), "--heldout", str(caches[1]),
+            "--config", json.dumps(section), "--out-dir", str(tmp_path / "sweep")]
+    assert cli.main(argv) == 0
+    assert [load_sae(tmp_path / "sweep" / n / "sae.safetensors").k for n in "ab"] == [2, 3]
+    empty = {**FAST, "sweep": []}
+    assert cli.main(argv[:6] + ["--config", json.dumps(empty), "--out-dir", str(tmp_path / "e")]) == 2
