@@ -325,4 +325,4 @@ def test_cli_trains_a_sweep_and_refuses_an_empty_one(tmp_path, caches):
     assert cli.main(argv) == 0
     assert [load_sae(tmp_path / "sweep" / n / "sae.safetensors").k for n in "ab"] == [2, 3]
     empty = {**FAST, "sweep": []}
-    assert cli.main(argv[:6] + ["--config", json.dumps(empty), "--out-dir", str(tmp_path / "e")]) == 2
+    assert cli.main(argv[:5] + ["--config", json.dumps(empty), "--out-dir", str(tmp_path / "e")]) == 2
