@@ -242,6 +242,8 @@ class TopKSAE(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(torch.zeros(n_features))
         # Batch-Top-K inference threshold; learned as an EMA during training, unused by topk.
         self.register_buffer("threshold", torch.zeros(()))
+        # Training-only state (checkpointed with the module, not saved in the SAE file).
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
         return (
@@ -291,7 +293,11 @@ class TopKSAE(torch.nn.Module):
                     kept_min = flat_values.min()
                     if self.relu:
                         kept_min = kept_min.clamp_min(0)
-                    self.threshold.mul_(_THRESHOLD_MOMENTUM).add_((1 - _THRESHOLD_MOMENTUM) * kept_min)
+                    # Running mean over the first updates, then an EMA: no bias towards the
+                    # initial zero in short runs.
+                    self.threshold_updates.add_(1)
+                    rate = max(1 - _THRESHOLD_MOMENTUM, 1 / self.threshold_updates.item())
+                    self.threshold.add_(rate * (kept_min - self.threshold))
                 flat = flat.sort().values
             else:
                 flat = torch.nonzero(pre.reshape(-1) > self.threshold).flatten()
@@ -377,8 +383,9 @@ def load_sae(path: str | os.PathLike, *, trainable: bool = False) -> TopKSAE:
     contradict its metadata, raises ``ValueError`` naming it.
     """
     tensors, meta = load_tensors(path)
-    names = set(tensors)
-    if not set(_TENSOR_KEYS) <= names <= set(_TENSOR_KEYS + _OPTIONAL_TENSOR_KEYS):
+    # A fixed order, so the first mismatch reported does not depend on hashing.
+    names = [name for name in _TENSOR_KEYS + _OPTIONAL_TENSOR_KEYS if name in tensors]
+    if not set(_TENSOR_KEYS) <= set(tensors) <= set(_TENSOR_KEYS + _OPTIONAL_TENSOR_KEYS):
         raise ValueError(
             f"{path}: not an SAE file: tensors {sorted(tensors)}, expected {sorted(_TENSOR_KEYS)}"
             f" (and optionally {', '.join(_OPTIONAL_TENSOR_KEYS)})"
