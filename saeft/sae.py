@@ -1,7 +1,12 @@
 """Top-K sparse autoencoder on cached image embeddings (stage ``train_sae``).
 
-The SAE encodes ``E(z) = TopK_k(W_enc (z - b_pre))`` and decodes ``D(s) = W_dec s + b_pre``
-(DESIGN section 3). Decoder columns are the feature directions and are kept at unit norm.
+The SAE encodes ``E(z) = Select(W_enc (z - b_pre) + b_enc)`` and decodes
+``D(s) = W_dec s + b_pre`` (DESIGN section 3; ``b_enc`` is zero unless trained with an encoder
+bias). ``Select`` is Top-K per sample or Batch-Top-K. Decoder columns are the feature directions
+and are kept at unit norm. Training and the regularizer never differentiate a dense
+(batch x n_features) matmul: the pre-activations are computed once without autograd, only the k
+kept entries are differentiated, and decoding gathers the active decoder columns
+(``embedding_bag``).
 
 Input convention: ``encode``, ``decode`` and ``forward`` work on *prepared* embeddings, i.e. after
 :meth:`TopKSAE.prepare`, which applies the normalisation recorded in the SAE (``"l2"`` or
@@ -276,10 +281,9 @@ class TopKSAE(torch.nn.Module):
         if frozen:
             W_enc, b_enc, b_pre = W_enc.detach(), b_enc.detach(), b_pre.detach()
         batch = z.shape[0]
-        x = z - b_pre
         if pre is None:
             with torch.no_grad():
-                pre = torch.addmm(b_enc, x, W_enc.T)
+                pre = torch.addmm(b_enc, z - b_pre, W_enc.T)
         pre = pre.detach()
         if self.architecture == "topk":
             values, indices = pre.topk(self.k, dim=-1, sorted=False)
