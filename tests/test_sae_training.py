@@ -327,3 +327,19 @@ def test_cli_trains_a_sweep_and_refuses_an_empty_one(tmp_path, caches):
     assert [load_sae(tmp_path / "sweep" / n / "sae.safetensors").k for n in "ab"] == [2, 3]
     empty = {**FAST, "sweep": []}
     assert cli.main(argv[:5] + ["--config", json.dumps(empty), "--out-dir", str(tmp_path / "e")]) == 2
+
+
+def test_regularizer_uses_the_batchtopk_threshold_and_stays_batch_independent():
+    sae = _random_sae("batchtopk").eval()
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    f_0 = torch.randn(6, 16, generator=torch.Generator().manual_seed(4))
+    f_theta = (f_0 + 0.3 * torch.randn(6, 16, generator=torch.Generator().manual_seed(5))).requires_grad_()
+    terms = sae_penalty(f_theta, f_0, sae, lambda_add=1.0, lambda_remove=1.0, mu=1.0)
+    terms["total"].backward()
+    assert f_theta.grad.abs().sum() > 0 and all(p.grad is None for p in sae.parameters())
+    # Per-row terms do not depend on the batch: the sum over single rows is the batch total.
+    rows = [sae_penalty(f_theta[i : i + 1].detach(), f_0[i : i + 1], sae, lambda_add=1.0)["add"]
+            for i in range(6)]
+    torch.testing.assert_close(torch.stack(rows).mean(), terms["add"], atol=1e-6, rtol=1e-5)
+    assert sae.threshold.item() == pytest.approx(0.3, abs=0, rel=1e-7)  # inference never moves it
