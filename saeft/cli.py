@@ -82,7 +82,16 @@ def cmd_train_sae(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import sae
 
     cfg = sae.SAETrainConfig.from_dict(args.config, "sae.")
-    return sae.run(args.train, args.heldout, args.out_weights, args.out_json, cfg)
+    return sae.run(args.train, args.heldout, args.out_weights, args.out_json, cfg, head=args.head)
+
+
+def cmd_train_sae_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import sae
+
+    cfgs = sae.sweep_configs(args.config)
+    if not cfgs:
+        raise ValueError("train-sae-sweep: the config lists no sae.sweep entries")
+    return sae.run_sweep(args.train, args.heldout, args.out_dir, cfgs, head=args.head)
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config(p, "SAE")
     p.add_argument("--out-weights", required=True, help="output SAE weights (.safetensors)")
     p.add_argument("--out-json", required=True, help="output sae.json (config and metrics)")
+    p.add_argument("--head", default=None,
+                   help="the dataset's zero-shot head: adds the zero-shot accuracy of reconstructions")
+
+    p = add("train-sae-sweep", cmd_train_sae_sweep, "train the SAEs of sae.sweep, one folder each")
+    p.add_argument("--train", required=True, help="HDF5 cache of the training embeddings")
+    p.add_argument("--heldout", required=True, help="HDF5 cache of held-out embeddings (metrics)")
+    _config(p, "SAE section (defaults plus a 'sweep' list of named overrides)")
+    p.add_argument("--out-dir", required=True, help="folder of {name}/sae.safetensors and sae.json")
+    p.add_argument("--head", default=None,
+                   help="the dataset's zero-shot head: adds the zero-shot accuracy of reconstructions")
 
     p = add("finetune", cmd_finetune, "fine-tune the zero-shot classifier with one method and seed")
     p.add_argument("--model", required=True, help="zero-shot CLIP weights")

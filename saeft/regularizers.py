@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from saeft.sae import TopKSAE, topk_encode
+from saeft.sae import TopKSAE, sparse_decode, to_dense
 
 
 def sae_penalty(
@@ -39,7 +39,9 @@ def sae_penalty(
 
     Feature terms average over batch x n_features, ``align`` over batch x d. The SAE is frozen:
     its parameters never receive gradient here (its tensors are used detached), while gradient
-    flows to ``f_theta`` through the top-k values. Computation is in the SAE's dtype.
+    flows to ``f_theta`` through the top-k values. Computation is in the SAE's dtype. The SAE's
+    own encoder (bias, ReLU, Batch-Top-K threshold) selects the codes; ``W_dec`` terms are
+    decoded from the kept entries only (a gather of decoder columns, not a dense matmul).
     """
     weights = {
         "lambda_add": lambda_add,
@@ -63,19 +65,22 @@ def sae_penalty(
     if f_theta.numel() == 0:
         raise ValueError("sae_penalty: empty batch (the means would be NaN)")
 
-    # Detached views: the SAE stays frozen even if the caller left requires_grad on.
-    W_enc = sae.W_enc.detach()
+    # The SAE stays frozen even if the caller left requires_grad on (frozen=True detaches it);
+    # decoding goes through the k kept entries only (embedding_bag), never a dense matmul.
     W_dec = sae.W_dec.detach()
-    b_pre = sae.b_pre.detach()
-    z_theta = sae.prepare(f_theta.to(W_enc.dtype))
+    dtype = W_dec.dtype
+    z_theta = sae.prepare(f_theta.to(dtype)).reshape(-1, sae.d)
     with torch.no_grad():
-        z_0 = sae.prepare(f_0.detach().to(W_enc.dtype))
-        s_0 = topk_encode(z_0, W_enc, b_pre, sae.k)
-        m = (s_0 != 0).to(s_0.dtype)
-    s_theta = topk_encode(z_theta, W_enc, b_pre, sae.k)
+        z_0 = sae.prepare(f_0.detach().to(dtype)).reshape(-1, sae.d)
+        code_0 = sae.encode_sparse(z_0, frozen=True)
+        s_0 = to_dense(code_0, sae.n_features)
+        m = (s_0 != 0).to(dtype)
+        carried_0 = sparse_decode(code_0, W_dec)
+    code_theta = sae.encode_sparse(z_theta, frozen=True)
+    s_theta = to_dense(code_theta, sae.n_features)
 
     delta_s = s_theta - s_0
-    r = (z_theta - z_0) - delta_s @ W_dec.T
+    r = (z_theta - z_0) - (sparse_decode(code_theta, W_dec) - carried_0)
     terms = {
         "add": lambda_add * ((1 - m) * s_theta.abs()).mean(),
         "remove": lambda_remove * (m * torch.relu(s_0 - s_theta)).mean(),

@@ -8,7 +8,7 @@ import pytest
 
 from saeft import cli, tracking
 
-STAGES = ("init-tracking", "pretrain", "prepare", "head", "cache", "train-sae", "finetune", "evaluate", "aggregate")
+STAGES = ("init-tracking", "pretrain", "prepare", "head", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "aggregate")
 
 
 @pytest.mark.parametrize("stage", STAGES)

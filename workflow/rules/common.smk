@@ -17,6 +17,7 @@ SEEDS = config["seeds"]
 METHODS = list(config["methods"])
 DATASETS = config["datasets"]
 SAE_METHODS = {"sae_sparse", "sae_add", "saeft"}
+SAE_SWEEP = [entry["name"] for entry in config["sae"].get("sweep", [])]
 
 
 wildcard_constraints:
@@ -68,6 +69,20 @@ def zeroshot_model():
     return f"{R}/models/{MODEL}/zeroshot/model.safetensors"
 
 
+def sae_config():
+    """The `sae:` keys of the main SAE: the sweep is its own rule, so editing it reruns only that."""
+    return {key: value for key, value in config["sae"].items() if key != "sweep"}
+
+
+def sae_path(model, dataset):
+    """Weights of the SAE the SAE methods use."""
+    return f"{R}/sae/{model}/{dataset}/sae.safetensors"
+
+
+def sae_sweep_targets():
+    return [f"{R}/sae/{MODEL}/{dataset}/{name}/sae.json" for dataset in DATASETS for name in SAE_SWEEP]
+
+
 def zeroshot_head(dataset):
     return f"{R}/models/{MODEL}/zeroshot/heads/{dataset}.safetensors"
 
@@ -96,4 +111,4 @@ FIGURES = [f"{R}/figures/{name}" for name in ("id_vs_ood.png", "id_vs_ood.pdf")]
 
 
 def all_targets():
-    return TABLES + FIGURES
+    return TABLES + FIGURES + sae_sweep_targets()
