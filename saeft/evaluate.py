@@ -2,7 +2,8 @@
 
 One evaluator serves every dataset: it asks the registry for the split, runs the classifier, and
 reports the dataset's metric with the sample count and per-class counts, so tables can be rebuilt
-and re-weighted from the JSON alone.
+and re-weighted from the JSON alone. A WiSE-FT model is interpolated here, in memory, from the
+fine-tuned and zero-shot weights (:func:`load_wiseft`); it is never written to disk.
 """
 
 from __future__ import annotations

@@ -280,17 +280,6 @@ def method_loss(ctx: Context, images: torch.Tensor, labels: torch.Tensor, f_0: t
     return loss, terms
 
 
-def regularizer(cfg: FinetuneConfig, sae: torch.nn.Module | None) -> Any:
-    """The SAE method's ``R(f_theta, f_0) -> dict of terms with 'total'``, or None otherwise."""
-    if cfg.method not in SAE_METHODS:
-        return None
-    if sae is None:
-        raise ConfigError(f"methods.{cfg.method}: needs an SAE but none was given")
-    p = cfg.method_params
-    weights = {k: p.get(k, 0.0) for k in ("lambda_add", "lambda_remove", "lambda_l1", "mu")}
-    return lambda f_theta, f_0: sae_penalty(f_theta, f_0, sae, **weights)
-
-
 class WithIndex(torch.utils.data.Dataset):
     """A dataset that also yields each item's index (the row of the teacher cache)."""
 
