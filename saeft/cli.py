@@ -101,7 +101,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = finetune.FinetuneConfig.from_dict(args.config, "finetune.")
     return finetune.run(args.model, args.head, args.dataset, options, cfg, args.out_model, args.out_json,
-                        sae_path=args.sae, on_epoch=lambda record: _RUN.log_metrics(record, step=int(record["epoch"])))
+                        sae_path=args.sae, teacher_cache=args.teacher_cache, on_epoch=lambda record: _RUN.log_metrics(record, step=int(record["epoch"])))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,7 +110,12 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = evaluate.EvaluateConfig.from_dict(args.config, "evaluate.")
-    result = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity)
+    wiseft = None
+    if args.alpha is not None:
+        if not (args.zeroshot_model and args.zeroshot_head):
+            raise SystemExit("evaluate: --alpha needs --zeroshot-model and --zeroshot-head")
+        wiseft = (args.zeroshot_model, args.zeroshot_head, args.alpha)
+    result = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity, wiseft=wiseft)
     return {"value": result["value"], "n": result["n"]}
 
 
@@ -185,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", required=True, help="the dataset's zero-shot head")
     _dataset_args(p)
     p.add_argument("--sae", default=None, help="SAE weights (SAE methods only)")
+    p.add_argument("--teacher-cache", default=None, help="HDF5 cache of the zero-shot training embeddings f_0")
     _config(p, "fine-tuning (finetune keys plus method and method_params)")
     p.add_argument("--out-model", required=True, help="output classifier weights (.safetensors)")
     p.add_argument("--out-json", required=True, help="output train.json")
@@ -195,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_args(p)
     p.add_argument("--split", required=True, help="evaluation split")
     p.add_argument("--identity", type=_json_arg, default={}, help="JSON recorded in the result: study, model, method, seed")
+    p.add_argument("--alpha", type=float, default=None, help="WiSE-FT: evaluate (1-alpha)*zero-shot + alpha*--model")
+    p.add_argument("--zeroshot-model", default=None, help="WiSE-FT: zero-shot CLIP weights")
+    p.add_argument("--zeroshot-head", default=None, help="WiSE-FT: the dataset's zero-shot head")
     _config(p, "evaluation")
     p.add_argument("--out", required=True, help="output result JSON")
 

@@ -1,9 +1,24 @@
 """Stage ``finetune``: fine-tune the zero-shot classifier on a dataset's training split.
 
-Methods (DESIGN section 3) implemented here: ``ft`` (end-to-end, no regulariser) and the SAE-FT
-family, whose regulariser is :func:`saeft.regularizers.sae_penalty` with some weights at zero:
-``sae_sparse`` (code distance), ``sae_add`` (no new features) and ``saeft`` (add and remove).
-The loss is ``CE + lambda * R``; the classifier head starts from the zero-shot text head.
+Every trained method of DESIGN section 3 lives here; each is one loss on one batch
+(:func:`method_loss`) inside one shared training loop:
+
+- ``lp``: linear probe (encoder frozen, BatchNorm statistics frozen too, head trained);
+- ``ft``: end-to-end; ``lpft``: ``lp_epochs`` epochs of ``lp`` then ``epochs`` of ``ft``;
+- ``l2sp``: ``lambda * ||theta - theta_0||^2`` over the visual tower's weights;
+- ``feat_mse``, ``feat_l1``: ``lambda * mean((f_theta - f_0)^2)`` / ``mean(|f_theta - f_0|)``;
+- ``ldifs``: ``lambda *`` mean over tapped blocks of the squared distance of L2-normalised token
+  features (channels of a feature map, or a transformer block's token vectors);
+- ``flyp``: contrastive fine-tuning of both towers against class-prompt text embeddings (the
+  symmetric CLIP loss between each image and its class's prompt embedding, with the class
+  prompts as the image-side negatives); the head is rebuilt from the tuned text tower;
+- ``sae_sparse``, ``sae_add``, ``saeft``: :func:`saeft.regularizers.sae_penalty` with some
+  weights at zero.
+
+WiSE-FT is not trained: :func:`interpolate_weights` mixes a zero-shot and a fine-tuned model
+at evaluation time (``saeft.evaluate``). The frozen teacher embeddings ``f_0`` come from the
+HDF5 teacher cache when one is given (the training transform is deterministic, so the cache holds
+``f_0`` of exactly the training views) and from a frozen copy of the encoder otherwise.
 
 Training state (model, optimizer, scheduler, RNG, data order) is checkpointed after each epoch
 beside the outputs, never in them; a killed job resumes from it and ends with the same weights.
@@ -11,36 +26,48 @@ beside the outputs, never in them; a killed job resumes from it and ends with th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from saeft.config import ConfigError, StageConfig, require
 from saeft.data.registry import get_dataset
-from saeft.io import write_json
-from saeft.models import classifier_from_zeroshot, preprocess_for, save_classifier
+from saeft.io import load_tensors, write_json
+from saeft.models import ImageClassifier, load_clip, preprocess_for, save_classifier, tokenizer_for, zeroshot_head
 from saeft.regularizers import sae_penalty
 from saeft.sae import load_sae
 from saeft.training import CHECKPOINT_NAME, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
-# Each method's hyper-parameters and their defaults (public reference code).
-METHOD_PARAMS: dict[str, dict[str, float]] = {
+# Each trained method's hyper-parameters and their defaults (public reference code where it has
+# them). ``taps`` of ldifs: module names inside the visual tower, or null for every block.
+METHOD_PARAMS: dict[str, dict[str, Any]] = {
+    "lp": {},
     "ft": {},
+    "lpft": {"lp_epochs": 2},
+    "l2sp": {"lambda": 0.01},
+    "feat_mse": {"lambda": 10.0},
+    "feat_l1": {"lambda": 1.0},
+    "ldifs": {"lambda": 10.0, "taps": None},
+    "flyp": {},
     "sae_sparse": {"lambda": 70.0, "lambda_l1": 1e-3, "mu": 1.0},
     "sae_add": {"lambda": 70.0, "lambda_add": 10.0, "mu": 1.0},
     "saeft": {"lambda": 70.0, "lambda_add": 10.0, "lambda_remove": 0.02, "mu": 1.0},
 }
 SAE_METHODS = frozenset({"sae_sparse", "sae_add", "saeft"})
+TEACHER_METHODS = SAE_METHODS | {"feat_mse", "feat_l1"}
+"""Methods that compare with the zero-shot embedding f_0 (which the teacher cache can supply)."""
 
 
 @dataclasses.dataclass
@@ -49,10 +76,11 @@ class FinetuneConfig(StageConfig):
 
     method: str = "ft"
     """Method name; one of :data:`METHOD_PARAMS`."""
-    method_params: dict[str, float] = dataclasses.field(default_factory=dict)
+    method_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The method's own hyper-parameters (``methods.<method>``); missing ones take defaults."""
     epochs: int = 10
-    """Passes over the training split; the cosine schedule spans exactly these epochs."""
+    """Passes over the training split; the cosine schedule spans exactly these epochs (plus
+    ``lp_epochs`` for lpft)."""
     batch_size: int = 32
     """Images per step."""
     lr: float = 1e-5
@@ -67,14 +95,30 @@ class FinetuneConfig(StageConfig):
     """Label smoothing of the cross-entropy."""
     seed: int = 0
     """Seed of data order and any randomness in training."""
+    teacher: str = "auto"
+    """Where f_0 comes from: 'cache' (the HDF5 teacher cache, required), 'live' (a frozen copy of
+    the encoder each step) or 'auto' (the cache when one is given)."""
+    precision: str = "auto"
+    """Autocast dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16' (GPU only)."""
+    compile: bool = False
+    """Wrap the trained module in torch.compile."""
+    workers: int = 0
+    """Data loader worker processes."""
 
     def __post_init__(self) -> None:
         require(self.method in METHOD_PARAMS, "methods", f"unknown method {self.method!r}; known: {', '.join(METHOD_PARAMS)}")
         allowed = METHOD_PARAMS[self.method]
         for key, value in self.method_params.items():
-            require(key in allowed, f"methods.{self.method}.{key}",
-                    f"not a hyper-parameter of {self.method} (allowed: {', '.join(allowed) or 'none'})")
-            require(value >= 0, f"methods.{self.method}.{key}", f"must be non-negative, got {value}")
+            where = f"methods.{self.method}.{key}"
+            require(key in allowed, where, f"not a hyper-parameter of {self.method} (allowed: {', '.join(allowed) or 'none'})")
+            if key == "taps":
+                require(value is None or (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)),
+                        where, "must be null or a non-empty list of module names")
+            elif key == "lp_epochs":
+                require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, where, "must be an integer >= 1")
+            else:
+                require(isinstance(value, (int, float)) and not isinstance(value, bool), where, f"must be a number, got {value!r}")
+                require(value >= 0, where, f"must be non-negative, got {value}")
         self.method_params = {**allowed, **self.method_params}
         require(self.epochs >= 1, "finetune.epochs", "must be at least 1")
         require(self.batch_size >= 1, "finetune.batch_size", "must be at least 1")
@@ -83,17 +127,216 @@ class FinetuneConfig(StageConfig):
         require(self.warmup_steps >= 0, "finetune.warmup_steps", "must be non-negative")
         require(self.grad_clip >= 0, "finetune.grad_clip", "must be non-negative")
         require(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "must lie in [0, 1)")
+        require(self.teacher in ("auto", "cache", "live"), "finetune.teacher", f"must be auto, cache or live, got {self.teacher!r}")
+        require(self.precision in ("auto", "fp32", "bf16", "fp16"), "finetune.precision", f"must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        require(self.workers >= 0, "finetune.workers", "must be non-negative")
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the whole run (lpft adds its probing epochs)."""
+        return self.epochs + (self.method_params["lp_epochs"] if self.method == "lpft" else 0)
 
 
-def regularizer(cfg: FinetuneConfig, sae: torch.nn.Module | None) -> Any:
-    """The method's ``R(f_theta, f_0) -> dict of terms with 'total'``, or None for plain FT."""
-    if cfg.method not in SAE_METHODS:
-        return None
-    if sae is None:
+# --- the regularisers on small tensors (hand-checkable) ------------------------------------------
+
+def feature_mse(f_theta: torch.Tensor, f_0: torch.Tensor) -> torch.Tensor:
+    """``mean((f_theta - f_0)^2)`` over batch x dim."""
+    return (f_theta - f_0).pow(2).mean()
+
+
+def feature_l1(f_theta: torch.Tensor, f_0: torch.Tensor) -> torch.Tensor:
+    """``mean(|f_theta - f_0|)`` over batch x dim."""
+    return (f_theta - f_0).abs().mean()
+
+
+def l2sp_penalty(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum ||theta - theta_0||^2`` over the given tensors."""
+    return sum((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True))
+
+
+def ldifs_distance(taps_theta: Sequence[torch.Tensor], taps_0: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over taps of the per-token squared distance of L2-normalised features, averaged over
+    batch and tokens. A 4-d tap (B, C, H, W) has its tokens at the spatial positions and its
+    features on channels; any other tap has its features on the last dimension."""
+    total = []
+    for a, b in zip(taps_theta, taps_0, strict=True):
+        dim = 1 if a.ndim == 4 else -1
+        diff = F.normalize(a.float(), dim=dim) - F.normalize(b.float(), dim=dim)
+        total.append(diff.pow(2).sum(dim).mean())
+    return torch.stack(total).mean()
+
+
+def flyp_loss(image_features: torch.Tensor, class_text: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric contrastive loss of FLYP: image -> class prompts (CE over classes) and each
+    image's class prompt -> the batch's images (CE over the batch), averaged."""
+    image = F.normalize(image_features, dim=-1)
+    text = F.normalize(class_text, dim=-1)
+    to_classes = scale * image @ text.T
+    to_images = scale * text[labels] @ image.T
+    targets = torch.arange(len(labels), device=labels.device)
+    return 0.5 * (F.cross_entropy(to_classes, labels) + F.cross_entropy(to_images, targets))
+
+
+def default_taps(visual: nn.Module) -> list[str]:
+    """Every block of the visual tower: transformer resblocks (ViT) or ResNet stages."""
+    names = dict(visual.named_modules())
+    if "transformer.resblocks" in names:
+        return [f"transformer.resblocks.{i}" for i in range(len(names["transformer.resblocks"]))]
+    stages = [n for n in ("layer1", "layer2", "layer3", "layer4") if n in names]
+    if not stages:
+        raise ConfigError("methods.ldifs.taps: no default blocks for this visual tower; name modules explicitly")
+    return stages
+
+
+class TapRecorder:
+    """Forward hooks that keep the outputs of named modules of the last forward pass."""
+
+    def __init__(self, module: nn.Module, names: Sequence[str]) -> None:
+        modules = dict(module.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ConfigError(f"methods.ldifs.taps: no module(s) {missing} in the visual tower")
+        self.names = list(names)
+        self.outputs: dict[str, torch.Tensor] = {}
+        for name in names:
+            modules[name].register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str) -> Any:
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self.outputs[name] = output[0] if isinstance(output, tuple) else output
+        return keep
+
+    def taken(self) -> list[torch.Tensor]:
+        return [self.outputs[n] for n in self.names]
+
+
+class FlypModel(nn.Module):
+    """Both CLIP towers, with ``forward(images) -> (logits over class prompts, image embedding)``
+    so that the shared loop's accuracy and checkpoint code apply unchanged."""
+
+    def __init__(self, clip: nn.Module, prompts: torch.Tensor, n_classes: int) -> None:
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("prompts", prompts, persistent=False)  # (C * T, ctx) token ids
+        self.n_classes = n_classes
+
+    def class_text(self) -> torch.Tensor:
+        """Per class, the mean of its normalised prompt embeddings (with gradient)."""
+        text = F.normalize(self.clip.encode_text(self.prompts), dim=-1)
+        return text.view(self.n_classes, -1, text.shape[-1]).mean(1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.clip.encode_image(images)
+        text = F.normalize(self.class_text(), dim=-1)
+        return self.clip.logit_scale.exp() * F.normalize(features, dim=-1) @ text.T, features
+
+
+@dataclasses.dataclass
+class Context:
+    """What a method's loss needs besides the batch."""
+
+    cfg: FinetuneConfig
+    model: nn.Module
+    sae: nn.Module | None = None
+    teacher: nn.Module | None = None
+    anchors: list[torch.Tensor] | None = None
+    anchored: list[torch.Tensor] | None = None
+    taps: TapRecorder | None = None
+    teacher_taps: TapRecorder | None = None
+
+
+def method_loss(ctx: Context, images: torch.Tensor, labels: torch.Tensor, f_0: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of ``ctx.cfg.method`` on one batch and its named terms. ``f_0``: cached teacher
+    embeddings of these images; without them a teacher-needing method runs the frozen encoder."""
+    cfg, p = ctx.cfg, ctx.cfg.method_params
+    logits, features = ctx.model(images)
+    if cfg.method == "flyp":
+        ce = flyp_loss(features, ctx.model.class_text(), labels, ctx.model.clip.logit_scale.exp())
+    else:
+        ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    terms: dict[str, torch.Tensor] = {"ce": ce.detach()}
+    penalty: dict[str, torch.Tensor] | None = None
+    if cfg.method in TEACHER_METHODS or cfg.method == "ldifs":
+        if f_0 is None or cfg.method == "ldifs":
+            with torch.no_grad():
+                f_0 = ctx.teacher(images)
+        f_theta, f_0 = features.float(), f_0.float()
+        if cfg.method in SAE_METHODS:
+            weights = {k: float(p.get(k, 0.0)) for k in ("lambda_add", "lambda_remove", "lambda_l1", "mu")}
+            penalty = sae_penalty(f_theta, f_0, ctx.sae, **weights)
+        elif cfg.method == "feat_mse":
+            penalty = {"total": feature_mse(f_theta, f_0)}
+        elif cfg.method == "feat_l1":
+            penalty = {"total": feature_l1(f_theta, f_0)}
+        else:
+            penalty = {"total": ldifs_distance(ctx.taps.taken(), ctx.teacher_taps.taken())}
+    elif cfg.method == "l2sp":
+        penalty = {"total": l2sp_penalty(ctx.anchored, ctx.anchors)}
+    loss = ce
+    if penalty is not None:
+        loss = ce + float(p["lambda"]) * penalty["total"]
+        terms.update({f"reg_{k}": v.detach() for k, v in penalty.items()})
+    terms["loss"] = loss.detach()
+    return loss, terms
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """A dataset that also yields each item's index (the row of the teacher cache)."""
+
+    def __init__(self, data: torch.utils.data.Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        image, label = self.data[i]
+        return image, label, i
+
+
+def read_teacher_cache(path: str | os.PathLike, dataset: str, split: str, n: int, dim: int) -> torch.Tensor:
+    """f_0 of every training item from a cache written by ``cache_activations``, checked to be of
+    this dataset, split, size and embedding width (a stale cache would silently mis-teach)."""
+    from saeft.cache import read_cache
+
+    embeddings, _, attrs = read_cache(path)
+    for key, want in (("dataset", dataset), ("split", split), ("count", n), ("dim", dim)):
+        if attrs.get(key) != want:
+            raise ValueError(f"{path}: teacher cache has {key}={attrs.get(key)!r}, training needs {want!r}")
+    return torch.from_numpy(embeddings)
+
+
+def build_context(cfg: FinetuneConfig, trained: nn.Module, visual: nn.Module, sae: nn.Module | None, live_teacher: bool) -> Context:
+    """The method's loss context: the frozen teacher, taps, L2-SP anchors and SAE as needed."""
+    ctx = Context(cfg=cfg, model=trained, sae=sae)
+    if cfg.method in SAE_METHODS and sae is None:
         raise ConfigError(f"methods.{cfg.method}: needs an SAE but none was given")
-    p = cfg.method_params
-    weights = {k: p.get(k, 0.0) for k in ("lambda_add", "lambda_remove", "lambda_l1", "mu")}
-    return lambda f_theta, f_0: sae_penalty(f_theta, f_0, sae, **weights)
+    if cfg.method == "ldifs" or (cfg.method in TEACHER_METHODS and live_teacher):
+        ctx.teacher = copy.deepcopy(visual).eval().requires_grad_(False)
+    if cfg.method == "ldifs":
+        names = cfg.method_params["taps"] or default_taps(visual)
+        ctx.taps, ctx.teacher_taps = TapRecorder(visual, names), TapRecorder(ctx.teacher, names)
+    if cfg.method == "l2sp":
+        ctx.anchored = [p for p in visual.parameters() if p.requires_grad]
+        ctx.anchors = [p.detach().clone() for p in ctx.anchored]
+    return ctx
+
+
+def autocast_for(cfg: FinetuneConfig, device: torch.device) -> Any:
+    """bf16/fp16 autocast on GPU; plain fp32 on CPU (CPU autocast is slower for these models)."""
+    if device.type != "cuda" or cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _set_phase(cfg: FinetuneConfig, model: nn.Module, visual: nn.Module, epoch: int) -> None:
+    """Train mode, with the encoder frozen (weights and BatchNorm statistics) while probing."""
+    model.train()
+    probing = cfg.method == "lp" or (cfg.method == "lpft" and epoch < cfg.method_params["lp_epochs"])
+    visual.requires_grad_(not probing)
+    if probing:
+        visual.eval()
 
 
 def run(
@@ -106,27 +349,42 @@ def run(
     out_json: str | os.PathLike,
     sae_path: str | os.PathLike | None = None,
     on_epoch: Any = None,
+    teacher_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Fine-tune and write ``out_model`` (safetensors) and ``out_json`` (config and history)."""
     generator = setup_torch(cfg.seed)
-    model, arch = classifier_from_zeroshot(zeroshot_model, head)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clip, arch = load_clip(zeroshot_model)
+    head_state, _ = load_tensors(head)
+    model = ImageClassifier(clip.visual, head_state["weight"])
     preprocess = preprocess_for(model.visual)
     spec = get_dataset(dataset)
     train = spec.load(spec.train_split, preprocess, dataset_options)
     heldout = spec.load(spec.heldout_split, preprocess, dataset_options)
-    sae = load_sae(sae_path) if sae_path else None
-    reg = regularizer(cfg, sae)
-    teacher = None
-    if reg is not None:  # the frozen zero-shot encoder f_0
-        teacher = copy.deepcopy(model.visual).eval().requires_grad_(False)
+    if cfg.method == "flyp":
+        tokens = tokenizer_for(arch)([t.replace("{c}", c) for c in spec.classnames for t in spec.templates])
+        trained: nn.Module = FlypModel(clip, tokens, len(spec.classnames))
+        clip.logit_scale.requires_grad_(False)  # the temperature stays that of pretraining
+    else:
+        trained = model
+    trained.to(device)
+    sae = load_sae(sae_path).to(device) if sae_path else None
+    use_cache = cfg.method in TEACHER_METHODS and cfg.teacher != "live" and teacher_cache is not None
+    if cfg.teacher == "cache" and cfg.method in TEACHER_METHODS and teacher_cache is None:
+        raise ConfigError("finetune.teacher: 'cache' needs a teacher cache (--teacher-cache)")
+    cached_f0 = read_teacher_cache(teacher_cache, dataset, spec.train_split, len(train), model.visual.output_dim).to(device) if use_cache else None
+    ctx = build_context(cfg, trained, model.visual, sae, live_teacher=not use_cache)
+    step_loss = torch.compile(method_loss) if cfg.compile else method_loss
 
     # Training reads the evaluation transform: deterministic views, as in the reference code.
-    loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size, generator=generator)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * len(loader)
+    loader = torch.utils.data.DataLoader(WithIndex(train), batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size,
+                                         generator=generator, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.total_epochs * len(loader)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.precision == "fp16")
     checkpoint = Path(out_model).with_name(CHECKPOINT_NAME)
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    parts = {"model": trained, "optimizer": optimizer, "scheduler": scheduler}
     saved = resume_checkpoint(checkpoint, cfg.to_dict(), parts)
     history: list[dict[str, float]] = []
     if saved is not None:
@@ -134,43 +392,44 @@ def run(
         history.extend(saved["history"])
     start_epoch = len(history)
     progress = Progress(total_steps, f"finetune {dataset}/{cfg.method}/seed{cfg.seed}")
-    lam = cfg.method_params.get("lambda", 0.0)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+    for epoch in range(start_epoch, cfg.total_epochs):
+        _set_phase(cfg, trained, model.visual, epoch)
         sums: dict[str, float] = {}
         started = time.monotonic()
-        for step, (images, labels) in enumerate(loader, start=1):
-            logits, features = model(images)
-            ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            loss, terms = ce, {"ce": ce.detach()}
-            if reg is not None:
-                with torch.no_grad():
-                    f_0 = teacher(images)
-                penalty = reg(features, f_0)
-                loss = ce + lam * penalty["total"]
-                terms.update({f"reg_{k}": v.detach() for k, v in penalty.items()})
+        for step, (images, labels, index) in enumerate(loader, start=1):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            f_0 = cached_f0[index.to(device)] if cached_f0 is not None else None
+            with autocast_for(cfg, device):
+                loss, terms = step_loss(ctx, images, labels, f_0)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            terms["loss"] = loss.detach()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             progress.update(epoch * len(loader) + step, loss=float(terms["loss"]))
         record = {key: value / len(loader) for key, value in sums.items()}
         record.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], seconds=time.monotonic() - started,
-                      heldout_top1=accuracy(model, heldout, cfg.batch_size * 4))
+                      heldout_top1=accuracy(trained, heldout, cfg.batch_size * 4))
         history.append(record)
-        logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
+        logger.info("epoch %d/%d %s", epoch + 1, cfg.total_epochs, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
         if on_epoch is not None:
             on_epoch(record)
         save_checkpoint(checkpoint, cfg.to_dict(), parts, {"generator": generator.get_state(), "history": history})
 
+    if cfg.method == "flyp":  # the classifier's head comes from the tuned text tower
+        clip.eval()
+        with torch.no_grad():
+            model.head.weight.copy_(zeroshot_head(clip.cpu(), arch, spec.classnames, spec.templates))
+    model.cpu()
     save_classifier(out_model, model.eval(), arch, {"method": cfg.method, "seed": cfg.seed, "dataset": dataset})
-    summary = {"config": cfg.to_dict(), "dataset": dataset, "arch": arch, "steps": total_steps,
+    summary = {"config": cfg.to_dict(), "dataset": dataset, "arch": arch, "steps": total_steps, "device": str(device),
+               "seed": cfg.seed, "teacher": "cache" if use_cache else ("live" if ctx.teacher is not None else None),
                "sae": str(sae_path) if sae_path else None, "history": history,
                "final": history[-1] if history else {}}
     write_json(out_json, summary)
@@ -182,9 +441,10 @@ def run(
 def accuracy(model: torch.nn.Module, data: torch.utils.data.Dataset, batch_size: int) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for images, labels in torch.utils.data.DataLoader(data, batch_size=batch_size):
-        correct += int((model(images)[0].argmax(-1) == labels).sum())
+        correct += int((model(images.to(device))[0].argmax(-1).cpu() == labels).sum())
     return correct / max(len(data), 1)
 
 

@@ -64,7 +64,24 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | Non
         lines = [f"{_key(e)}: {_message(e)}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     _with_defaults(jsonschema.Draft7Validator)(schema).validate(config)
+    _check_methods(config)
     return config
+
+
+def _check_methods(config: dict[str, Any]) -> None:
+    """Cross-key rules the schema cannot state: WiSE-FT interpolates methods the study trains,
+    and per-dataset overrides name datasets of the study."""
+    methods = config.get("methods", {})
+    trained = [m for m in methods if m != "wiseft"]
+    if not trained:
+        raise ConfigError("methods: lists no trained method (wiseft alone interpolates nothing)")
+    for base in methods.get("wiseft", {}).get("base", []):
+        if base not in trained:
+            raise ConfigError(f"methods.wiseft.base: {base!r} is not a trained method of this study (trained: {', '.join(trained)})")
+    for method in trained:
+        for dataset in methods[method].get("datasets", {}):
+            if dataset not in config.get("datasets", []):
+                raise ConfigError(f"methods.{method}.datasets.{dataset}: not a dataset of this study")
 
 
 def _key(error: jsonschema.ValidationError) -> str:

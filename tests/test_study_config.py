@@ -32,6 +32,13 @@ def test_empty_config_takes_every_default():
     assert set(config["methods"]) == {"ft", "saeft"}
 
 
+def test_every_method_and_wiseft_defaults_validate():
+    from saeft.finetune import METHOD_PARAMS
+
+    config = validate_config({"methods": {**{m: {} for m in METHOD_PARAMS}, "wiseft": {}}})
+    assert config["methods"]["wiseft"] == {"base": ["ft"], "alphas": [0.0, 0.25, 0.5, 0.75, 1.0], "alpha": 0.5}
+
+
 @pytest.mark.parametrize(
     ("path", "value", "key"),
     [
@@ -44,6 +51,18 @@ def test_empty_config_takes_every_default():
         (("methods", "saeft", "lambda_remove"), -0.1, "methods.saeft.lambda_remove"),
         (("methods", "saeft", "lamda"), 1.0, "methods.saeft.lamda"),
         (("methods", "magic"), {}, "methods.magic"),
+        (("methods", "zeroshot"), {}, "methods.zeroshot"),
+        (("methods", "l2sp", "lambda"), -1.0, "methods.l2sp.lambda"),
+        (("methods", "ldifs", "taps"), [], "methods.ldifs.taps"),
+        (("methods", "lpft", "lp_epochs"), 0, "methods.lpft.lp_epochs"),
+        (("methods", "saeft", "datasets", "shapes", "lambda"), -5, "methods.saeft.datasets.shapes.lambda"),
+        (("methods", "wiseft", "alpha"), 1.5, "methods.wiseft.alpha"),
+        (("methods", "wiseft", "alphas"), [0.5, -0.1], "methods.wiseft.alphas.1"),
+        (("methods", "wiseft", "base"), ["magic"], "methods.wiseft.base.0"),
+        (("methods", "wiseft", "base"), ["lp"], "methods.wiseft.base"),
+        (("methods", "saeft", "datasets", "imagenet"), {}, "methods.saeft.datasets.imagenet"),
+        (("finetune", "teacher"), "oracle", "finetune.teacher"),
+        (("finetune", "precision"), "fp8", "finetune.precision"),
         (("synthetic", "spurious"), 2.0, "synthetic.spurious"),
         (("finetune", "learning_rate"), 0.1, "finetune.learning_rate"),
         (("colour",), "red", "colour"),

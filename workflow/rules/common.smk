@@ -14,10 +14,12 @@ STUDY = config["study"]
 R = f"results/{STUDY}"
 MODEL = config["model"]["name"]
 SEEDS = config["seeds"]
-METHODS = list(config["methods"])
+METHODS = [m for m in config["methods"] if m != "wiseft"]  # trained methods; wiseft is evaluation only
+WISEFT = config["methods"].get("wiseft")
 DATASETS = config["datasets"]
 SAE_METHODS = {"sae_sparse", "sae_add", "saeft"}
 SAE_SWEEP = [entry["name"] for entry in config["sae"].get("sweep", [])]
+TEACHER_METHODS = SAE_METHODS | {"feat_mse", "feat_l1"}  # read f_0 from the teacher cache
 
 
 wildcard_constraints:
@@ -27,7 +29,7 @@ wildcard_constraints:
     evalset=r"[a-z0-9_]+",
     method=r"[a-z0-9_]+",
     seed=r"\d+",
-    run=r"zeroshot|[a-z0-9_]+/seed\d+",
+    run=r"zeroshot|[a-z0-9_]+/seed\d+(/alpha[0-9.]+)?",
 
 
 def _git_commit():
@@ -87,21 +89,43 @@ def zeroshot_head(dataset):
     return f"{R}/models/{MODEL}/zeroshot/heads/{dataset}.safetensors"
 
 
-def method_config(method, seed):
-    """Resolved fine-tuning config of one method and seed (finetune keys + the method's own)."""
-    return as_json({**config["finetune"], "method": method, "method_params": config["methods"][method], "seed": int(seed)})
+def method_params(method, dataset):
+    """The method's hyper-parameters for one dataset: its keys with the dataset's overrides."""
+    entry = config["methods"][method]
+    params = {k: v for k, v in entry.items() if k != "datasets"}
+    params.update(entry.get("datasets", {}).get(dataset, {}))
+    return params
 
 
-def evaluation_runs():
-    """Every evaluated model: zero-shot once, each fine-tuned method per seed."""
-    return ["zeroshot"] + [f"{m}/seed{s}" for m in METHODS for s in SEEDS]
+def method_config(method, seed, dataset):
+    """Resolved fine-tuning config of one method, seed and dataset (finetune keys + the method's own)."""
+    return as_json({**config["finetune"], "method": method, "method_params": method_params(method, dataset), "seed": int(seed)})
 
 
-def eval_results():
+def alpha_tag(alpha):
+    return f"alpha{float(alpha):g}"
+
+
+def wiseft_name(base):
+    """Table row of WiSE-FT over ``base``: 'wiseft' for ft (as in the literature), else wiseft_<base>."""
+    return "wiseft" if base == "ft" else f"wiseft_{base}"
+
+
+def evaluation_runs(curve=False):
+    """Every evaluated model: zero-shot once, each fine-tuned method per seed, WiSE-FT at the
+    reported alpha (and, with ``curve``, on the whole alpha grid)."""
+    runs = ["zeroshot"] + [f"{m}/seed{s}" for m in METHODS for s in SEEDS]
+    if WISEFT:
+        alphas = sorted(set(WISEFT["alphas"]) | {WISEFT["alpha"]}) if curve else [WISEFT["alpha"]]
+        runs += [f"{b}/seed{s}/{alpha_tag(a)}" for b in WISEFT["base"] for s in SEEDS for a in alphas]
+    return runs
+
+
+def eval_results(curve=False):
     return [
         f"{R}/eval/{MODEL}/{dataset}/{run}/{split}.json"
         for dataset in DATASETS
-        for run in evaluation_runs()
+        for run in evaluation_runs(curve)
         for split in get_dataset(dataset).eval_splits
     ]
 
@@ -111,4 +135,6 @@ FIGURES = [f"{R}/figures/{name}" for name in ("id_vs_ood.png", "id_vs_ood.pdf")]
 
 
 def all_targets():
-    return TABLES + FIGURES + sae_sweep_targets()
+    # The WiSE-FT curve's grid points are evaluated too; the tables take the reported alpha only.
+    curve = sorted(set(eval_results(curve=True)) - set(eval_results()))
+    return TABLES + FIGURES + curve + sae_sweep_targets()

@@ -1,15 +1,30 @@
-# Evaluation of the zero-shot model and of every fine-tuned model on each evaluation split.
+# Evaluation of the zero-shot model, of every fine-tuned model, and of WiSE-FT interpolations
+# (run {method}/seed{N}/alpha{A}: built in memory from the fine-tuned and zero-shot weights).
 
 
 def evaluate_inputs(wildcards):
     if wildcards.run == "zeroshot":
         return {"model": zeroshot_model(), "head": zeroshot_head(wildcards.dataset)}
-    return {"model": f"{R}/finetune/{wildcards.model}/{wildcards.dataset}/{wildcards.run}/model.safetensors"}
+    trained, _, alpha = wildcards.run.partition("/alpha")
+    inputs = {"model": f"{R}/finetune/{wildcards.model}/{wildcards.dataset}/{trained}/model.safetensors"}
+    if alpha:
+        inputs.update(zeroshot=zeroshot_model(), zeroshot_head=zeroshot_head(wildcards.dataset))
+    return inputs
 
 
 def evaluation_identity(wildcards):
-    method, _, seed = wildcards.run.partition("/seed")
+    trained, _, alpha = wildcards.run.partition("/alpha")
+    method, _, seed = trained.partition("/seed")
+    if alpha:
+        method = wiseft_name(method)
     return as_json({"study": STUDY, "model": wildcards.model, "method": method, "seed": int(seed) if seed else None})
+
+
+def wiseft_args(wildcards, input):
+    alpha = wildcards.run.partition("/alpha")[2]
+    if not alpha:
+        return ""
+    return f"--alpha {alpha} --zeroshot-model {input.zeroshot} --zeroshot-head {input.zeroshot_head}"
 
 
 rule evaluate_model:
@@ -21,6 +36,7 @@ rule evaluate_model:
         options=lambda wildcards: as_json(dataset_options(wildcards.dataset)),
         identity=evaluation_identity,
         head=lambda wildcards, input: f"--head {input.head}" if "head" in input.keys() else "",
+        wiseft=wiseft_args,
         cfg=as_json(config["evaluate"]),
         track=track("evaluate_model"),
     log:
@@ -28,6 +44,6 @@ rule evaluate_model:
     benchmark:
         f"benchmarks/{STUDY}/evaluate_model/{{model}}/{{dataset}}/{{run}}/{{evalset}}.tsv"
     shell:
-        "saeft evaluate --model {input.model} {params.head} --dataset {wildcards.dataset}"
+        "saeft evaluate --model {input.model} {params.head} {params.wiseft} --dataset {wildcards.dataset}"
         " --dataset-options {params.options:q} --split {wildcards.evalset} --identity {params.identity:q}"
         " --config {params.cfg:q} --out {output} --threads {threads} --track {params.track:q} > {log} 2>&1"

@@ -5,6 +5,8 @@ def finetune_inputs(wildcards):
     inputs = {"model": zeroshot_model(), "head": zeroshot_head(wildcards.dataset)}
     if wildcards.method in SAE_METHODS:
         inputs["sae"] = f"{R}/sae/{wildcards.model}/{wildcards.dataset}/sae.safetensors"
+    if wildcards.method in TEACHER_METHODS and config["finetune"]["teacher"] != "live":
+        inputs["teacher"] = f"{R}/cache/{wildcards.model}/{wildcards.dataset}/{get_dataset(wildcards.dataset).train_split}.h5"
     return inputs
 
 
@@ -16,8 +18,9 @@ rule finetune:
         summary=f"{R}/finetune/{{model}}/{{dataset}}/{{method}}/seed{{seed}}/train.json",
     params:
         options=lambda wildcards: as_json(dataset_options(wildcards.dataset)),
-        cfg=lambda wildcards: method_config(wildcards.method, wildcards.seed),
+        cfg=lambda wildcards: method_config(wildcards.method, wildcards.seed, wildcards.dataset),
         sae=lambda wildcards, input: f"--sae {input.sae}" if "sae" in input.keys() else "",
+        teacher=lambda wildcards, input: f"--teacher-cache {input.teacher}" if "teacher" in input.keys() else "",
         track=track("finetune"),
     log:
         f"logs/{STUDY}/finetune/{{model}}/{{dataset}}/{{method}}/seed{{seed}}.log",
@@ -26,7 +29,7 @@ rule finetune:
     resources:
         gpu=1,
     shell:
-        "saeft finetune --model {input.model} --head {input.head} {params.sae}"
+        "saeft finetune --model {input.model} --head {input.head} {params.sae} {params.teacher}"
         " --dataset {wildcards.dataset} --dataset-options {params.options:q} --config {params.cfg:q}"
         " --out-model {output.model} --out-json {output.summary}"
         " --threads {threads} --track {params.track:q} > {log} 2>&1"
