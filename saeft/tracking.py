@@ -88,7 +88,8 @@ def job_run(track: Mapping[str, Any] | None, params: Mapping[str, Any]) -> Itera
     try:
         mlflow = _mlflow()
         mlflow.set_experiment(track["experiment"])
-        tags = {**track.get("tags", {}), "config_hash": config_hash(params)}
+        tags = {**track.get("tags", {}), "config_hash": config_hash(params),
+                "git_commit": os.environ.get("SAEFT_GIT_COMMIT", "unknown")}
         mlflow.start_run(run_name=track.get("run_name"), tags=tags)
         flat = {k: str(v)[:6000] for k, v in _flatten(params).items()}
         for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per call

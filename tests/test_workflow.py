@@ -20,8 +20,8 @@ TINY = ROOT / "tests" / "data" / "tiny_study.yaml"
 pytestmark = pytest.mark.slow
 
 
-def snakemake(workdir: Path, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+def snakemake(workdir: Path, *args: str, config: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
                "--configfile", str(config or workdir / "study.yaml"), *args]
@@ -98,9 +98,10 @@ def test_mlflow_has_one_run_per_job_with_params_and_metrics(study):
     assert {"summary.md", "metrics.parquet", "id_vs_ood.png"} <= artifacts
 
 
-def test_second_run_has_nothing_to_do(study):
-    result = snakemake(study, "-n", "--cores", "2")
-    assert planned_jobs(result) == {}
+def test_second_run_has_nothing_to_do_even_after_a_new_commit(study):
+    assert planned_jobs(snakemake(study, "-n", "--cores", "2")) == {}
+    # The git commit is an MLflow tag, not a rule param: a new commit reruns nothing.
+    assert planned_jobs(snakemake(study, "-n", "--cores", "2", env={"SAEFT_GIT_COMMIT": "0123abc"})) == {}
 
 
 def plan_after_change(study: Path, tmp_path: Path, section: str, key: str, value: object) -> dict[str, int]:

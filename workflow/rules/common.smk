@@ -40,7 +40,9 @@ def _git_commit():
         return "unknown"
 
 
-GIT_COMMIT = _git_commit()
+# Jobs read the commit from the environment for their MLflow tag: as a rule param it would make
+# every commit rerun every job.
+os.environ["SAEFT_GIT_COMMIT"] = os.environ.get("SAEFT_GIT_COMMIT") or _git_commit()
 
 
 def as_json(obj):
@@ -52,7 +54,7 @@ def track(rule_name):
     """The MLflow run of a job: experiment per study, run name rule/wildcards, tags."""
     def make(wildcards):
         items = dict(wildcards.items())
-        tags = {"rule": rule_name, "study": STUDY, "git_commit": GIT_COMMIT, **{f"wc.{k}": v for k, v in items.items()}}
+        tags = {"rule": rule_name, "study": STUDY, **{f"wc.{k}": v for k, v in items.items()}}
         name = rule_name + ("/" + ",".join(f"{k}={v}" for k, v in items.items()) if items else "")
         return as_json({"experiment": STUDY, "run_name": name, "tags": tags})
     return make
