@@ -70,7 +70,7 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | Non
 
 def _check_methods(config: dict[str, Any]) -> None:
     """Cross-key rules the schema cannot state: WiSE-FT interpolates methods the study trains,
-    and per-dataset overrides name datasets of the study."""
+    per-dataset overrides name datasets of the study, a method's ``sae`` names a sweep entry."""
     methods = config.get("methods", {})
     trained = [m for m in methods if m != "wiseft"]
     if not trained:
@@ -78,10 +78,17 @@ def _check_methods(config: dict[str, Any]) -> None:
     for base in methods.get("wiseft", {}).get("base", []):
         if base not in trained:
             raise ConfigError(f"methods.wiseft.base: {base!r} is not a trained method of this study (trained: {', '.join(trained)})")
+    sweep = [entry["name"] for entry in config.get("sae", {}).get("sweep", [])]
     for method in trained:
-        for dataset in methods[method].get("datasets", {}):
+        overrides = methods[method].get("datasets", {})
+        for dataset in overrides:
             if dataset not in config.get("datasets", []):
                 raise ConfigError(f"methods.{method}.datasets.{dataset}: not a dataset of this study")
+        for where, entry in [(f"methods.{method}", methods[method])] + [
+            (f"methods.{method}.datasets.{d}", o) for d, o in overrides.items()
+        ]:
+            if "sae" in entry and entry["sae"] not in sweep:
+                raise ConfigError(f"{where}.sae: {entry['sae']!r} is not in sae.sweep (names: {', '.join(sweep) or 'none'})")
 
 
 def _key(error: jsonschema.ValidationError) -> str:

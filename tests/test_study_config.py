@@ -94,3 +94,16 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "finetune.lr" in result.stdout + result.stderr
     assert not (tmp_path / "w" / "results").exists()
+
+
+def test_a_method_may_name_an_sae_of_the_sweep():
+    config = default_config()
+    config["sae"]["sweep"] = [{"name": "x8", "expansion": 8}]
+    config["methods"]["saeft"]["sae"] = "x8"
+    validate_config(copy.deepcopy(config))
+    config["methods"]["saeft"]["sae"] = "x16"
+    with pytest.raises(ConfigError, match="methods.saeft.sae: 'x16' is not in sae.sweep"):
+        validate_config(copy.deepcopy(config))
+    config["methods"]["ft"]["sae"] = "x8"
+    with pytest.raises(ConfigError, match="methods.ft.sae"):
+        validate_config(copy.deepcopy(config))

@@ -139,6 +139,21 @@ def test_real_weights_take_pretrain_clip_out_of_the_dag(tmp_path, source):
     assert "pretrain_clip" not in jobs and jobs["prepare_model"] == 1
 
 
+def test_a_method_regularises_with_the_sweep_sae_it_names(tmp_path):
+    config = yaml.safe_load(TINY.read_text())
+    config["sae"]["sweep"] = [{"name": "x4", "expansion": 4}]
+    config["methods"]["saeft"]["sae"] = "x4"
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "--cores", "2", config=study)
+    blocks = re.split(r"\n\[[^\]\n]+\]\n", result.stdout + result.stderr)  # one per job, after its timestamp
+    jobs = [block for block in blocks if block.startswith("rule finetune:")]
+    assert len(jobs) == 4
+    for block in jobs:
+        uses_sweep = "sae/saeft-tiny-rn/shapes/x4/sae.safetensors" in block
+        assert uses_sweep == ("method=saeft" in block)
+
+
 def test_missing_checkpoint_fails_before_any_job(tmp_path):
     config = yaml.safe_load(TINY.read_text())
     config["model"]["pretrained"] = str(tmp_path / "absent.safetensors")

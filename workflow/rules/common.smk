@@ -78,9 +78,9 @@ def sae_config():
     return {key: value for key, value in config["sae"].items() if key != "sweep"}
 
 
-def sae_path(model, dataset):
-    """Weights of the SAE the SAE methods use."""
-    return f"{R}/sae/{model}/{dataset}/sae.safetensors"
+def sae_path(model, dataset, name=None):
+    """Weights of the main SAE, or of the sweep entry ``name``."""
+    return f"{R}/sae/{model}/{dataset}/{name + '/' if name else ''}sae.safetensors"
 
 
 def sae_sweep_targets():
@@ -101,7 +101,8 @@ def method_params(method, dataset):
 
 def method_config(method, seed, dataset):
     """Resolved fine-tuning config of one method, seed and dataset (finetune keys + the method's own)."""
-    return as_json({**config["finetune"], "method": method, "method_params": method_params(method, dataset), "seed": int(seed)})
+    params = {k: v for k, v in method_params(method, dataset).items() if k != "sae"}  # an input, not a param
+    return as_json({**config["finetune"], "method": method, "method_params": params, "seed": int(seed)})
 
 
 def alpha_tag(alpha):
