@@ -2,7 +2,8 @@
 
 Layout (DESIGN section 2): ``/embeddings`` float32 (N, d) in ~1 MiB row chunks, uncompressed;
 ``/labels`` int64 (N,); ``/index`` int64 (N,), the row in the source dataset; root attributes
-record provenance. The file is filled under a ``.partial`` name beside the output, which records
+record provenance. A views cache (the teacher of augmented training, :mod:`saeft.views`) holds V
+rows per image, row ``image * V + view``, and records its bank in the attributes. The file is filled under a ``.partial`` name beside the output, which records
 how many rows are done, so a killed job resumes where it stopped; the finished file is renamed
 into place, so the declared output is never truncated.
 """
@@ -26,6 +27,7 @@ from saeft.data.registry import get_dataset
 from saeft.io import config_hash
 from saeft.models import load_clip, preprocess_for
 from saeft.training import Progress, setup_torch
+from saeft.views import ViewBank, ViewConfig, keep_pil
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +57,19 @@ def run(
     cfg: CacheConfig,
     out: str | os.PathLike,
     provenance: dict[str, Any] | None = None,
+    views: ViewConfig | None = None,
 ) -> dict[str, Any]:
-    """Embed every image of ``dataset``/``split`` with the CLIP at ``model_path`` into ``out``."""
+    """Embed every image of ``dataset``/``split`` with the CLIP at ``model_path`` into ``out``;
+    with a bank of ``views``, every view of every image (row ``image * views + view``)."""
     setup_torch(0)
     out = Path(out)
     clip, arch = load_clip(model_path)
     spec = get_dataset(dataset)
-    data = spec.load(split, preprocess_for(clip), dataset_options)
+    if views is not None and views.banked:
+        data: torch.utils.data.Dataset = ViewBank(spec.load(split, keep_pil, dataset_options), preprocess_for(clip), views)
+        per_image = views.views
+    else:
+        data, per_image = spec.load(split, preprocess_for(clip), dataset_options), 1
     n, dim = len(data), clip.visual.output_dim
     identity = {
         "schema_version": SCHEMA_VERSION,
@@ -76,6 +84,8 @@ def run(
         "saeft_version": saeft.__version__,
         "config_hash": config_hash({"model": str(model_path), "options": _options_dict(dataset_options), "provenance": provenance}),
     }
+    if views is not None and views.banked:
+        identity.update(views=views.views, augment=views.augment, view_seed=views.view_seed, crop_scale=views.crop_scale)
     partial = out.with_name(out.name + ".partial")
     done = _resumable_rows(partial, identity)
     mode = "a" if done else "w"
@@ -93,7 +103,7 @@ def run(
                 stop = row + len(labels)
                 handle["embeddings"][row:stop] = embeddings
                 handle["labels"][row:stop] = labels.numpy()
-                handle["index"][row:stop] = np.arange(row, stop)
+                handle["index"][row:stop] = np.arange(row, stop) // per_image
                 row = stop
                 handle.attrs["rows_done"] = row
                 handle.flush()

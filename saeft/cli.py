@@ -49,6 +49,15 @@ def cmd_init_tracking(args: argparse.Namespace) -> dict[str, Any]:
     return {"ok": init_store(args.experiment)}
 
 
+def cmd_sync_tracking(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.tracking import replay_queue
+
+    counts = replay_queue(args.queue)
+    if counts["failed"]:
+        raise ValueError(f"{counts['failed']} queued run(s) could not be replayed (kept; see the warnings above)")
+    return counts
+
+
 def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import pretrain
     from saeft.data.synthetic import WorldConfig
@@ -72,10 +81,14 @@ def cmd_head(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import cache
     from saeft.data.registry import get_dataset
+    from saeft.views import ViewConfig
 
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = cache.CacheConfig.from_dict(args.config, "cache.")
-    return cache.run(args.model, args.dataset, args.split, options, cfg, args.out, {"pretrained": args.pretrained or ""})
+    views = ViewConfig.of(args.views) if args.views is not None else None
+    if views is not None and not views.banked:
+        raise ValueError("cache --views: needs a bank of views (finetune.augment != 'none', finetune.views >= 1)")
+    return cache.run(args.model, args.dataset, args.split, options, cfg, args.out, {"pretrained": args.pretrained or ""}, views)
 
 
 def cmd_train_sae(args: argparse.Namespace) -> dict[str, Any]:
@@ -141,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         return p
 
+    p = add("sync-tracking", cmd_sync_tracking, "replay the tracking calls that jobs queued while MLflow was unreachable")
+    p.add_argument("--queue", default=None, help="queue folder (default: $SAEFT_MLFLOW_QUEUE or ./mlflow-queue)")
+
     p = add("init-tracking", cmd_init_tracking, "create the MLflow store and experiment (once, before parallel jobs)")
     p.add_argument("--experiment", required=True, help="experiment name (the study)")
 
@@ -166,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_args(p)
     p.add_argument("--split", required=True, help="dataset split to embed")
     _config(p, "cache")
+    p.add_argument("--views", type=_json_arg, default=None,
+                   help="the finetune view keys as JSON: cache every view of the bank (the teacher of augmented training)")
     p.add_argument("--out", required=True, help="output HDF5 file")
 
     p = add("train-sae", cmd_train_sae, "train a Top-K sparse autoencoder on cached embeddings")
@@ -240,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from saeft.config import ConfigError
     from saeft.tracking import job_run
 
-    params = {k: v for k, v in vars(args).items() if k not in {"fn", "track", "log_level"}}
+    params = {k: v for k, v in vars(args).items() if k not in {"fn", "track", "log_level", "threads"}}
     started = time.monotonic()
     try:
         with job_run(args.track, params) as run:

@@ -17,8 +17,10 @@ Every trained method of DESIGN section 3 lives here; each is one loss on one bat
 
 WiSE-FT is not trained: :func:`interpolate_weights` mixes a zero-shot and a fine-tuned model
 at evaluation time (``saeft.evaluate``). The frozen teacher embeddings ``f_0`` come from the
-HDF5 teacher cache when one is given (the training transform is deterministic, so the cache holds
-``f_0`` of exactly the training views) and from a frozen copy of the encoder otherwise.
+HDF5 teacher cache when one is given and from a frozen copy of the encoder otherwise. The cache
+holds ``f_0`` of exactly the training views: the deterministic evaluation preprocessing, or a fixed
+bank of seeded augmented views per image (:mod:`saeft.views`); fresh views every epoch need the
+live teacher.
 
 Training state (model, optimizer, scheduler, RNG, data order) is checkpointed after each epoch
 beside the outputs, never in them; a killed job resumes from it and ends with the same weights.
@@ -47,6 +49,7 @@ from saeft.models import ImageClassifier, load_clip, preprocess_for, save_classi
 from saeft.regularizers import sae_penalty
 from saeft.sae import load_sae
 from saeft.training import CHECKPOINT_NAME, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
+from saeft.views import TrainingViews, ViewConfig, keep_pil
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,15 @@ class FinetuneConfig(StageConfig):
     """Wrap the trained module in torch.compile."""
     workers: int = 0
     """Data loader worker processes."""
+    augment: str = "none"
+    """Training views: 'none' (the evaluation preprocessing) or 'crop_flip' (see
+    :class:`saeft.views.ViewConfig`)."""
+    views: int = 0
+    """Bank of views per image whose f_0 the views cache holds; 0: a fresh view every epoch."""
+    view_seed: int = 0
+    """Seed of the bank's crop and flip parameters (shared by every method and seed)."""
+    crop_scale: float = 0.5
+    """Smallest crop area of a view, as a fraction of the image."""
 
     def __post_init__(self) -> None:
         require(self.method in METHOD_PARAMS, "methods", f"unknown method {self.method!r}; known: {', '.join(METHOD_PARAMS)}")
@@ -130,6 +142,14 @@ class FinetuneConfig(StageConfig):
         require(self.teacher in ("auto", "cache", "live"), "finetune.teacher", f"must be auto, cache or live, got {self.teacher!r}")
         require(self.precision in ("auto", "fp32", "bf16", "fp16"), "finetune.precision", f"must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         require(self.workers >= 0, "finetune.workers", "must be non-negative")
+        views = self.view_config  # validates the view keys
+        require(not (self.teacher == "cache" and self.method in TEACHER_METHODS and not (views.deterministic or views.banked)),
+                "finetune.teacher", "'cache' needs views a cache can hold: finetune.views >= 1 when finetune.augment is on")
+
+    @property
+    def view_config(self) -> ViewConfig:
+        """The training views these keys define."""
+        return ViewConfig(augment=self.augment, views=self.views, view_seed=self.view_seed, crop_scale=self.crop_scale)
 
     @property
     def total_epochs(self) -> int:
@@ -280,29 +300,22 @@ def method_loss(ctx: Context, images: torch.Tensor, labels: torch.Tensor, f_0: t
     return loss, terms
 
 
-class WithIndex(torch.utils.data.Dataset):
-    """A dataset that also yields each item's index (the row of the teacher cache)."""
-
-    def __init__(self, data: torch.utils.data.Dataset) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
-        image, label = self.data[i]
-        return image, label, i
-
-
-def read_teacher_cache(path: str | os.PathLike, dataset: str, split: str, n: int, dim: int) -> torch.Tensor:
-    """f_0 of every training item from a cache written by ``cache_activations``, checked to be of
-    this dataset, split, size and embedding width (a stale cache would silently mis-teach)."""
+def read_teacher_cache(path: str | os.PathLike, dataset: str, split: str, n: int, dim: int, views: ViewConfig | None = None) -> torch.Tensor:
+    """f_0 of every training view from a cache written by ``cache_activations`` (deterministic
+    views: row = image) or ``cache_views`` (a bank: row = image * views + view), checked to be of
+    this dataset, split, size, embedding width and bank (a stale cache would silently mis-teach)."""
     from saeft.cache import read_cache
 
+    views = views or ViewConfig()
     embeddings, _, attrs = read_cache(path)
-    for key, want in (("dataset", dataset), ("split", split), ("count", n), ("dim", dim)):
-        if attrs.get(key) != want:
-            raise ValueError(f"{path}: teacher cache has {key}={attrs.get(key)!r}, training needs {want!r}")
+    want = {"dataset": dataset, "split": split, "dim": dim, "count": n * (views.views if views.banked else 1)}
+    if views.banked:
+        want.update(views=views.views, augment=views.augment, view_seed=views.view_seed, crop_scale=views.crop_scale)
+    for key, value in want.items():
+        if attrs.get(key) != value:
+            raise ValueError(f"{path}: teacher cache has {key}={attrs.get(key)!r}, training needs {value!r}")
+    if not views.banked and "views" in attrs:
+        raise ValueError(f"{path}: teacher cache holds a bank of {attrs['views']} views; training uses deterministic views")
     return torch.from_numpy(embeddings)
 
 
@@ -359,7 +372,8 @@ def run(
     model = ImageClassifier(clip.visual, head_state["weight"])
     preprocess = preprocess_for(model.visual)
     spec = get_dataset(dataset)
-    train = spec.load(spec.train_split, preprocess, dataset_options)
+    views = cfg.view_config
+    train = TrainingViews(spec.load(spec.train_split, keep_pil, dataset_options), preprocess, views, cfg.seed)
     heldout = spec.load(spec.heldout_split, preprocess, dataset_options)
     if cfg.method == "flyp":
         tokens = tokenizer_for(arch)([t.replace("{c}", c) for c in spec.classnames for t in spec.templates])
@@ -372,12 +386,14 @@ def run(
     use_cache = cfg.method in TEACHER_METHODS and cfg.teacher != "live" and teacher_cache is not None
     if cfg.teacher == "cache" and cfg.method in TEACHER_METHODS and teacher_cache is None:
         raise ConfigError("finetune.teacher: 'cache' needs a teacher cache (--teacher-cache)")
-    cached_f0 = read_teacher_cache(teacher_cache, dataset, spec.train_split, len(train), model.visual.output_dim).to(device) if use_cache else None
+    if use_cache and not (views.deterministic or views.banked):
+        logger.warning("fresh views every epoch: ignoring the teacher cache %s, running the teacher live", teacher_cache)
+        use_cache = False
+    cached_f0 = read_teacher_cache(teacher_cache, dataset, spec.train_split, len(train), model.visual.output_dim, views).to(device) if use_cache else None
     ctx = build_context(cfg, trained, model.visual, sae, live_teacher=not use_cache)
     step_loss = torch.compile(method_loss) if cfg.compile else method_loss
 
-    # Training reads the evaluation transform: deterministic views, as in the reference code.
-    loader = torch.utils.data.DataLoader(WithIndex(train), batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size,
+    loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size,
                                          generator=generator, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.total_epochs * len(loader)
@@ -395,11 +411,13 @@ def run(
 
     for epoch in range(start_epoch, cfg.total_epochs):
         _set_phase(cfg, trained, model.visual, epoch)
+        train.set_epoch(epoch)
         sums: dict[str, float] = {}
         started = time.monotonic()
-        for step, (images, labels, index) in enumerate(loader, start=1):
+        for step, (images, labels, index, view) in enumerate(loader, start=1):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            f_0 = cached_f0[index.to(device)] if cached_f0 is not None else None
+            row = index * views.views + view if views.banked else index
+            f_0 = cached_f0[row.to(device)] if cached_f0 is not None else None
             with autocast_for(cfg, device):
                 loss, terms = step_loss(ctx, images, labels, f_0)
             optimizer.zero_grad(set_to_none=True)

@@ -65,7 +65,16 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | Non
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     _with_defaults(jsonschema.Draft7Validator)(schema).validate(config)
     _check_methods(config)
+    _check_views(config)
     return config
+
+
+def _check_views(config: dict[str, Any]) -> None:
+    """A teacher cache can only hold a finite set of views."""
+    finetune = config.get("finetune", {})
+    if finetune.get("teacher") == "cache" and finetune.get("augment", "none") != "none" and finetune.get("views", 0) == 0:
+        raise ConfigError("finetune.teacher: 'cache' needs views a cache can hold: set finetune.views >= 1 "
+                          "(a bank of views) or finetune.augment: none, or use teacher: live")
 
 
 def _check_methods(config: dict[str, Any]) -> None:

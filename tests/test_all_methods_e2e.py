@@ -26,6 +26,8 @@ def test_every_method_gets_a_table_row(tmp_path):
     assert set(summary["method"]) == {"zeroshot", "wiseft", *METHOD_PARAMS}
     metrics = pd.read_parquet(results / "tables" / "metrics.parquet")
     assert len(metrics) == (2 + len(METHOD_PARAMS)) * 5  # five evaluation splits each
-    # The per-dataset override reached the job; the teacher cache fed the SAE methods.
+    # The per-dataset override reached the job; the views cache fed the SAE methods.
     train = json.loads((results / "finetune" / "saeft-tiny-rn" / "shapes" / "saeft" / "seed0" / "train.json").read_text())
     assert train["config"]["method_params"]["lambda"] == 20 and train["teacher"] == "cache"
+    assert train["config"]["augment"] == "crop_flip" and train["config"]["views"] == 2
+    assert (results / "cache" / "saeft-tiny-rn" / "shapes" / "train.views.h5").exists()

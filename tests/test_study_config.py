@@ -63,6 +63,9 @@ def test_every_method_and_wiseft_defaults_validate():
         (("methods", "saeft", "datasets", "imagenet"), {}, "methods.saeft.datasets.imagenet"),
         (("finetune", "teacher"), "oracle", "finetune.teacher"),
         (("finetune", "precision"), "fp8", "finetune.precision"),
+        (("finetune", "augment"), "mixup", "finetune.augment"),
+        (("finetune", "crop_scale"), 0, "finetune.crop_scale"),
+        (("finetune", "views"), -1, "finetune.views"),
         (("synthetic", "spurious"), 2.0, "synthetic.spurious"),
         (("finetune", "learning_rate"), 0.1, "finetune.learning_rate"),
         (("colour",), "red", "colour"),
@@ -107,3 +110,12 @@ def test_a_method_may_name_an_sae_of_the_sweep():
     config["methods"]["ft"]["sae"] = "x8"
     with pytest.raises(ConfigError, match="methods.ft.sae"):
         validate_config(copy.deepcopy(config))
+
+
+def test_a_teacher_cache_needs_a_bank_when_views_are_augmented():
+    config = default_config()
+    config["finetune"].update(teacher="cache", augment="crop_flip", views=0)
+    with pytest.raises(ConfigError, match="finetune.teacher: 'cache' needs views a cache can hold"):
+        validate_config(copy.deepcopy(config))
+    config["finetune"]["views"] = 4
+    validate_config(copy.deepcopy(config))

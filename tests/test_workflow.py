@@ -169,3 +169,22 @@ def test_fixed_seeds_give_identical_metrics(study):
     after = pd.read_parquet(study / "results" / "tiny" / "tables" / "metrics.parquet")
     key = ["method", "seed", "evalset"]
     pd.testing.assert_frame_equal(before.sort_values(key).reset_index(drop=True), after.sort_values(key).reset_index(drop=True))
+
+
+@pytest.mark.parametrize("views", [2, 0])
+def test_augmented_views_have_a_views_cache_or_a_live_teacher(tmp_path, views):
+    config = yaml.safe_load(TINY.read_text())
+    config["finetune"].update(augment="crop_flip", views=views)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "-n", "--cores", "2", config=study)
+    jobs = planned_jobs(result)
+    blocks = re.split(r"\n\[[^\]\n]+\]\n", result.stdout + result.stderr)
+    saeft_jobs = [block for block in blocks if block.startswith("rule finetune:") and "method=saeft" in block]
+    assert len(saeft_jobs) == 2
+    if views:
+        assert jobs["cache_views"] == 1  # one bank for every method and seed
+        assert all("cache/saeft-tiny-rn/shapes/train.views.h5" in block for block in saeft_jobs)
+    else:
+        assert "cache_views" not in jobs  # fresh views every epoch: the teacher runs live
+        assert not any("train.views.h5" in block or "train.h5" in block for block in saeft_jobs)

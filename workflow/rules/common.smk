@@ -45,6 +45,16 @@ def _git_commit():
 os.environ["SAEFT_GIT_COMMIT"] = os.environ.get("SAEFT_GIT_COMMIT") or _git_commit()
 
 
+def tracking_queue():
+    """The folder where jobs queue MLflow calls that failed (saeft.tracking.queue_dir)."""
+    return os.environ.get("SAEFT_MLFLOW_QUEUE") or os.path.abspath("mlflow-queue")
+
+
+def queued_tracking():
+    folder = tracking_queue()
+    return [name for name in os.listdir(folder) if name.endswith(".jsonl")] if os.path.isdir(folder) else []
+
+
 def as_json(obj):
     """A stage config as a compact, stable JSON string: the rule param that triggers reruns."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
@@ -85,6 +95,24 @@ def sae_path(model, dataset, name=None):
 
 def sae_sweep_targets():
     return [f"{R}/sae/{MODEL}/{dataset}/{name}/sae.json" for dataset in DATASETS for name in SAE_SWEEP]
+
+
+def view_config():
+    """The finetune keys that define the training views: editing them reruns only cache_views and
+    what reads it."""
+    return {key: config["finetune"][key] for key in ("augment", "views", "view_seed", "crop_scale")}
+
+
+def teacher_cache(model, dataset):
+    """The HDF5 file holding f_0 of the training views, or None when the teacher must run live
+    (finetune.teacher live, or a fresh augmented view every epoch)."""
+    views = view_config()
+    split = get_dataset(dataset).train_split
+    if config["finetune"]["teacher"] == "live":
+        return None
+    if views["augment"] == "none":
+        return f"{R}/cache/{model}/{dataset}/{split}.h5"
+    return f"{R}/cache/{model}/{dataset}/{split}.views.h5" if views["views"] >= 1 else None
 
 
 def zeroshot_head(dataset):

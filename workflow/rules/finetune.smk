@@ -5,8 +5,9 @@ def finetune_inputs(wildcards):
     inputs = {"model": zeroshot_model(), "head": zeroshot_head(wildcards.dataset)}
     if wildcards.method in SAE_METHODS:
         inputs["sae"] = sae_path(wildcards.model, wildcards.dataset, method_params(wildcards.method, wildcards.dataset).get("sae"))
-    if wildcards.method in TEACHER_METHODS and config["finetune"]["teacher"] != "live":
-        inputs["teacher"] = f"{R}/cache/{wildcards.model}/{wildcards.dataset}/{get_dataset(wildcards.dataset).train_split}.h5"
+    teacher = teacher_cache(wildcards.model, wildcards.dataset) if wildcards.method in TEACHER_METHODS else None
+    if teacher:
+        inputs["teacher"] = teacher
     return inputs
 
 
