@@ -23,6 +23,7 @@ import torch
 
 import saeft
 from saeft.config import StageConfig, require
+from saeft.faults import maybe_kill
 from saeft.data.registry import get_dataset
 from saeft.io import config_hash
 from saeft.models import load_clip, preprocess_for
@@ -108,8 +109,11 @@ def run(
                 handle.attrs["rows_done"] = row
                 handle.flush()
                 progress.update(row)
+                maybe_kill("cache_rows")
         handle.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat()
-        del handle.attrs["rows_done"]
+        if "rows_done" in handle.attrs:
+            del handle.attrs["rows_done"]
+    maybe_kill("rename")
     os.replace(partial, out)
     logger.info("cached %d x %d embeddings of %s/%s to %s (%d resumed)", n, dim, dataset, split, out, done)
     return {"count": n, "dim": dim, "resumed_rows": done}
@@ -132,7 +136,8 @@ def _resumable_rows(partial: Path, identity: dict[str, Any]) -> int:
     try:
         with h5py.File(partial, "r") as handle:
             same = all(handle.attrs.get(k) == v for k, v in identity.items())
-            rows = int(handle.attrs.get("rows_done", 0))
+            # No rows_done: the file was finished, only its rename was lost.
+            rows = int(handle.attrs.get("rows_done", handle.attrs.get("count", 0)))
     except OSError as exc:
         logger.warning("discarding unreadable partial cache %s (%s)", partial, exc)
         rows, same = 0, False

@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _RUN = run
             metrics = args.fn(args) or {}
             run.log_metrics({**metrics, "seconds": time.monotonic() - started})
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:  # bad input, missing file, disk full, read-only
         logger.error("%s", exc)
         return 2
     finally:

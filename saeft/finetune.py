@@ -44,6 +44,7 @@ from torch import nn
 
 from saeft.config import ConfigError, StageConfig, require
 from saeft.data.registry import get_dataset
+from saeft.faults import maybe_kill
 from saeft.io import load_tensors, write_json
 from saeft.models import ImageClassifier, load_clip, preprocess_for, save_classifier, tokenizer_for, zeroshot_head
 from saeft.regularizers import sae_penalty
@@ -383,6 +384,9 @@ def run(
         trained = model
     trained.to(device)
     sae = load_sae(sae_path).to(device) if sae_path else None
+    if sae is not None and sae.d != model.visual.output_dim:
+        raise ValueError(f"{sae_path}: the SAE encodes {sae.d}-dim embeddings, but {zeroshot_model} embeds "
+                         f"into {model.visual.output_dim} dims (an SAE of another model?)")
     use_cache = cfg.method in TEACHER_METHODS and cfg.teacher != "live" and teacher_cache is not None
     if cfg.teacher == "cache" and cfg.method in TEACHER_METHODS and teacher_cache is None:
         raise ConfigError("finetune.teacher: 'cache' needs a teacher cache (--teacher-cache)")
@@ -431,6 +435,7 @@ def run(
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             progress.update(epoch * len(loader) + step, loss=float(terms["loss"]))
+            maybe_kill("train_step")
         record = {key: value / len(loader) for key, value in sums.items()}
         record.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], seconds=time.monotonic() - started,
                       heldout_top1=accuracy(trained, heldout, cfg.batch_size * 4))

@@ -18,17 +18,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from saeft.faults import maybe_kill
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it to ``path``, else delete it."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{final}: cannot write here ({exc.strerror})") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        maybe_kill("rename")
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -58,7 +64,10 @@ def save_tensors(
     meta = {key: json.dumps(value) for key, value in (metadata or {}).items()}
     contiguous = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=meta)
+        try:
+            save_file(contiguous, str(tmp), metadata=meta)
+        except Exception as exc:  # safetensors reports I/O failures (disk full) as its own error type
+            raise OSError(f"{path}: could not be written ({exc})") from exc
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

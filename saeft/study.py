@@ -66,7 +66,40 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | Non
     _with_defaults(jsonschema.Draft7Validator)(schema).validate(config)
     _check_methods(config)
     _check_views(config)
+    _check_sae_sizes(config)
     return config
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def embed_dim(model_name: str) -> int | None:
+    """The embedding width of an open_clip architecture, read from its JSON config without
+    importing open_clip (dry runs stay fast); None when the name is not a known architecture."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("open_clip")
+    folders = [ASSETS] + [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else [ASSETS]
+    for folder in folders:
+        path = folder / f"{model_name}.json"
+        if path.is_file():
+            return int(json.loads(path.read_text())["embed_dim"])
+    return None
+
+
+def _check_sae_sizes(config: dict[str, Any]) -> None:
+    """Top-k must fit the dictionary: k <= expansion x the model's embedding width."""
+    dim = embed_dim(config.get("model", {}).get("name", ""))
+    if dim is None:
+        return
+    sae = config.get("sae", {})
+    entries = [("sae", sae)] + [(f"sae.sweep.{i}", {**sae, **entry}) for i, entry in enumerate(sae.get("sweep", []))]
+    for where, entry in entries:
+        features = entry["expansion"] * dim
+        if entry["k"] > features:
+            raise ConfigError(f"{where}.k: {entry['k']} is larger than the dictionary "
+                              f"(expansion {entry['expansion']} x {dim}-dim embeddings = {features} features)")
 
 
 def _check_views(config: dict[str, Any]) -> None:

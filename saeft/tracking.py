@@ -1,16 +1,28 @@
-"""MLflow tracking: one run per job, and never a failed job because of tracking.
+"""MLflow tracking: one run per job, never a failed job because of tracking, and no run lost.
 
 Jobs log to ``MLFLOW_TRACKING_URI`` or, by default, to the SQLite store ``mlflow.db`` in the
 working directory. Creating a new SQLite store from several processes at once races, so the
 workflow creates the store and the study's experiment once (``saeft init-tracking``) before
-parallel jobs start. Every MLflow call is guarded: a failure logs a warning and the job goes on.
+parallel jobs start.
+
+Each job's run carries a stable key (tag ``saeft.run_key``: experiment, run name and config), so
+a retried job reopens its run instead of adding a second one. When a tracking call fails (server
+down, store locked, disk full), the job logs one warning and writes that call and every later one
+to a queue file, ``mlflow-queue/<run key>.jsonl`` in the working directory (``SAEFT_MLFLOW_QUEUE``
+moves it); ``saeft sync-tracking`` (rule ``sync_mlflow``) replays the queue later into the run of
+the same key. Replaying is idempotent: metrics keep the timestamps they were logged with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+import math
 import os
+import shutil
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +32,9 @@ from saeft.io import config_hash
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORE = "mlflow.db"
+DEFAULT_QUEUE = "mlflow-queue"
+RUN_KEY_TAG = "saeft.run_key"
+MAX_PARAMS_PER_CALL = 100  # MLflow's limit per log_batch
 
 
 def tracking_uri() -> str:
@@ -27,8 +42,17 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
 
 
+def queue_dir() -> Path:
+    """Where jobs queue the tracking calls that failed: ``SAEFT_MLFLOW_QUEUE`` or ./mlflow-queue."""
+    return Path(os.environ.get("SAEFT_MLFLOW_QUEUE") or DEFAULT_QUEUE).resolve()
+
+
 def _mlflow() -> Any:
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    # A dead server must cost a job seconds, not MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -48,30 +72,128 @@ def init_store(experiment: str) -> bool:
         return False
 
 
+def run_key(track: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+    """The job's stable identity: the same job (same experiment, run name and inputs) gets the same
+    key on every attempt; a changed config gets a new one. Thread counts do not count."""
+    identity = {"experiment": track.get("experiment"), "run_name": track.get("run_name"),
+                "params": {k: v for k, v in params.items() if k != "threads"}}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class _Store:
+    """The live MLflow calls of one run, through the client API (no global active run)."""
+
+    def __init__(self, mlflow: Any) -> None:
+        self.client = mlflow.tracking.MlflowClient(tracking_uri())
+
+    def open_run(self, experiment: str, run_name: str | None, key: str, tags: Mapping[str, str]) -> str:
+        """The run of ``key`` in ``experiment``, reopened as RUNNING, or a new one."""
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+        existing = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+        if existing:
+            run_id = existing[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self.client.create_run(experiment_id, run_name=run_name, tags={**tags, RUN_KEY_TAG: key}).info.run_id
+        for name, value in tags.items():
+            self.client.set_tag(run_id, name, value)
+        return run_id
+
+    def apply(self, run_id: str, op: Mapping[str, Any]) -> None:
+        """Carry out one queued or live operation on ``run_id``."""
+        from mlflow.entities import Metric, Param
+
+        kind = op["op"]
+        if kind == "params":
+            params = [Param(k, v) for k, v in op["params"].items()]
+            for start in range(0, len(params), MAX_PARAMS_PER_CALL):
+                self.client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_CALL])
+        elif kind == "metrics":
+            metrics = [Metric(k, v, op["timestamp"], op.get("step") or 0) for k, v in op["metrics"].items()]
+            self.client.log_batch(run_id, metrics=metrics)
+        elif kind == "artifact":
+            self.client.log_artifact(run_id, op["path"])
+        elif kind == "end":
+            self.client.set_terminated(run_id, status=op["status"])
+        else:
+            raise ValueError(f"unknown tracking operation {kind!r}")
+
+
 class JobRun:
-    """The MLflow run of one job; each method swallows tracking errors with a warning."""
+    """The MLflow run of one job. Calls go to the store while it answers; after the first failure
+    they go to the job's queue file, to be replayed by ``saeft sync-tracking``."""
 
-    def __init__(self, mlflow: Any | None) -> None:
-        self._mlflow = mlflow
+    def __init__(self, track: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None) -> None:
+        self.enabled = bool(track)
+        self.key = run_key(track, params or {}) if track else ""
+        self._header = {"op": "open", "experiment": (track or {}).get("experiment"), "run_name": (track or {}).get("run_name"),
+                        "key": self.key, "tags": {}}
+        self._store: _Store | None = None
+        self._run_id: str | None = None
+        self.queued = False
 
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        if self._mlflow is None:
-            return
+    @property
+    def queue_file(self) -> Path:
+        return queue_dir() / f"{self.key}.jsonl"
+
+    def open(self, tags: Mapping[str, str], params: Mapping[str, str]) -> None:
+        self._header["tags"] = dict(tags)
         try:
-            fn(*args, **kwargs)
+            self._store = _Store(_mlflow())
+            self._run_id = self._store.open_run(self._header["experiment"], self._header["run_name"], self.key, tags)
         except Exception as exc:  # tracking must never fail a job
-            logger.warning("MLflow %s failed: %s", what, exc)
+            self._fall_back(f"MLflow run could not be started at {tracking_uri()}: {exc}")
+        self._do({"op": "params", "params": dict(params)})
+
+    def _fall_back(self, reason: str) -> None:
+        logger.warning("%s; queueing this job's tracking in %s (replay: saeft sync-tracking)", reason, self.queue_file)
+        self.queued = True
+        self._append(self._header)
+
+    def _append(self, op: Mapping[str, Any]) -> None:
+        try:
+            self.queue_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.queue_file, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(op, sort_keys=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            logger.warning("tracking queue %s not writable, dropping %s: %s", self.queue_file, op.get("op"), exc)
+
+    def _do(self, op: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if not self.queued:
+            try:
+                assert self._store is not None and self._run_id is not None
+                self._store.apply(self._run_id, op)
+                return
+            except Exception as exc:
+                self._fall_back(f"MLflow {op['op']} failed: {exc}")
+        if op["op"] == "artifact":  # keep a copy: the file may change before the replay
+            copy = self.queue_file.with_suffix("") / Path(op["path"]).name
+            try:
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(op["path"], copy)
+                op = {**op, "path": str(copy)}
+            except OSError as exc:
+                logger.warning("artifact %s not queued: %s", op["path"], exc)
+                return
+        self._append(op)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log the finite numeric entries of ``metrics``."""
         numeric = {k: float(v) for k, v in _flatten(metrics).items() if _is_number(v)}
-        if self._mlflow is not None and numeric:
-            self._guard("log_metrics", self._mlflow.log_metrics, numeric, step=step)
+        if numeric:
+            self._do({"op": "metrics", "metrics": numeric, "step": step, "timestamp": int(time.time() * 1000)})
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         """Attach a file to the run."""
-        if self._mlflow is not None:
-            self._guard("log_artifact", self._mlflow.log_artifact, str(path))
+        self._do({"op": "artifact", "path": str(Path(path).resolve())})
+
+    def end(self, status: str) -> None:
+        self._do({"op": "end", "status": status})
 
 
 @contextlib.contextmanager
@@ -81,39 +203,65 @@ def job_run(track: Mapping[str, Any] | None, params: Mapping[str, Any]) -> Itera
     ``track`` None disables tracking. The run ends FINISHED when the body succeeds and FAILED
     when it raises; the body's exception always propagates, tracking errors never do.
     """
-    if not track:
-        yield JobRun(None)
-        return
-    mlflow = None
-    try:
-        mlflow = _mlflow()
-        mlflow.set_experiment(track["experiment"])
+    run = JobRun(track, params)
+    if track:
         tags = {**track.get("tags", {}), "config_hash": config_hash(params),
                 "git_commit": os.environ.get("SAEFT_GIT_COMMIT", "unknown")}
-        mlflow.start_run(run_name=track.get("run_name"), tags=tags)
-        flat = {k: str(v)[:6000] for k, v in _flatten(params).items()}
-        for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per call
-            mlflow.log_params(dict(list(flat.items())[start:start + 100]))
-    except Exception as exc:
-        logger.warning("MLflow run could not be started at %s: %s", tracking_uri(), exc)
-        _end(mlflow, "FAILED")
-        mlflow = None
+        run.open(tags, {k: str(v)[:6000] for k, v in _flatten(params).items()})
     status = "FAILED"
     try:
-        yield JobRun(mlflow)
+        yield run
         status = "FINISHED"
     finally:
-        _end(mlflow, status)
+        run.end(status)
 
 
-def _end(mlflow: Any | None, status: str) -> None:
-    if mlflow is None:
-        return
-    try:
-        if mlflow.active_run() is not None:
-            mlflow.end_run(status=status)
-    except Exception as exc:
-        logger.warning("MLflow run could not be ended: %s", exc)
+def replay_queue(folder: str | os.PathLike | None = None) -> dict[str, int]:
+    """Replay every queued job into the store; a replayed file is removed, a failing one kept
+    (and named in the warning) for the next attempt. Returns counts of runs and operations."""
+    folder = Path(folder) if folder is not None else queue_dir()
+    counts = {"runs": 0, "operations": 0, "failed": 0}
+    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    if not files:
+        logger.info("no queued tracking in %s", folder)
+        return counts
+    store = _Store(_mlflow())
+    for path in files:
+        ops = _read_queue(path)
+        try:
+            run_id = None
+            for op in ops:
+                if op["op"] == "open":
+                    run_id = store.open_run(op["experiment"], op["run_name"], op["key"], op["tags"])
+                elif run_id is None:
+                    raise ValueError("no 'open' record before the first operation")
+                else:
+                    store.apply(run_id, op)
+        except Exception as exc:
+            counts["failed"] += 1
+            logger.warning("replaying %s failed, kept for the next sync: %s", path, exc)
+            continue
+        counts["runs"] += 1
+        counts["operations"] += len(ops)
+        shutil.rmtree(path.with_suffix(""), ignore_errors=True)
+        path.unlink()
+        logger.info("replayed %s (%d operations)", path.name, len(ops))
+    return counts
+
+
+def _read_queue(path: Path) -> list[dict[str, Any]]:
+    """The operations of a queue file; a torn last line (a job killed mid-write) is skipped."""
+    ops = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            ops.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                logger.warning("%s: skipping a torn last line", path)
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON record") from None
+    return ops
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -128,6 +276,4 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _is_number(value: Any) -> bool:
-    import math
-
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saeft.faults import maybe_kill
 from saeft.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ def save_checkpoint(path: Path, config: dict[str, Any], parts: dict[str, Any], e
     state.update({name: part.state_dict() for name, part in parts.items()})
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+    maybe_kill("checkpoint")
 
 
 def resume_checkpoint(path: Path, config: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any] | None:
@@ -96,8 +99,19 @@ def resume_checkpoint(path: Path, config: dict[str, Any], parts: dict[str, Any])
     if state.get("config") != config:
         logger.info("checkpoint %s is from another configuration; starting afresh", path)
         return None
-    for name, part in parts.items():
-        part.load_state_dict(state[name])
+    missing = [name for name in (*parts, "torch_rng") if name not in state]
+    if missing:
+        logger.warning("ignoring checkpoint %s: it lacks %s; starting afresh", path, ", ".join(missing))
+        return None
+    fresh = {name: copy.deepcopy(part.state_dict()) for name, part in parts.items()}
+    try:
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+    except (KeyError, RuntimeError, ValueError) as exc:  # a checkpoint of another model shape
+        logger.warning("ignoring checkpoint %s: it does not fit (%s); starting afresh", path, exc)
+        for name, part in parts.items():
+            part.load_state_dict(fresh[name])
+        return None
     torch.set_rng_state(state["torch_rng"])
     logger.info("resuming from %s", path)
     return state

@@ -38,3 +38,10 @@ def head_file(clip_file, tmp_path_factory):
     path = tmp_path_factory.mktemp("heads") / "shapes.safetensors"
     run_head(clip_file, "shapes", path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _tracking_queue_in_tmp(tmp_path, monkeypatch):
+    """Tracking calls a test's unreachable store queues go to the test's folder, not the repo."""
+    if "SAEFT_MLFLOW_QUEUE" not in os.environ:
+        monkeypatch.setenv("SAEFT_MLFLOW_QUEUE", str(tmp_path / "mlflow-queue"))

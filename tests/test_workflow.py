@@ -21,8 +21,11 @@ pytestmark = pytest.mark.slow
 
 
 def snakemake(workdir: Path, *args: str, config: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    extra = env
     env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("MLFLOW_TRACKING_URI", "SAEFT_MLFLOW_QUEUE"):  # the workdir's own store and queue
+        if name not in (extra or {}):
+            env.pop(name, None)
     command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
                "--configfile", str(config or workdir / "study.yaml"), *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
@@ -45,7 +48,9 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
 def study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("study")
     shutil.copy(TINY, workdir / "study.yaml")
-    snakemake(workdir, "--cores", "2")
+    # 8 jobs at a time: caches, checkpoints and MLflow runs written concurrently (tests below
+    # check that none is lost or corrupt).
+    snakemake(workdir, "--cores", "8")
     return workdir
 
 
@@ -86,6 +91,8 @@ def test_mlflow_has_one_run_per_job_with_params_and_metrics(study):
     names = [run.info.run_name for run in runs]
     jobs = len(list((study / "logs" / "tiny").rglob("*.log")))
     assert len(runs) == jobs and len(set(names)) == len(names)
+    assert all(run.info.status == "FINISHED" for run in runs)
+    assert not list((study / "mlflow-queue").glob("*.jsonl"))  # no job had to queue its tracking
     finetune = [r for r in runs if r.data.tags.get("rule") == "finetune"]
     assert len(finetune) == 4
     run = next(r for r in finetune if r.data.tags["wc.method"] == "saeft" and r.data.tags["wc.seed"] == "0")
@@ -188,3 +195,25 @@ def test_augmented_views_have_a_views_cache_or_a_live_teacher(tmp_path, views):
     else:
         assert "cache_views" not in jobs  # fresh views every epoch: the teacher runs live
         assert not any("train.views.h5" in block or "train.h5" in block for block in saeft_jobs)
+
+
+def test_a_dead_tracking_server_queues_runs_that_sync_mlflow_replays(study):
+    import socket
+
+    import mlflow
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    result = snakemake(study, "--cores", "2", "--forcerun", "aggregate_tables", env={"MLFLOW_TRACKING_URI": dead})
+    assert "queued their MLflow tracking" in result.stderr
+    assert len(list((study / "mlflow-queue").glob("*.jsonl"))) == 1
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    before = client.search_runs([experiment], filter_string="attributes.run_name = 'aggregate_tables'")
+    snakemake(study, "sync_mlflow")
+    assert not list((study / "mlflow-queue").glob("*.jsonl"))
+    after = client.search_runs([experiment], filter_string="attributes.run_name = 'aggregate_tables'")
+    # Same job and config: the replay went into the aggregate run of the same key, not a new one.
+    assert len(after) == len(before) == 1 and after[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(after[0].info.run_id, "seconds")) == 2

@@ -1,11 +1,6 @@
 # The study's tables and figures, built from the evaluation results on disk.
 
 
-onstart:
-    # Create the MLflow store and experiment once: parallel jobs creating it would race.
-    shell(f"saeft init-tracking --experiment {STUDY} --log-level WARNING")
-
-
 rule aggregate_tables:
     input:
         eval_results(),

@@ -1,0 +1,23 @@
+# MLflow: the store is created once before jobs start; runs that jobs could not log (server down,
+# store locked) wait in mlflow-queue/ until `snakemake sync_mlflow` replays them.
+
+
+onstart:
+    # Create the MLflow store and experiment once: parallel jobs creating it would race.
+    shell(f"saeft init-tracking --experiment {STUDY} --log-level WARNING")
+
+
+onsuccess:
+    if queued_tracking():
+        logger.warning(f"{len(queued_tracking())} job(s) queued their MLflow tracking in {tracking_queue()}: "
+                       "replay with `snakemake sync_mlflow` once the store answers")
+
+
+rule sync_mlflow:
+    # No output: a target rule that runs whenever it is asked for.
+    params:
+        queue=tracking_queue(),
+    log:
+        f"logs/{STUDY}/sync_mlflow.log",
+    shell:
+        "saeft sync-tracking --queue {params.queue:q} > {log} 2>&1"
