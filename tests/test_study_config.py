@@ -84,19 +84,28 @@ def test_bad_values_name_the_key(path, value, key):
     assert f"{key}:" in str(info.value)
 
 
-def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("finetune: {lr: fast}", "finetune.lr"),
+        ("seeds: [0, 1.5]", "seeds.1"),
+        ("methods: {ft: {}, wiseft: {alpha: 2}}", "methods.wiseft.alpha"),
+        ("sae: {expansion: 1, k: 500}", "sae.k: 500 is larger than the dictionary"),
+    ],
+)
+def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, text, key):
     import subprocess
     import sys
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("finetune: {lr: fast}\n")
+    bad.write_text(text + "\n")
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(bad), "-d", str(tmp_path / "w")],
+        [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", str(bad), "-d", str(tmp_path / "w")],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert result.returncode != 0
-    assert "finetune.lr" in result.stdout + result.stderr
-    assert not (tmp_path / "w" / "results").exists()
+    assert key in result.stdout + result.stderr
+    assert not (tmp_path / "w" / "results").exists() and not (tmp_path / "w" / "mlflow.db").exists()
 
 
 def test_a_method_may_name_an_sae_of_the_sweep():
