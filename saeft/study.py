@@ -65,7 +65,29 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | Non
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     _with_defaults(jsonschema.Draft7Validator)(schema).validate(config)
     _check_methods(config)
+    _check_data(config)
     return config
+
+
+def _check_data(config: dict[str, Any]) -> None:
+    """Datasets on disk need ``data_root``; ``data`` and ``transfer`` name datasets of the study;
+    a transfer set's name must not shadow an eval split of the dataset it is evaluated from."""
+    from saeft.data.registry import get_dataset
+
+    datasets = config.get("datasets", [])
+    on_disk = [d for d in datasets if get_dataset(d).on_disk]
+    for source, targets in config.get("transfer", {}).items():
+        if source not in datasets:
+            raise ConfigError(f"transfer.{source}: not a dataset of this study (datasets: {', '.join(datasets)})")
+        shadowed = set(targets) & set(get_dataset(source).eval_splits)
+        if shadowed:
+            raise ConfigError(f"transfer.{source}: {', '.join(sorted(shadowed))} is also an eval split of {source}")
+        on_disk += [t for t in targets if get_dataset(t).on_disk]
+    if on_disk and not config.get("data_root"):
+        raise ConfigError(f"data_root: not set, but {', '.join(sorted(set(on_disk)))} are read from it (--config data_root=/path)")
+    for name in config.get("data", {}):
+        if name not in on_disk:
+            raise ConfigError(f"data.{name}: not a dataset (or transfer set) of this study read from data_root")
 
 
 def _check_methods(config: dict[str, Any]) -> None:

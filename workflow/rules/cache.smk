@@ -4,6 +4,7 @@
 rule cache_activations:
     input:
         model=f"{R}/models/{{model}}/zeroshot/model.safetensors",
+        check=lambda wildcards: check_marker(wildcards.dataset, wildcards.split),
     output:
         f"{R}/cache/{{model}}/{{dataset}}/{{split}}.h5",
     params:
