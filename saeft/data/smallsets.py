@@ -8,6 +8,7 @@ run code. CIFAR-10.1/-10.2 are ``.npy``/``.npz`` files read with ``allow_pickle=
 
 from __future__ import annotations
 
+import codecs
 import io
 import pickle
 from pathlib import Path
@@ -68,7 +69,7 @@ EXPECTED_IMAGES = {
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles builtin containers and numpy arrays only (what the CIFAR batches hold)."""
+    """Unpickles builtin containers, bytes and numpy arrays only (what the CIFAR batches hold)."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}:
@@ -77,6 +78,8 @@ class _ArrayUnpickler(pickle.Unpickler):
             return np.ndarray
         if (module, name) == ("numpy", "dtype"):
             return np.dtype
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes written by Python 3
+            return codecs.encode
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: CIFAR batches hold only arrays and lists")
 
 
