@@ -79,6 +79,8 @@ def _check_data(config: dict[str, Any]) -> None:
     for source, targets in config.get("transfer", {}).items():
         if source not in datasets:
             raise ConfigError(f"transfer.{source}: not a dataset of this study (datasets: {', '.join(datasets)})")
+        if source in targets:
+            raise ConfigError(f"transfer.{source}: lists {source} itself (its own eval splits are evaluated anyway)")
         shadowed = set(targets) & set(get_dataset(source).eval_splits)
         if shadowed:
             raise ConfigError(f"transfer.{source}: {', '.join(sorted(shadowed))} is also an eval split of {source}")
