@@ -218,3 +218,20 @@ def test_registry_import_stays_torch_free():
     code = "import sys, saeft.data.registry, saeft.study; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_check_data_cli_writes_marker_or_fails_naming_the_path(fixture_root, tmp_path, caplog):
+    import json
+
+    from saeft.cli import main
+
+    root, counts = fixture_root
+    opts = json.dumps({"data_root": str(root), "expected_images": counts["dtd"]})
+    out = tmp_path / "checks" / "dtd" / "test.json"
+    assert main(["check-data", "--dataset", "dtd", "--dataset-options", opts, "--split", "test", "--out", str(out)]) == 0
+    marker = json.loads(out.read_text())
+    assert marker["images"] == counts["dtd"]["test"] and marker["classes_present"] == 47
+    missing = json.dumps({"data_root": str(tmp_path / "nowhere")})
+    assert main(["check-data", "--dataset", "dtd", "--dataset-options", missing, "--split", "test", "--out", str(tmp_path / "x.json")]) == 2
+    assert f"{tmp_path / 'nowhere' / 'dtd'}: missing folder" in caplog.text
+    assert not (tmp_path / "x.json").exists()

@@ -109,3 +109,29 @@ def classifier_from_zeroshot_dim(clip_file):
     from saeft.models import load_clip
 
     return load_clip(clip_file)[0].visual.output_dim
+
+
+def test_transfer_evaluation_scores_through_the_transfer_head(data_root, tmp_path, clip_file):
+    import torch
+
+    from saeft import evaluate
+    from saeft.data.samples import RealDataOptions
+    from saeft.io import save_tensors
+    from saeft.models import classifier_from_zeroshot, save_classifier
+
+    torch.manual_seed(1)
+    dim = classifier_from_zeroshot_dim(clip_file)
+    own_head, transfer_head = tmp_path / "own.safetensors", tmp_path / "stl10.safetensors"
+    save_tensors(own_head, {"weight": torch.randn(1000, dim)}, {"kind": "zeroshot_head"})
+    save_tensors(transfer_head, {"weight": torch.randn(10, dim)}, {"kind": "zeroshot_head"})
+    tuned = tmp_path / "model.safetensors"
+    save_classifier(tuned, classifier_from_zeroshot(clip_file, own_head)[0], "saeft-tiny-rn", {"method": "ft"})
+    options = RealDataOptions(data_root=str(data_root))
+    result = evaluate.run(tuned, transfer_head, "stl10", "test", options, evaluate.EvaluateConfig(batch_size=16),
+                          tmp_path / "stl10.json", {"study": "t", "model": "m", "method": "ft", "seed": 0}, transfer_from="imagenet")
+    assert (result["dataset"], result["evalset"], result["role"]) == ("imagenet", "stl10", "transfer")
+    assert result["n"] == 10 and len(result["per_class"]["total"]) == 10
+    # The zero-shot model through the same head gives the same predictions (same visual tower here).
+    zeroshot = evaluate.run(clip_file, transfer_head, "stl10", "test", options, evaluate.EvaluateConfig(batch_size=16),
+                            tmp_path / "zs.json", {"study": "t", "model": "m", "method": "zeroshot", "seed": None}, transfer_from="imagenet")
+    assert zeroshot["per_class"] == result["per_class"]
