@@ -65,12 +65,18 @@ TRANSFER = config["transfer"]
 
 def dataset_options(dataset):
     """The options a dataset's loader takes: the shapes world reads config 'synthetic'; a dataset
-    on disk reads data_root and its data.<dataset> keys."""
+    on disk reads data_root."""
     if dataset == "shapes":
         return config["synthetic"]
     if get_dataset(dataset).on_disk:
-        return {"data_root": config["data_root"], **config["data"].get(dataset, {})}
+        return {"data_root": config["data_root"]}
     return {}
+
+
+def check_options(dataset):
+    """check_dataset's options: data_root and the data.<dataset> keys (expected counts), which
+    only the check reads. (A rerun check rewrites its marker, so the jobs reading the split follow.)"""
+    return {**dataset_options(dataset), **config["data"].get(dataset, {})}
 
 
 def check_marker(dataset, split):

@@ -6,7 +6,7 @@ rule check_dataset:
     output:
         f"{R}/checks/{{dataset}}/{{split}}.json",
     params:
-        options=lambda wildcards: as_json(dataset_options(wildcards.dataset)),
+        options=lambda wildcards: as_json(check_options(wildcards.dataset)),
         track=track("check_dataset"),
     log:
         f"logs/{STUDY}/check_dataset/{{dataset}}/{{split}}.log",
