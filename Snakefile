@@ -15,6 +15,7 @@ if not workflow.overwrite_configfiles:
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/sae.smk"

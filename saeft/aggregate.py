@@ -185,8 +185,8 @@ def _read_record(path: Path) -> dict[str, Any]:
     seed = data["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"{path}: key 'seed' must be an integer or null, got {seed!r}")
-    if data["role"] not in ("id", "ood"):
-        raise ValueError(f"{path}: key 'role' must be 'id' or 'ood', got {data['role']!r}")
+    if data["role"] not in ("id", "ood", "transfer"):
+        raise ValueError(f"{path}: key 'role' must be 'id', 'ood' or 'transfer', got {data['role']!r}")
     value = data["value"]
     if (
         isinstance(value, bool)
@@ -212,7 +212,7 @@ def summarize(df: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
     Columns, in order: ``model``, ``dataset``, ``method``, ``label`` (display name), ``metric``
     (``/``-joined if eval sets differ), ``id_evalsets`` (``, ``-joined ID eval sets of the dataset),
     ``n_seeds``; then for every value column C — ID eval sets, then OOD eval sets in order of first
-    appearance, then :data:`OOD_AVG` — the numeric ``"C mean"`` and ``"C std"`` (fractions, std with
+    appearance, then :data:`OOD_AVG`, then transfer eval sets (role 'transfer', outside the average) — the numeric ``"C mean"`` and ``"C std"`` (fractions, std with
     ddof=1, NaN for a single seed); then the formatted cells, one column named C each
     (``"83.4 ± 1.2"``, the mean alone when std is NaN, ``""`` when there is no value).
 
@@ -224,6 +224,7 @@ def summarize(df: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
         raise ValueError("no evaluation results to summarize")
     id_cols: list[str] = []
     ood_cols: list[str] = []
+    transfer_cols: list[str] = []
     rows: list[dict[str, Any]] = []
 
     for (model, dataset), group in df.groupby(["model", "dataset"], sort=False):
@@ -232,13 +233,15 @@ def summarize(df: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
         if len(clash):
             raise ValueError(
                 f"{model}/{dataset}: eval set(s) {', '.join(map(str, clash.unique()))} "
-                "appear with both roles 'id' and 'ood'"
+                "appear with more than one role"
             )
         role_of = dict(zip(roles["evalset"], roles["role"]))
         id_sets = [e for e, r in role_of.items() if r == "id"]
         ood_sets = [e for e, r in role_of.items() if r == "ood"]
+        transfer_sets = [e for e, r in role_of.items() if r == "transfer"]
         id_cols += [e for e in id_sets if e not in id_cols]
         ood_cols += [e for e in ood_sets if e not in ood_cols]
+        transfer_cols += [e for e in transfer_sets if e not in transfer_cols]
         if not ood_sets:
             logger.warning("%s/%s: no OOD eval sets, so no OOD average", model, dataset)
         metric = "/".join(group["metric"].unique())
@@ -251,7 +254,7 @@ def summarize(df: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
                 sub.assign(_seed=sub["seed"].fillna(-1).astype("int64"))
                 .set_index(["_seed", "evalset"])["value"]
                 .unstack("evalset")
-                .reindex(columns=id_sets + ood_sets)
+                .reindex(columns=id_sets + ood_sets + transfer_sets)
             )
             if ood_sets:
                 per_seed_ood = wide[ood_sets].mean(axis=1, skipna=False)
@@ -262,7 +265,7 @@ def summarize(df: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
                     )
             else:
                 per_seed_ood = pd.Series(np.nan, index=wide.index)
-            wide[OOD_AVG] = per_seed_ood
+            wide.insert(len(id_sets) + len(ood_sets), OOD_AVG, per_seed_ood)  # transfer sets stay outside it
 
             row: dict[str, Any] = {
                 "model": model,
@@ -279,7 +282,7 @@ def summarize(df: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
                 row[f"{col} std"] = values.std(ddof=1) if len(values) > 1 else np.nan
             rows.append(row)
 
-    value_cols = id_cols + ood_cols + [OOD_AVG]
+    value_cols = id_cols + ood_cols + [OOD_AVG] + transfer_cols
     numeric = [f"{c} {stat}" for c in value_cols for stat in ("mean", "std")]
     head = ["model", "dataset", "method", "label", "metric", "id_evalsets", "n_seeds"]
     summary = pd.DataFrame(rows).reindex(columns=head + numeric)

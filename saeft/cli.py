@@ -40,7 +40,8 @@ def _config(parser: argparse.ArgumentParser, what: str) -> None:
 def _dataset_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="registered dataset name")
     parser.add_argument("--dataset-options", type=_json_arg, default={},
-                        help="the dataset's options as JSON (the shapes world: config key 'synthetic')")
+                        help="the dataset's options as JSON (the shapes world: config key 'synthetic'; "
+                             "datasets on disk: {data_root, expected_images})")
 
 
 def cmd_init_tracking(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,8 +129,23 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         if not (args.zeroshot_model and args.zeroshot_head):
             raise SystemExit("evaluate: --alpha needs --zeroshot-model and --zeroshot-head")
         wiseft = (args.zeroshot_model, args.zeroshot_head, args.alpha)
-    result = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity, wiseft=wiseft)
+    result = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity,
+                          wiseft=wiseft, transfer_from=args.transfer_from)
     return {"value": result["value"], "n": result["n"]}
+
+
+def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.data.registry import get_dataset
+    from saeft.io import write_json
+
+    spec = get_dataset(args.dataset)
+    if not spec.on_disk:
+        raise ValueError(f"check-data: dataset {args.dataset!r} is not read from data_root; nothing to check")
+    found = spec.check(args.split, spec.options(args.dataset_options))
+    write_json(args.out, found)
+    logger.info("%s/%s: %d images in %s (%d of %d classes present)", args.dataset, args.split, found["images"],
+                found["source"], found["classes_present"], found["classes"])
+    return {"images": found["images"]}
 
 
 def cmd_aggregate(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,8 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="WiSE-FT: evaluate (1-alpha)*zero-shot + alpha*--model")
     p.add_argument("--zeroshot-model", default=None, help="WiSE-FT: zero-shot CLIP weights")
     p.add_argument("--zeroshot-head", default=None, help="WiSE-FT: the dataset's zero-shot head")
+    p.add_argument("--transfer-from", default=None,
+                   help="transfer evaluation: the dataset --model was fine-tuned on; --dataset is scored through --head")
     _config(p, "evaluation")
     p.add_argument("--out", required=True, help="output result JSON")
+
+    p = add("check-data", cmd_check_data, "verify a dataset split's layout and image count under data_root")
+    _dataset_args(p)
+    p.add_argument("--split", required=True, help="split to check")
+    p.add_argument("--out", required=True, help="output marker JSON (what was found)")
 
     p = add("aggregate", cmd_aggregate, "build the tables and figures from evaluation results")
     p.add_argument("--evals", nargs="+", required=True, help="evaluation result JSON files")

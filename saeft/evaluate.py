@@ -1,24 +1,30 @@
 """Stage ``evaluate``: a model's metric on one evaluation split of a dataset.
 
-One evaluator serves every dataset: it asks the registry for the split, runs the classifier, and
-reports the dataset's metric with the sample count and per-class counts, so tables can be rebuilt
-and re-weighted from the JSON alone. A WiSE-FT model is interpolated here, in memory, from the
+One evaluator serves every dataset: it asks the registry for the split, computes the classifier's
+logits, applies the eval set's hook (class sub-list or logit projection, :mod:`saeft.metrics`),
+and reports the eval set's metric with the sample count and per-class counts, so tables can be
+rebuilt and re-weighted from the JSON alone. A transfer evaluation scores a model fine-tuned on one
+dataset on another dataset's test split, through that dataset's zero-shot head (``head`` replaces
+the classifier's own). A WiSE-FT model is interpolated here, in memory, from the
 fine-tuned and zero-shot weights (:func:`load_wiseft`); it is never written to disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
+from saeft import metrics
 from saeft.config import StageConfig, require
-from saeft.data.registry import get_dataset
+from saeft.data.registry import DatasetSpec, get_dataset
 from saeft.finetune import interpolate_weights
-from saeft.io import write_json
+from saeft.io import load_tensors, write_json
 from saeft.models import ImageClassifier, classifier_from_zeroshot, load_classifier, preprocess_for
 from saeft.training import Progress, setup_torch
 
@@ -37,10 +43,28 @@ class EvaluateConfig(StageConfig):
 
 
 def load_model(model: str | os.PathLike, head: str | os.PathLike | None) -> ImageClassifier:
-    """A fine-tuned classifier file, or (with ``head``) a zero-shot CLIP plus its head."""
-    if head is not None:
-        return classifier_from_zeroshot(model, head)[0]
-    return load_classifier(model)[0]
+    """A fine-tuned classifier file, or a zero-shot CLIP plus ``head``; with both a classifier and
+    ``head``, the classifier's visual tower with ``head`` (a transfer evaluation)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(model):
+        raise FileNotFoundError(f"{model}: no such model file")
+    with safe_open(str(model), framework="pt") as handle:
+        kind = (handle.metadata() or {}).get("kind")
+    if kind == json.dumps("classifier"):
+        classifier = load_classifier(model)[0]
+        return with_head(classifier, head) if head is not None else classifier
+    if head is None:
+        raise ValueError(f"{model}: a zero-shot CLIP needs a head (--head)")
+    return classifier_from_zeroshot(model, head)[0]
+
+
+def with_head(classifier: ImageClassifier, head: str | os.PathLike) -> ImageClassifier:
+    """``classifier`` with the zero-shot head file ``head`` in place of its own."""
+    weight = load_tensors(head)[0].get("weight")
+    if weight is None:
+        raise ValueError(f"{head}: zero-shot head file lacks 'weight'")
+    return ImageClassifier(classifier.visual, weight).eval()
 
 
 def load_wiseft(model: str | os.PathLike, zeroshot_model: str | os.PathLike, zeroshot_head: str | os.PathLike, alpha: float) -> ImageClassifier:
@@ -53,16 +77,34 @@ def load_wiseft(model: str | os.PathLike, zeroshot_model: str | os.PathLike, zer
 
 
 @torch.no_grad()
-def predict(model: ImageClassifier, data: torch.utils.data.Dataset, batch_size: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true labels of every item of ``data``."""
+def predict(model: ImageClassifier, data: torch.utils.data.Dataset, batch_size: int, label: str, spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true labels of every item of ``data``, predictions over the eval set's
+    classes (its class sub-list or projection applied to the logits)."""
     model.eval()
+    hooks = spec.evalset(split)
     predictions, targets = [], []
     progress = Progress(len(data), label)
     for images, labels in torch.utils.data.DataLoader(data, batch_size=batch_size):
-        predictions.append(model(images)[0].argmax(-1))
+        predictions.append(metrics.eval_logits(model(images)[0], hooks).argmax(-1))
         targets.append(labels)
         progress.update(sum(len(t) for t in targets))
-    return torch.cat(predictions), torch.cat(targets)
+    return torch.cat(predictions).numpy(), torch.cat(targets).numpy()
+
+
+def score(spec: DatasetSpec, split: str, predicted: np.ndarray, target: np.ndarray, groups: np.ndarray | None, group_names: tuple[str, ...]) -> dict[str, Any]:
+    """The eval set's metric (``value``) and its extra fields: ``average_accuracy`` (top-1)
+    beside macro-F1 or worst-region accuracy, ``per_region`` for grouped eval sets."""
+    hooks = spec.evalset(split)
+    accuracy = metrics.top1(predicted, target)
+    if hooks.metric == "top1":
+        return {"value": accuracy}
+    if hooks.metric == "macro_f1":
+        return {"value": metrics.macro_f1(predicted, target), "average_accuracy": accuracy}
+    if groups is None:
+        raise ValueError(f"{spec.name}/{split}: metric {hooks.metric} needs per-sample regions, the loader gave none")
+    per_region = metrics.group_accuracies(predicted, target, groups, group_names)
+    worst = metrics.worst_group_accuracy(per_region, exclude=("Other",))
+    return {"value": worst, "average_accuracy": accuracy, "per_region": per_region}
 
 
 def run(
@@ -75,29 +117,41 @@ def run(
     out: str | os.PathLike,
     identity: dict[str, Any],
     wiseft: tuple[str | os.PathLike, str | os.PathLike, float] | None = None,
+    transfer_from: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write the result JSON; ``identity`` holds study, model, method and seed.
     ``wiseft``: (zero-shot model, zero-shot head, alpha) to evaluate the interpolation of
-    ``model`` with the zero-shot model instead of ``model`` itself."""
+    ``model`` with the zero-shot model instead of ``model`` itself. ``transfer_from``: the dataset
+    the model was fine-tuned on, when ``dataset`` is a transfer set scored through ``head`` (its
+    zero-shot head); the result is recorded under that dataset, eval set ``dataset``, role
+    'transfer'."""
     setup_torch(0)
-    classifier = load_wiseft(model, *wiseft) if wiseft is not None else load_model(model, head)
+    if wiseft is not None:
+        classifier = load_wiseft(model, *wiseft)
+        if transfer_from is not None and head is not None:
+            classifier = with_head(classifier, head)
+    else:
+        classifier = load_model(model, head)
     spec = get_dataset(dataset)
     data = spec.load(split, preprocess_for(classifier.visual), dataset_options)
-    predicted, target = predict(classifier, data, cfg.batch_size, f"evaluate {dataset}/{split}")
-    n_classes = len(spec.classnames)
-    total = torch.bincount(target, minlength=n_classes)
-    correct = torch.bincount(target[predicted == target], minlength=n_classes)
+    predicted, target = predict(classifier, data, cfg.batch_size, f"evaluate {dataset}/{split}", spec, split)
+    classnames = spec.evalset_classnames(split)
+    total = np.bincount(target, minlength=len(classnames))
+    correct = np.bincount(target[predicted == target], minlength=len(classnames))
+    scores = score(spec, split, predicted, target, getattr(data, "groups", None), getattr(data, "group_names", ()))
     result = {
         **identity,
-        "dataset": dataset,
-        "evalset": split,
-        "role": spec.role(split),
-        "metric": spec.metric,
-        "value": float(correct.sum()) / max(len(target), 1),
+        "dataset": transfer_from or dataset,
+        "evalset": dataset if transfer_from else split,
+        "role": "transfer" if transfer_from else spec.role(split),
+        "metric": spec.evalset(split).metric,
+        **scores,
         "n": len(target),
         "per_class": {"correct": correct.tolist(), "total": total.tolist()},
-        "classnames": list(spec.classnames),
+        "classnames": list(classnames),
     }
+    if transfer_from:
+        result["transfer"] = {"dataset": dataset, "split": split}
     write_json(out, result)
-    logger.info("%s/%s %s: %s = %.4f (n=%d)", dataset, split, identity.get("method"), spec.metric, result["value"], len(target))
+    logger.info("%s/%s %s: %s = %.4f (n=%d)", dataset, split, identity.get("method"), result["metric"], result["value"], len(target))
     return result

@@ -377,7 +377,7 @@ def run(
     train = TrainingViews(spec.load(spec.train_split, keep_pil, dataset_options), preprocess, views, cfg.seed)
     heldout = spec.load(spec.heldout_split, preprocess, dataset_options)
     if cfg.method == "flyp":
-        tokens = tokenizer_for(arch)([t.replace("{c}", c) for c in spec.classnames for t in spec.templates])
+        tokens = tokenizer_for(arch)([prompt for c in spec.classnames for prompt in spec.prompts(c)])
         trained: nn.Module = FlypModel(clip, tokens, len(spec.classnames))
         clip.logit_scale.requires_grad_(False)  # the temperature stays that of pretraining
     else:

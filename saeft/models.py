@@ -111,9 +111,12 @@ def zeroshot_head(
     model: nn.Module, name: str, classnames: Sequence[str], templates: Sequence[str]
 ) -> torch.Tensor:
     """Zero-shot head (C, d): per class the normalised mean of its normalised prompt
-    embeddings, scaled by the model's logit scale."""
+    embeddings, scaled by the model's logit scale. In a template ``{c}`` is the class name and
+    ``{a_c}`` the class name with its article."""
+    from saeft.data.registry import fill_template
+
     open_clip = open_clip_module()
-    templates = [t.replace("{c}", "{}") for t in templates]
+    templates = [lambda c, t=t: fill_template(t, c) for t in templates]
     weights = open_clip.build_zero_shot_classifier(
         model, tokenizer_for(name), classnames, templates, num_classes_per_batch=10, device="cpu"
     )

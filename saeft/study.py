@@ -67,6 +67,7 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | Non
     _check_methods(config)
     _check_views(config)
     _check_sae_sizes(config)
+    _check_data(config)
     return config
 
 
@@ -108,6 +109,29 @@ def _check_views(config: dict[str, Any]) -> None:
     if finetune.get("teacher") == "cache" and finetune.get("augment", "none") != "none" and finetune.get("views", 0) == 0:
         raise ConfigError("finetune.teacher: 'cache' needs views a cache can hold: set finetune.views >= 1 "
                           "(a bank of views) or finetune.augment: none, or use teacher: live")
+
+
+def _check_data(config: dict[str, Any]) -> None:
+    """Datasets on disk need ``data_root``; ``data`` and ``transfer`` name datasets of the study;
+    a transfer set's name must not shadow an eval split of the dataset it is evaluated from."""
+    from saeft.data.registry import get_dataset
+
+    datasets = config.get("datasets", [])
+    on_disk = [d for d in datasets if get_dataset(d).on_disk]
+    for source, targets in config.get("transfer", {}).items():
+        if source not in datasets:
+            raise ConfigError(f"transfer.{source}: not a dataset of this study (datasets: {', '.join(datasets)})")
+        if source in targets:
+            raise ConfigError(f"transfer.{source}: lists {source} itself (its own eval splits are evaluated anyway)")
+        shadowed = set(targets) & set(get_dataset(source).eval_splits)
+        if shadowed:
+            raise ConfigError(f"transfer.{source}: {', '.join(sorted(shadowed))} is also an eval split of {source}")
+        on_disk += [t for t in targets if get_dataset(t).on_disk]
+    if on_disk and not config.get("data_root"):
+        raise ConfigError(f"data_root: not set, but {', '.join(sorted(set(on_disk)))} are read from it (--config data_root=/path)")
+    for name in config.get("data", {}):
+        if name not in on_disk:
+            raise ConfigError(f"data.{name}: not a dataset (or transfer set) of this study read from data_root")
 
 
 def _check_methods(config: dict[str, Any]) -> None:

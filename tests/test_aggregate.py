@@ -251,3 +251,17 @@ def test_plot_is_valid_png_with_labels(
     assert ax.get_ylabel().startswith("OOD-average") and "(%)" in ax.get_ylabel()
     legend_labels = {t.get_text() for leg in fig.legends for t in leg.get_texts()}
     assert {"Zero-shot", "FT", "SAE-FT"} <= legend_labels
+
+
+def test_transfer_sets_follow_the_ood_average_outside_it(tmp_path: Path, cfg: AggregateConfig) -> None:
+    paths = [
+        _write_eval(tmp_path, evalset="test", role="id", value=0.8),
+        _write_eval(tmp_path, evalset="sketch", role="ood", value=0.4),
+        _write_eval(tmp_path, evalset="rendition", role="ood", value=0.6),
+        _write_eval(tmp_path, evalset="cifar100", role="transfer", value=0.1, metric="top1"),
+    ]
+    summary = aggregate.summarize(aggregate.load_metrics(paths), cfg)
+    assert aggregate.value_columns(summary) == ["test", "sketch", "rendition", OOD_AVG, "cifar100"]
+    row = summary.iloc[0]
+    assert row[f"{OOD_AVG} mean"] == pytest.approx(0.5)  # the transfer set's 0.1 stays out
+    assert row["cifar100 mean"] == pytest.approx(0.1)

@@ -5,6 +5,7 @@
 rule cache_activations:
     input:
         model=f"{R}/models/{{model}}/zeroshot/model.safetensors",
+        check=lambda wildcards: check_marker(wildcards.dataset, wildcards.split),
     output:
         f"{R}/cache/{{model}}/{{dataset}}/{{split}}.h5",
     params:
@@ -25,6 +26,7 @@ rule cache_activations:
 rule cache_views:
     input:
         model=f"{R}/models/{{model}}/zeroshot/model.safetensors",
+        check=lambda wildcards: check_marker(wildcards.dataset, wildcards.split),
     output:
         f"{R}/cache/{{model}}/{{dataset}}/{{split}}.views.h5",
     params:

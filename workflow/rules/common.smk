@@ -70,9 +70,35 @@ def track(rule_name):
     return make
 
 
+TRANSFER = config["transfer"]
+
+
 def dataset_options(dataset):
-    """The options a dataset's loader takes (the shapes world reads config 'synthetic')."""
-    return config["synthetic"] if dataset == "shapes" else {}
+    """The options a dataset's loader takes: the shapes world reads config 'synthetic'; a dataset
+    on disk reads data_root."""
+    if dataset == "shapes":
+        return config["synthetic"]
+    if get_dataset(dataset).on_disk:
+        return {"data_root": config["data_root"]}
+    return {}
+
+
+def check_options(dataset):
+    """check_dataset's options: data_root and the data.<dataset> keys (expected counts), which
+    only the check reads. (A rerun check rewrites its marker, so the jobs reading the split follow.)"""
+    return {**dataset_options(dataset), **config["data"].get(dataset, {})}
+
+
+def check_marker(dataset, split):
+    """The check_dataset marker of a split read from data_root (a rule input), or none."""
+    return [f"{R}/checks/{dataset}/{split}.json"] if get_dataset(dataset).on_disk else []
+
+
+def transfer_split(dataset, evalset):
+    """(dataset, split) an evaluation reads: a transfer set's test split, or the dataset's own."""
+    if evalset in TRANSFER.get(dataset, []):
+        return evalset, get_dataset(evalset).id_eval
+    return dataset, evalset
 
 
 def pretrained_source():
@@ -153,11 +179,12 @@ def evaluation_runs(curve=False):
 
 
 def eval_results(curve=False):
+    """Eval JSONs: every eval split of each dataset, then its transfer sets (named by dataset)."""
     return [
         f"{R}/eval/{MODEL}/{dataset}/{run}/{split}.json"
         for dataset in DATASETS
         for run in evaluation_runs(curve)
-        for split in get_dataset(dataset).eval_splits
+        for split in (*get_dataset(dataset).eval_splits, *TRANSFER.get(dataset, []))
     ]
 
 

@@ -2,14 +2,29 @@
 # (run {method}/seed{N}/alpha{A}: built in memory from the fine-tuned and zero-shot weights).
 
 
+# A transfer set (transfer.<dataset>: [...]) is an eval set named by its dataset: its test split,
+# scored through its own zero-shot head on the (fine-tuned) image encoder.
+
+
 def evaluate_inputs(wildcards):
+    read_dataset, read_split = transfer_split(wildcards.dataset, wildcards.evalset)
+    inputs = {"check": check_marker(read_dataset, read_split)}
     if wildcards.run == "zeroshot":
-        return {"model": zeroshot_model(), "head": zeroshot_head(wildcards.dataset)}
+        return {**inputs, "model": zeroshot_model(), "head": zeroshot_head(read_dataset)}
     trained, _, alpha = wildcards.run.partition("/alpha")
-    inputs = {"model": f"{R}/finetune/{wildcards.model}/{wildcards.dataset}/{trained}/model.safetensors"}
+    inputs["model"] = f"{R}/finetune/{wildcards.model}/{wildcards.dataset}/{trained}/model.safetensors"
+    if read_dataset != wildcards.dataset:
+        inputs["head"] = zeroshot_head(read_dataset)
     if alpha:
         inputs.update(zeroshot=zeroshot_model(), zeroshot_head=zeroshot_head(wildcards.dataset))
     return inputs
+
+
+def evaluation_source(wildcards):
+    """--dataset/--split (and --transfer-from) of the evaluation."""
+    read_dataset, read_split = transfer_split(wildcards.dataset, wildcards.evalset)
+    source = f"--dataset {read_dataset} --split {read_split}"
+    return source + (f" --transfer-from {wildcards.dataset}" if read_dataset != wildcards.dataset else "")
 
 
 def evaluation_identity(wildcards):
@@ -33,7 +48,8 @@ rule evaluate_model:
     output:
         f"{R}/eval/{{model}}/{{dataset}}/{{run}}/{{evalset}}.json",
     params:
-        options=lambda wildcards: as_json(dataset_options(wildcards.dataset)),
+        options=lambda wildcards: as_json(dataset_options(transfer_split(wildcards.dataset, wildcards.evalset)[0])),
+        source=evaluation_source,
         identity=evaluation_identity,
         head=lambda wildcards, input: f"--head {input.head}" if "head" in input.keys() else "",
         wiseft=wiseft_args,
@@ -44,6 +60,6 @@ rule evaluate_model:
     benchmark:
         f"benchmarks/{STUDY}/evaluate_model/{{model}}/{{dataset}}/{{run}}/{{evalset}}.tsv"
     shell:
-        "saeft evaluate --model {input.model} {params.head} {params.wiseft} --dataset {wildcards.dataset}"
-        " --dataset-options {params.options:q} --split {wildcards.evalset} --identity {params.identity:q}"
+        "saeft evaluate --model {input.model} {params.head} {params.wiseft} {params.source}"
+        " --dataset-options {params.options:q} --identity {params.identity:q}"
         " --config {params.cfg:q} --out {output} --threads {threads} --track {params.track:q} > {log} 2>&1"

@@ -2,7 +2,9 @@
 
 
 def finetune_inputs(wildcards):
-    inputs = {"model": zeroshot_model(), "head": zeroshot_head(wildcards.dataset)}
+    spec = get_dataset(wildcards.dataset)
+    inputs = {"model": zeroshot_model(), "head": zeroshot_head(wildcards.dataset),
+              "checks": check_marker(wildcards.dataset, spec.train_split) + check_marker(wildcards.dataset, spec.heldout_split)}
     if wildcards.method in SAE_METHODS:
         inputs["sae"] = sae_path(wildcards.model, wildcards.dataset, method_params(wildcards.method, wildcards.dataset).get("sae"))
     teacher = teacher_cache(wildcards.model, wildcards.dataset) if wildcards.method in TEACHER_METHODS else None

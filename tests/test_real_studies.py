@@ -1,0 +1,137 @@
+"""The paper study configs against a fixture data root: the full DAG builds; the evaluator scores
+a random tiny CLIP on a fixture ImageNet-R tree with the 200-class mask."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from real_data import build_data_root  # noqa: E402
+
+from saeft.config import ConfigError  # noqa: E402
+from saeft.study import validate_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "workflow" / "configs"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data_root")
+    build_data_root(root, per_class=1)
+    return root
+
+
+def test_paper_configs_need_a_data_root():
+    config = yaml.safe_load((CONFIGS / "paper_vitb16.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"data_root: not set, but .*cifar100.*imagenet"):
+        validate_config(config)
+    config["data_root"] = "/data"
+    config["transfer"] = {"imagenet": ["imagenet"]}
+    with pytest.raises(ConfigError, match=r"transfer.imagenet"):
+        validate_config(config)
+
+
+# Per rule, for 3 datasets (imagenet, iwildcam, fmow), 5 transfer sets of imagenet, 11 trained
+# methods x 3 seeds, WiSE-FT over 2 bases x 3 seeds x 11 alphas:
+#   heads: 3 + 5; checks: imagenet 7 splits + iwildcam 4 + fmow 4 + 5 transfer test splits;
+#   caches: train + held-out of each dataset; evaluations: (1 + 33 + 66) runs x (11 + 2 + 2) sets.
+EXPECTED_JOBS = {
+    "prepare_model": 1, "build_zeroshot_head": 8, "check_dataset": 20, "cache_activations": 6, "train_sae": 3,
+    "finetune": 99, "evaluate_model": 1500, "aggregate_tables": 1, "all": 1,
+}
+
+
+@pytest.mark.slow  # a dry run of ~1600 jobs: about a minute on 2 cores
+@pytest.mark.parametrize("name", ["paper_vitb16", "paper_vitb32"])
+def test_paper_config_dry_run_builds_the_full_dag(data_root, tmp_path, name):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
+               "--configfile", str(CONFIGS / f"{name}.yaml"), "--config", f"data_root={data_root}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = (result.stdout + result.stderr).split("Job stats:", 1)[1]
+    jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+    total = jobs.pop("total")
+    assert jobs == EXPECTED_JOBS
+    assert total == sum(EXPECTED_JOBS.values())
+    assert f"results/{name}/checks/imagenet/objectnet.json" in result.stdout
+    assert f"results/{name}/eval/{'ViT-B-16' if name.endswith('16') else 'ViT-B-32'}/imagenet/zeroshot/cifar100.json" in result.stdout
+
+
+def test_evaluator_masks_imagenet_r_logits(data_root, tmp_path, clip_file):
+    import torch
+
+    from saeft import evaluate
+    from saeft.data.registry import get_dataset
+    from saeft.data.samples import RealDataOptions
+    from saeft.io import read_json, save_tensors
+    from saeft.models import classifier_from_zeroshot, preprocess_for
+
+    torch.manual_seed(0)
+    head = tmp_path / "imagenet.safetensors"
+    dim = classifier_from_zeroshot_dim(clip_file)
+    save_tensors(head, {"weight": torch.randn(1000, dim)}, {"kind": "zeroshot_head"})
+    options = RealDataOptions(data_root=str(data_root))
+    out = tmp_path / "imagenet_r.json"
+    result = evaluate.run(clip_file, head, "imagenet", "imagenet_r", options, evaluate.EvaluateConfig(batch_size=64), out,
+                          {"study": "t", "model": "m", "method": "zeroshot", "seed": None})
+    written = read_json(out)
+    assert written == result
+    assert written["metric"] == "top1" and written["role"] == "ood" and written["n"] == 200
+    assert len(written["classnames"]) == 200 and len(written["per_class"]["total"]) == 200
+
+    # The same number by hand: logits over 1000 classes, restricted to ImageNet-R's 200.
+    classifier = classifier_from_zeroshot(clip_file, head)[0]
+    spec = get_dataset("imagenet")
+    data = spec.load("imagenet_r", preprocess_for(classifier.visual), options)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        logits = classifier(images)[0]
+    subset = list(spec.evalset("imagenet_r").class_subset)
+    expected = float((logits[:, subset].argmax(1).numpy() == np.arange(200)).mean())
+    unmasked = float((logits.argmax(1).numpy() == np.arange(200)).mean())
+    assert written["value"] == pytest.approx(expected)
+    assert sum(written["per_class"]["correct"]) == round(expected * 200)
+    assert unmasked <= expected  # the mask can only help: labels index the 200 classes
+
+
+def classifier_from_zeroshot_dim(clip_file):
+    from saeft.models import load_clip
+
+    return load_clip(clip_file)[0].visual.output_dim
+
+
+def test_transfer_evaluation_scores_through_the_transfer_head(data_root, tmp_path, clip_file):
+    import torch
+
+    from saeft import evaluate
+    from saeft.data.samples import RealDataOptions
+    from saeft.io import save_tensors
+    from saeft.models import classifier_from_zeroshot, save_classifier
+
+    torch.manual_seed(1)
+    dim = classifier_from_zeroshot_dim(clip_file)
+    own_head, transfer_head = tmp_path / "own.safetensors", tmp_path / "stl10.safetensors"
+    save_tensors(own_head, {"weight": torch.randn(1000, dim)}, {"kind": "zeroshot_head"})
+    save_tensors(transfer_head, {"weight": torch.randn(10, dim)}, {"kind": "zeroshot_head"})
+    tuned = tmp_path / "model.safetensors"
+    save_classifier(tuned, classifier_from_zeroshot(clip_file, own_head)[0], "saeft-tiny-rn", {"method": "ft"})
+    options = RealDataOptions(data_root=str(data_root))
+    result = evaluate.run(tuned, transfer_head, "stl10", "test", options, evaluate.EvaluateConfig(batch_size=16),
+                          tmp_path / "stl10.json", {"study": "t", "model": "m", "method": "ft", "seed": 0}, transfer_from="imagenet")
+    assert (result["dataset"], result["evalset"], result["role"]) == ("imagenet", "stl10", "transfer")
+    assert result["n"] == 10 and len(result["per_class"]["total"]) == 10
+    # The zero-shot model through the same head gives the same predictions (same visual tower here).
+    zeroshot = evaluate.run(clip_file, transfer_head, "stl10", "test", options, evaluate.EvaluateConfig(batch_size=16),
+                            tmp_path / "zs.json", {"study": "t", "model": "m", "method": "zeroshot", "seed": None}, transfer_from="imagenet")
+    assert zeroshot["per_class"] == result["per_class"]
