@@ -235,3 +235,21 @@ def test_check_data_cli_writes_marker_or_fails_naming_the_path(fixture_root, tmp
     assert main(["check-data", "--dataset", "dtd", "--dataset-options", missing, "--split", "test", "--out", str(tmp_path / "x.json")]) == 2
     assert f"{tmp_path / 'nowhere' / 'dtd'}: missing folder" in caplog.text
     assert not (tmp_path / "x.json").exists()
+
+
+def test_an_undecodable_image_is_named_by_the_check_and_the_loader(fixture_root, tmp_path):
+    root, counts = fixture_root
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "imagenet-r", copy / "imagenet-r")
+    spec = get_dataset("imagenet")
+    bad = sorted((copy / "imagenet-r" / "n00000003").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:30])  # a truncated file: its header still opens
+    expected = {"imagenet_r": counts["imagenet"]["imagenet_r"]}
+    spec.check("imagenet_r", options(copy, expected))  # the default check does not read the pixels
+    strict = RealDataOptions(data_root=str(copy), expected_images=expected, verify_images=True)
+    with pytest.raises(DatasetLayoutError, match=rf"imagenet/imagenet_r: image files that do not decode: {bad}"):
+        spec.check("imagenet_r", strict)
+    data = spec.load("imagenet_r", lambda image: image, options(copy, expected))
+    index = [str(f) for f in data.files].index(str(bad))
+    with pytest.raises(ValueError, match=rf"{bad}: image does not decode"):
+        data[index]

@@ -91,6 +91,7 @@ def test_bad_values_name_the_key(path, value, key):
         ("seeds: [0, 1.5]", "seeds.1"),
         ("methods: {ft: {}, wiseft: {alpha: 2}}", "methods.wiseft.alpha"),
         ("sae: {expansion: 1, k: 500}", "sae.k: 500 is larger than the dictionary"),
+        ("datasets: [imagenet]", "data_root: not set"),
     ],
 )
 def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, text, key):

@@ -40,8 +40,11 @@ class FileImageDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.files[index]) as image:
-            image = image.convert("RGB")
+        try:
+            with Image.open(self.files[index]) as image:
+                image = image.convert("RGB")
+        except Exception as exc:  # PIL's errors do not always name the file (a truncated one)
+            raise ValueError(f"{self.files[index]}: image does not decode ({exc})") from exc
         if self.crop_border:
             b = self.crop_border
             image = image.crop((b, b, image.width - b, image.height - b))

@@ -153,6 +153,10 @@ class DatasetSpec:
         found = self.read(split, options)
         expected = options.expected_images.get(split, self.expected_images.get(split))
         samples.check_count(found, expected, split)
+        if options.verify_images and found.files is not None:
+            bad = samples.undecodable(found.files)
+            if bad:
+                raise samples.DatasetLayoutError(f"{self.name}/{split}: image files that do not decode: " + "; ".join(bad))
         n_classes = len(self.evalset_classnames(split))
         counts = found.class_counts(n_classes)
         return {"dataset": self.name, "split": split, "source": found.source, "images": len(found),

@@ -38,6 +38,10 @@ class RealDataOptions(StageConfig):
     """Per split, the image count check_dataset requires instead of the dataset's real count
     (for fixture or partial trees)."""
 
+    verify_images: bool = False
+    """check_dataset also opens every image file and fails on any that does not decode (reads
+    every file: minutes for ImageNet)."""
+
     def __post_init__(self) -> None:
         require(bool(self.data_root), "data_root", "is not set: real datasets are read from it (--config data_root=/path)")
         for split, count in self.expected_images.items():
@@ -139,3 +143,19 @@ def options_from(data: dict[str, Any] | None) -> RealDataOptions:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"dataset options must be a mapping, got {type(data).__name__}")
     return RealDataOptions.from_dict(data, "")
+
+
+def undecodable(files: Sequence[Path], limit: int = 5) -> list[str]:
+    """Up to ``limit`` of ``files`` that PIL cannot decode, each with the reason."""
+    from PIL import Image
+
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()  # decodes the pixels: a truncated file fails here, not at open
+        except Exception as exc:  # PIL raises OSError, SyntaxError or ValueError for bad files
+            bad.append(f"{path} ({exc})")
+            if len(bad) >= limit:
+                break
+    return bad
