@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from saeft.data import synthetic
+from saeft.data import fashion_mnist, synthetic
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,9 @@ class DatasetSpec:
     """``loader(split, transform, options) -> Dataset``."""
     options_type: Callable[..., Any] | None = None
     """Builds the loader's options from the dataset's config mapping (validated)."""
+    pretrain_corpus: Callable[[Any], Any] | None = None
+    """``pretrain_corpus(options) -> saeft.data.corpus.PretrainCorpus``: captioned images that
+    ``pretrain_clip`` can train the study's own CLIP on; None if the dataset offers none."""
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -96,6 +99,19 @@ REGISTRY: dict[str, DatasetSpec] = {
         ood_evals=("resampled", "sketch", "rendition", "hard"),
         loader=_load_shapes,
         options_type=lambda data: synthetic.WorldConfig.from_dict(data, "synthetic."),
+        pretrain_corpus=synthetic.pretrain_corpus,
+    ),
+    "fashion_mnist": DatasetSpec(
+        name="fashion_mnist",
+        classnames=fashion_mnist.CLASSNAMES,
+        templates=fashion_mnist.PROMPT_TEMPLATES,
+        train_split="train",
+        heldout_split="val",
+        id_eval="test",
+        ood_evals=fashion_mnist.SHIFT_SPLITS,
+        loader=fashion_mnist.load_split,
+        options_type=fashion_mnist.options,
+        pretrain_corpus=fashion_mnist.pretrain_corpus,
     ),
 }
 

@@ -61,8 +61,14 @@ def track(rule_name):
 
 
 def dataset_options(dataset):
-    """The options a dataset's loader takes (the shapes world reads config 'synthetic')."""
-    return config["synthetic"] if dataset == "shapes" else {}
+    """The options a dataset's loader takes: the shapes world reads config 'synthetic', any other
+    dataset the config section of its own name (e.g. 'fashion_mnist'), if there is one."""
+    return config["synthetic"] if dataset == "shapes" else config.get(dataset, {})
+
+
+def pretrain_dataset():
+    """The dataset whose captioned corpus pretrain_clip trains on (pretrain.dataset, default shapes)."""
+    return config["pretrain"].get("dataset", "shapes")
 
 
 def pretrained_source():
