@@ -203,3 +203,24 @@ def test_the_debian_copy_reads_as_published():
     assert np.array_equal(np.bincount(labels), np.full(N_CLASSES, 1000))
     train_images, train_labels = fm.read_part(fm.DEFAULT_ROOT, "train")
     assert train_images.shape == (60000, 28, 28) and np.array_equal(np.bincount(train_labels), np.full(N_CLASSES, 6000))
+
+
+def test_pretraining_must_name_a_dataset_with_a_corpus():
+    from saeft.pretrain import PretrainConfig
+
+    assert PretrainConfig(dataset="fashion_mnist").dataset == "fashion_mnist"
+    with pytest.raises(ConfigError, match="pretrain.dataset.*fashion_mnist, shapes"):
+        PretrainConfig(dataset="imagenet")
+
+
+def test_overlapping_families_fail_the_dry_run_naming_the_key(tmp_path):
+    import yaml
+
+    from test_workflow import snakemake
+
+    config = yaml.safe_load((Path(__file__).parent / "data" / "fashion_mnist_ci.yaml").read_text())
+    config["fashion_mnist"]["heldout_corruptions"] = ["gaussian_noise"]  # also a pretraining family
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(config))
+    with pytest.raises(AssertionError, match="fashion_mnist.heldout_corruptions: gaussian_noise also in"):
+        snakemake(tmp_path, "-n", "--cores", "1", config=study)

@@ -71,6 +71,12 @@ def pretrain_dataset():
     return config["pretrain"].get("dataset", "shapes")
 
 
+# Every dataset's options are checked before any job starts (e.g. fashion_mnist's held-out
+# corruption families must be unseen in pretraining); the error names the key.
+for _dataset in set(DATASETS) | ({pretrain_dataset()} if pretrained_kind(config["model"]["pretrained"]) == "pipeline" else set()):
+    get_dataset(_dataset).options(dataset_options(_dataset))
+
+
 def pretrained_source():
     return config["model"]["pretrained"]
 
