@@ -61,10 +61,11 @@ def cmd_sync_tracking(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import pretrain
-    from saeft.data.synthetic import WorldConfig
+    from saeft.data.registry import get_dataset
 
-    world = WorldConfig.from_dict(args.world, "synthetic.")
-    return pretrain.run(args.arch, world, pretrain.PretrainConfig.from_dict(args.config, "pretrain."), args.out)
+    cfg = pretrain.PretrainConfig.from_dict(args.config, "pretrain.")
+    options = get_dataset(cfg.dataset).options(args.dataset_options)
+    return pretrain.run(args.arch, options, cfg, args.out)
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -176,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init-tracking", cmd_init_tracking, "create the MLflow store and experiment (once, before parallel jobs)")
     p.add_argument("--experiment", required=True, help="experiment name (the study)")
 
-    p = add("pretrain", cmd_pretrain, "pretrain a small CLIP contrastively on the captioned shapes world")
+    p = add("pretrain", cmd_pretrain, "pretrain a small CLIP contrastively on a dataset's captioned corpus")
     p.add_argument("--arch", required=True, help="open_clip architecture name")
-    p.add_argument("--world", type=_json_arg, default={}, help="shapes-world config (key 'synthetic') as JSON")
+    p.add_argument("--dataset-options", "--world", dest="dataset_options", type=_json_arg, default={},
+                   help="options of the dataset named by the config's 'dataset' (default shapes: config key 'synthetic') as JSON")
     _config(p, "pretraining")
     p.add_argument("--out", required=True, help="output weights (.safetensors)")
 

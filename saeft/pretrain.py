@@ -1,8 +1,10 @@
-"""Stage ``pretrain_clip``: contrastive pretraining of a small CLIP on the captioned shapes world.
+"""Stage ``pretrain_clip``: contrastive pretraining of a small CLIP on a dataset's captioned corpus.
 
-The default study cannot download CLIP weights, so it makes its own: open_clip's contrastive
-loss over images of every domain (no shortcut in the backgrounds) with captions that name class
-and style. The result has real zero-shot ability on every domain, which ID fine-tuning can erode.
+The offline studies cannot download CLIP weights, so they make their own: open_clip's contrastive
+loss over the pretraining corpus that a registered dataset offers (``pretrain.dataset``): for the
+shapes world, images of every domain without the shortcut; for Fashion-MNIST, clean, corrupted and
+restyled images disjoint from the fine-tuning ones; captions name class and style. The result has
+real zero-shot ability on those domains, which ID fine-tuning can erode.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 
 from saeft.config import StageConfig, require
-from saeft.data import synthetic
+from saeft.data.registry import REGISTRY, get_dataset
 from saeft.models import create_clip, open_clip_module, preprocess_for, save_clip, tokenizer_for
 from saeft.training import CHECKPOINT_NAME, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
 
@@ -42,6 +44,8 @@ class PretrainConfig(StageConfig):
     """Seed of initialisation, batch composition and caption choice."""
     checkpoint_every: int = 200
     """Steps between resumable checkpoints (kept beside the output, removed at the end)."""
+    dataset: str = "shapes"
+    """Registered dataset whose pretraining corpus is used (its options are its config section)."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "pretrain.steps", "must be at least 1")
@@ -49,23 +53,27 @@ class PretrainConfig(StageConfig):
         require(self.weight_decay >= 0, "pretrain.weight_decay", "must be non-negative")
         require(self.warmup_steps >= 0, "pretrain.warmup_steps", "must be non-negative")
         require(self.checkpoint_every >= 1, "pretrain.checkpoint_every", "must be at least 1")
+        corpora = sorted(name for name, spec in REGISTRY.items() if spec.pretrain_corpus is not None)
+        require(self.dataset in corpora, "pretrain.dataset",
+                f"{self.dataset!r} offers no pretraining corpus; datasets that do: {', '.join(corpora)}")
 
 
-def run(arch: str, world: synthetic.WorldConfig, cfg: PretrainConfig, out: str | Path,
+def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
         on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Pretrain ``arch`` on the world's ``pretrain`` split and save it to ``out`` (safetensors).
+    """Pretrain ``arch`` on the corpus of dataset ``cfg.dataset`` and save it to ``out`` (safetensors).
 
+    ``options`` are that dataset's loader options (for the shapes world its ``WorldConfig``).
     ``on_step(step)`` is called after each step (progress hooks, fault injection in tests)."""
     setup_torch(cfg.seed)
     model = create_clip(arch, pretrained=None)
     preprocess = preprocess_for(model)
     tokenizer = tokenizer_for(arch)
-    images, labels = synthetic.render_split(world, "pretrain")
-    domains = np.array([synthetic.split_label_and_domain("pretrain", i)[1] for i in range(len(labels))])
+    corpus = get_dataset(cfg.dataset).pretrain_corpus(options)
+    images, labels, domains = corpus.images, corpus.labels, corpus.domains
     pixels = torch.stack([preprocess(Image.fromarray(image)) for image in images])
     # Rows of each (class, domain) pair; a batch draws one row from each pair.
     groups = [np.flatnonzero((labels == c) & (domains == d)) for c in np.unique(labels) for d in np.unique(domains)]
-    logger.info("pretraining %s on %d captioned images, %d pairs per batch", arch, len(labels), len(groups))
+    logger.info("pretraining %s on %d captioned images of %s, %d pairs per batch", arch, len(labels), cfg.dataset, len(groups))
 
     loss_fn = open_clip_module().ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -74,7 +82,7 @@ def run(arch: str, world: synthetic.WorldConfig, cfg: PretrainConfig, out: str |
     rng = np.random.default_rng(cfg.seed)
     checkpoint = Path(out).with_name(CHECKPOINT_NAME)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    identity = {"arch": arch, "world": world.to_dict(), "pretrain": cfg.to_dict()}
+    identity = {"arch": arch, "options": options.to_dict() if hasattr(options, "to_dict") else options, "pretrain": cfg.to_dict()}
     saved = resume_checkpoint(checkpoint, identity, parts)
     losses: list[float] = []
     if saved is not None:
@@ -83,7 +91,7 @@ def run(arch: str, world: synthetic.WorldConfig, cfg: PretrainConfig, out: str |
     model.train()
     for step in range(len(losses) + 1, cfg.steps + 1):
         rows = np.array([group[rng.integers(len(group))] for group in groups])
-        tokens = tokenizer([synthetic.caption(int(labels[r]), str(domains[r]), rng) for r in rows])
+        tokens = tokenizer([corpus.caption(int(labels[r]), str(domains[r]), rng) for r in rows])
         image_features, text_features, logit_scale = model(pixels[rows], tokens)
         loss = loss_fn(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)

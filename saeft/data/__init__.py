@@ -1,1 +1,2 @@
-"""Datasets: the procedural shapes world and the registry that the stages read datasets from."""
+"""Datasets: the procedural shapes world, Fashion-MNIST with its shifts, and the registry that the
+stages read datasets from."""

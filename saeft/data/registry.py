@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from saeft.data import imagenet, samples, smallsets, synthetic, wilds
+from saeft.data import fashion_mnist, imagenet, samples, smallsets, synthetic, wilds
 from saeft.data.samples import RealDataOptions, Samples
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ class DatasetSpec:
     the config overrides it."""
     layout: str = ""
     """The expected folder layout under ``data_root``, for error messages and the README."""
+    pretrain_corpus: Callable[[Any], Any] | None = None
+    """``pretrain_corpus(options) -> saeft.data.corpus.PretrainCorpus``: captioned images that
+    ``pretrain_clip`` can train the study's own CLIP on; None if the dataset offers none."""
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -195,6 +198,19 @@ REGISTRY: dict[str, DatasetSpec] = {
         ood_evals=("resampled", "sketch", "rendition", "hard"),
         loader=_load_shapes,
         options_type=lambda data: synthetic.WorldConfig.from_dict(data, "synthetic."),
+        pretrain_corpus=synthetic.pretrain_corpus,
+    ),
+    "fashion_mnist": DatasetSpec(
+        name="fashion_mnist",
+        classnames=fashion_mnist.CLASSNAMES,
+        templates=fashion_mnist.PROMPT_TEMPLATES,
+        train_split="train",
+        heldout_split="val",
+        id_eval="test",
+        ood_evals=fashion_mnist.SHIFT_SPLITS,
+        loader=fashion_mnist.load_split,
+        options_type=fashion_mnist.options,
+        pretrain_corpus=fashion_mnist.pretrain_corpus,
     ),
 }
 

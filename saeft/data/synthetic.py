@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 
 from saeft.config import StageConfig, require
+from saeft.data.corpus import PretrainCorpus
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,14 @@ def caption(label: int, domain: str, rng: np.random.Generator) -> str:
     style = STYLE_WORDS[domain][rng.integers(len(STYLE_WORDS[domain]))]
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
     return template.format(style=style, c=CLASSNAMES[label])
+
+
+def pretrain_corpus(cfg: WorldConfig) -> PretrainCorpus:
+    """The captioned ``pretrain`` split for ``pretrain_clip``: every domain but the resampled
+    photos, no shortcut."""
+    images, labels = render_split(cfg, "pretrain")
+    domains = np.array([split_label_and_domain("pretrain", i)[1] for i in range(len(labels))])
+    return PretrainCorpus(images=images, labels=labels, domains=domains, caption=caption)
 
 
 # --------------------------------------------------------------------------------------------

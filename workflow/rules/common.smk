@@ -74,13 +74,13 @@ TRANSFER = config["transfer"]
 
 
 def dataset_options(dataset):
-    """The options a dataset's loader takes: the shapes world reads config 'synthetic'; a dataset
-    on disk reads data_root."""
+    """The options a dataset's loader takes: the shapes world reads config 'synthetic', a dataset
+    on disk data_root, any other the config section of its own name (e.g. 'fashion_mnist')."""
     if dataset == "shapes":
         return config["synthetic"]
     if get_dataset(dataset).on_disk:
         return {"data_root": config["data_root"]}
-    return {}
+    return config.get(dataset, {})
 
 
 def check_options(dataset):
@@ -99,6 +99,17 @@ def transfer_split(dataset, evalset):
     if evalset in TRANSFER.get(dataset, []):
         return evalset, get_dataset(evalset).id_eval
     return dataset, evalset
+
+
+def pretrain_dataset():
+    """The dataset whose captioned corpus pretrain_clip trains on (pretrain.dataset, default shapes)."""
+    return config["pretrain"].get("dataset", "shapes")
+
+
+# Every dataset's options are checked before any job starts (e.g. fashion_mnist's held-out
+# corruption families must be unseen in pretraining); the error names the key.
+for _dataset in set(DATASETS) | ({pretrain_dataset()} if pretrained_kind(config["model"]["pretrained"]) == "pipeline" else set()):
+    get_dataset(_dataset).options(dataset_options(_dataset))
 
 
 def pretrained_source():

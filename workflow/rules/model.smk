@@ -1,12 +1,13 @@
-# The zero-shot model: pretrained by the pipeline itself (default study) or taken from open_clip
-# weights, then materialised as one local safetensors file with a zero-shot head per dataset.
+# The zero-shot model: pretrained by the pipeline itself on the captioned corpus of dataset
+# pretrain.dataset (offline studies; the shapes world by default) or taken from open_clip weights,
+# then materialised as one local safetensors file with a zero-shot head per dataset.
 
 
 rule pretrain_clip:
     output:
         f"{R}/pretrain/{{model}}/model.safetensors",
     params:
-        world=as_json(config["synthetic"]),
+        options=as_json(dataset_options(pretrain_dataset())),
         cfg=as_json(config["pretrain"]),
         track=track("pretrain_clip"),
     log:
@@ -15,7 +16,7 @@ rule pretrain_clip:
         f"benchmarks/{STUDY}/pretrain_clip/{{model}}.tsv"
     threads: workflow.cores
     shell:
-        "saeft pretrain --arch {wildcards.model} --world {params.world:q} --config {params.cfg:q}"
+        "saeft pretrain --arch {wildcards.model} --dataset-options {params.options:q} --config {params.cfg:q}"
         " --out {output} --threads {threads} --track {params.track:q} > {log} 2>&1"
 
 
