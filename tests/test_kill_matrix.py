@@ -60,6 +60,22 @@ def inputs(clip_file, head_file, tiny_world, tmp_path_factory):
     return {"folder": folder, "world": world, "clip": clip_file, "head": head_file}
 
 
+def test_pretraining_resumes_from_its_step_checkpoint(tiny_world, tmp_path):
+    config = json.dumps({"steps": 6, "checkpoint_every": 2, "warmup_steps": 1, "lr": 0.003})
+
+    def args(out: Path) -> tuple[str, ...]:
+        return ("pretrain", "--arch", "saeft-tiny-rn", "--dataset-options", json.dumps(tiny_world.to_dict()),
+                "--config", config, "--out", str(out / "model.safetensors"))
+
+    saeft(*args(tmp_path / "whole"))
+    killed = tmp_path / "killed"
+    saeft(*args(killed), kill="checkpoint:2")  # after step 4 of 6
+    assert not (killed / "model.safetensors").exists() and (killed / "checkpoint.pt").exists()
+    assert "resuming from" in saeft(*args(killed)).stderr
+    assert same_tensors(killed / "model.safetensors", tmp_path / "whole" / "model.safetensors")
+    no_temporaries(tmp_path)
+
+
 def test_cache_resumes_at_the_rows_it_had_written(inputs, tmp_path):
     out = tmp_path / "train.h5"
     args = ("cache", "--model", str(inputs["clip"]), "--dataset", "shapes", "--dataset-options", inputs["world"],
