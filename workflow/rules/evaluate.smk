@@ -43,6 +43,8 @@ rule evaluate_model:
         f"logs/{STUDY}/evaluate_model/{{model}}/{{dataset}}/{{run}}/{{evalset}}.log",
     benchmark:
         f"benchmarks/{STUDY}/evaluate_model/{{model}}/{{dataset}}/{{run}}/{{evalset}}.tsv"
+    resources:
+        gpu=1,
     shell:
         "saeft evaluate --model {input.model} {params.head} {params.wiseft} --dataset {wildcards.dataset}"
         " --dataset-options {params.options:q} --split {wildcards.evalset} --identity {params.identity:q}"
