@@ -5,9 +5,10 @@
 #   tests/slurm/cluster.sh env STATE_DIR    print the exports that point SLURM clients at it
 #   tests/slurm/cluster.sh down STATE_DIR   stop exactly the daemons 'up' started, by their PIDs
 #
-# Everything (configs, spool, state, the MariaDB data, logs, PID files) lives in STATE_DIR; the
-# system's /etc/slurm and /etc/mysql are not touched, and the ports are the ones below, not
-# SLURM's defaults, so a real cluster on the machine is left alone. Needs root (slurmd runs
+# Everything (configs, spool, state, the MariaDB data, logs, PID files) lives in STATE_DIR, on
+# ports that are not SLURM's defaults; the one thing outside it is a link /etc/slurm/slurm.conf to
+# STATE_DIR's config (srun inside a Snakemake job only finds the config there), made only when
+# no such file exists and removed by 'down'. /etc/mysql is not touched. Needs root (slurmd runs
 # jobs as their user) and the packages slurmctld slurmd slurm-client slurmdbd munge
 # mariadb-server. 'up' records each daemon's PID in STATE_DIR/pids/<name>; 'down' signals only
 # those PIDs (TERM, then KILL after a grace period) and never kills by name.
@@ -20,6 +21,7 @@ DB_PORT=${SAEFT_SLURM_DB_PORT:-16306}
 CLUSTER=saeft
 ACCOUNT=saeft_test
 PARTITION=debug
+SYSTEM_CONF=/etc/slurm/slurm.conf
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 log() { echo "cluster.sh: $*" >&2; }
@@ -64,8 +66,10 @@ write_configs() {
     local host cpus mem
     host=$(hostname -s)
     cpus=$(nproc)
-    # Leave memory to the rest of the machine; jobs ask for mem_mb, DefMemPerCPU covers the rest.
-    mem=$(awk '/MemTotal/ {printf "%d", $2 / 1024 / 2}' /proc/meminfo)
+    # The node advertises 100 GB whatever it has (SlurmdParameters=config_overrides), so that the
+    # project profile's memory requests (up to 32 GB) are schedulable on a small test machine;
+    # nothing enforces memory here (no cgroups), the test jobs are small.
+    mem=100000
     cat >"$state/etc/slurm.conf" <<EOF
 ClusterName=$CLUSTER
 SlurmctldHost=$host(127.0.0.1)
@@ -88,6 +92,7 @@ JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
+SlurmdParameters=config_overrides
 # Cores and memory are the consumable resources; without DefMemPerCPU a job that names no
 # memory takes the whole node and jobs run one at a time.
 SelectType=select/cons_tres
@@ -136,6 +141,15 @@ up() {
     chmod 755 "$state"
     export SLURM_CONF=$state/etc/slurm.conf
     write_configs
+    # The SLURM executor plugin removes SLURM_* variables (SLURM_CONF too) before the srun inside
+    # each job, so srun must find the config at its default path: link it there, unless the
+    # machine has a config of its own (then this script is not the right tool there).
+    if [[ -e $SYSTEM_CONF || -L $SYSTEM_CONF ]]; then
+        die "$SYSTEM_CONF exists; this test cluster needs that path for its own config"
+    fi
+    mkdir -p "$(dirname "$SYSTEM_CONF")"
+    ln -s "$SLURM_CONF" "$SYSTEM_CONF"
+    echo "$SYSTEM_CONF" >"$state/pids/system_conf_link"
 
     # munged refuses to run as root; setpriv execs it as the munge user (so $! is munged).
     chown munge:munge "$state/munge"
@@ -196,6 +210,14 @@ down() {
         fi
         rm -f "$state/pids/$name"
     done
+    # The /etc/slurm/slurm.conf link 'up' made, only if it still points into this state folder.
+    if [[ -f "$state/pids/system_conf_link" ]]; then
+        if [[ $(readlink "$SYSTEM_CONF" || true) == "$state/etc/slurm.conf" ]]; then
+            rm -f "$SYSTEM_CONF"
+            log "removed the link $SYSTEM_CONF"
+        fi
+        rm -f "$state/pids/system_conf_link"
+    fi
     rmdir "$state/pids"
 }
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The real-SLURM test: bring up a single-node cluster (cluster.sh), run tests/slurm/study.yaml
+# through the SLURM executor plugin with the project's profile, exactly as users type it
+# ('snakemake --cores all --profile slurm', from the repository root), cancel the fine-tuning job
+# after its first epoch checkpoint (scancel: SLURM kills it; Snakemake resubmits it and it resumes),
+# run the same study locally, compare (check.py), and stop the daemons this script started.
+#
+#   tests/slurm/run_study.sh [WORK_DIR]     (root; the SLURM and MariaDB Debian packages)
+#
+# Wrap it in 'timeout -k': the plugin waits forever when it cannot read job states.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+WORK=$(realpath -m "${1:-$(mktemp -d /tmp/saeft-slurm.XXXXXX)}")
+STATE=$WORK/cluster
+STUDY=$ROOT/tests/slurm/study.yaml
+mkdir -p "$WORK"
+echo "run_study.sh: working in $WORK"
+
+watcher=""
+cleanup() {
+    local status=$?
+    [[ -n $watcher ]] && kill "$watcher" 2>/dev/null || true
+    "$ROOT/tests/slurm/cluster.sh" down "$STATE" || status=1
+    exit $status
+}
+trap cleanup EXIT
+trap 'exit 143' TERM INT
+
+"$ROOT/tests/slurm/cluster.sh" up "$STATE"
+eval "$("$ROOT/tests/slurm/cluster.sh" env "$STATE")"
+export SAEFT_SLURM_GPUS=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # a CPU-only cluster
+unset MLFLOW_TRACKING_URI CUDA_VISIBLE_DEVICES
+
+# Cancel the finetune job once its first epoch checkpoint exists, and record its job id.
+(
+    deadline=$((SECONDS + 600))
+    until compgen -G "$WORK/slurm/results/slurmtest/finetune/*/*/*/seed0/checkpoint.pt" >/dev/null; do
+        ((SECONDS < deadline)) || exit 0
+        sleep 0.2
+    done
+    job=$(squeue -h -o "%i %k" | awk '/finetune/ {print $1; exit}')
+    if [[ -n $job ]]; then
+        scancel "$job" && echo "$job" >"$WORK/cancelled_job"
+        echo "run_study.sh: cancelled finetune job $job after its first checkpoint"
+    fi
+) &
+watcher=$!
+
+started=$SECONDS
+cd "$ROOT"
+snakemake --cores all --profile slurm --directory "$WORK/slurm" --configfile "$STUDY" \
+    --slurm-init-seconds-before-status-checks 2
+echo "run_study.sh: SLURM run took $((SECONDS - started))s"
+wait "$watcher" || true
+watcher=""
+
+started=$SECONDS
+snakemake --cores 2 --directory "$WORK/local" --configfile "$STUDY" --quiet
+echo "run_study.sh: local run took $((SECONDS - started))s"
+
+python3 "$ROOT/tests/slurm/check.py" "$WORK"
