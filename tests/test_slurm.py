@@ -89,7 +89,7 @@ missing = [b for b in SLURM_BINARIES if not (shutil.which(b) or Path(f"/usr/sbin
 def test_study_runs_on_a_real_slurm_cluster_and_a_cancelled_job_resumes(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     # timeout -k: the executor plugin waits forever when it cannot read job states.
-    result = subprocess.run(["timeout", "-k", "30", "900", str(ROOT / "tests" / "slurm" / "run_study.sh"), str(tmp_path / "work")],
+    result = subprocess.run(["timeout", "-k", "60", "1200", str(ROOT / "tests" / "slurm" / "run_study.sh"), str(tmp_path / "work")],
                             capture_output=True, text=True, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-8000:]

@@ -33,7 +33,7 @@ def main(work: Path) -> None:
         job_of_log[log] = found[-1]
         if states.get(found[-1]) != "COMPLETED":
             fail(f"{log}: SLURM job {found[-1]} is {states.get(found[-1])!r} in sacct, not COMPLETED")
-    print(f"check.py: {len(logs)} jobs, each in its own SLURM job: {sorted(set(job_of_log.values()), key=int)}")
+    print(f"check.py: {len(logs)} jobs, all in SLURM jobs {sorted(set(job_of_log.values()), key=int)}")
 
     cancelled = (work / "cancelled_job").read_text().strip() if (work / "cancelled_job").exists() else None
     if cancelled is None:

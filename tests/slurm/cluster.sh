@@ -129,6 +129,22 @@ EOF
     chmod 600 "$state/etc/slurmdbd.conf"
 }
 
+# A link left by a test cluster that was killed before its 'down' (all its daemons gone).
+remove_stale_link() {
+    [[ -L $SYSTEM_CONF ]] || return 0
+    local target other name
+    target=$(readlink "$SYSTEM_CONF")
+    other=${target%/etc/slurm.conf}
+    [[ $target == */etc/slurm.conf && -f $other/pids/system_conf_link ]] || return 0
+    for name in slurmd slurmctld slurmdbd mariadbd munged; do
+        if [[ -f $other/pids/$name ]] && kill -0 "$(cat "$other/pids/$name")" 2>/dev/null; then
+            return 0  # that cluster still runs
+        fi
+    done
+    rm -f "$SYSTEM_CONF" "$other/pids/system_conf_link"
+    log "removed the stale link $SYSTEM_CONF of the stopped test cluster in $other"
+}
+
 up() {
     # A failed bring-up stops what it had started.
     trap 'log "bring-up failed; stopping what was started"; down' ERR
@@ -144,6 +160,7 @@ up() {
     # The SLURM executor plugin removes SLURM_* variables (SLURM_CONF too) before the srun inside
     # each job, so srun must find the config at its default path: link it there, unless the
     # machine has a config of its own (then this script is not the right tool there).
+    remove_stale_link
     if [[ -e $SYSTEM_CONF || -L $SYSTEM_CONF ]]; then
         die "$SYSTEM_CONF exists; this test cluster needs that path for its own config"
     fi

@@ -16,15 +16,31 @@ STUDY=$ROOT/tests/slurm/study.yaml
 mkdir -p "$WORK"
 echo "run_study.sh: working in $WORK"
 
-watcher=""
+watcher="" runner=""
 cleanup() {
     local status=$?
+    trap - EXIT TERM INT
     [[ -n $watcher ]] && kill "$watcher" 2>/dev/null || true
+    if [[ -n $runner ]] && kill -0 "$runner" 2>/dev/null; then
+        # Snakemake cancels its SLURM jobs on SIGTERM; give it a moment, then stop the cluster anyway.
+        kill -TERM "$runner" 2>/dev/null || true
+        for _ in $(seq 20); do kill -0 "$runner" 2>/dev/null || break; sleep 0.5; done
+        kill -KILL "$runner" 2>/dev/null || true
+    fi
     "$ROOT/tests/slurm/cluster.sh" down "$STATE" || status=1
     exit $status
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
+
+# Run a command in the background and wait for it, so that a TERM (from 'timeout') reaches the
+# trap at once instead of after the command.
+run() {
+    "$@" &
+    runner=$!
+    wait "$runner"
+    runner=""
+}
 
 "$ROOT/tests/slurm/cluster.sh" up "$STATE"
 eval "$("$ROOT/tests/slurm/cluster.sh" env "$STATE")"
@@ -38,24 +54,30 @@ unset MLFLOW_TRACKING_URI CUDA_VISIBLE_DEVICES
         ((SECONDS < deadline)) || exit 0
         sleep 0.2
     done
-    job=$(squeue -h -o "%i %k" | awk '/finetune/ {print $1; exit}')
-    if [[ -n $job ]]; then
-        scancel "$job" && echo "$job" >"$WORK/cancelled_job"
-        echo "run_study.sh: cancelled finetune job $job after its first checkpoint"
-    fi
+    # The plugin names jobs by run; the rule is in the job's comment (rule_finetune_wildcards_...).
+    for job in $(squeue -h -t RUNNING -o %i); do
+        if scontrol show job "$job" | grep -q "Comment=rule_finetune_"; then
+            scancel "$job" && echo "$job" >"$WORK/cancelled_job"
+            echo "run_study.sh: cancelled finetune job $job after its first checkpoint"
+            exit 0
+        fi
+    done
+    echo "run_study.sh: saw the finetune checkpoint but no running finetune job to cancel"
 ) &
 watcher=$!
 
 started=$SECONDS
 cd "$ROOT"
-snakemake --cores all --profile slurm --directory "$WORK/slurm" --configfile "$STUDY" \
-    --slurm-init-seconds-before-status-checks 2
+# The ten evaluations go as two SLURM jobs of five (a Snakemake job group): fewer jobs, less
+# per-job start-up, same outputs.
+run snakemake --cores all --profile slurm --directory "$WORK/slurm" --configfile "$STUDY" \
+    --slurm-init-seconds-before-status-checks 2 --groups evaluate_model=evaluate --group-components evaluate=5
 echo "run_study.sh: SLURM run took $((SECONDS - started))s"
 wait "$watcher" || true
 watcher=""
 
 started=$SECONDS
-snakemake --cores 2 --directory "$WORK/local" --configfile "$STUDY" --quiet
+run snakemake --cores 2 --directory "$WORK/local" --configfile "$STUDY" --quiet
 echo "run_study.sh: local run took $((SECONDS - started))s"
 
 python3 "$ROOT/tests/slurm/check.py" "$WORK"
