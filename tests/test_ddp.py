@@ -87,3 +87,20 @@ def test_rank_share_splits_each_global_batch_in_order():
     shares = [list(RankShare(batches, rank, 2)) for rank in range(2)]
     assert shares[0] == [[0, 1, 2], [7]] and shares[1] == [[3, 4, 5, 6], [8, 9]]
     assert len(RankShare(batches, 0, 2)) == 2
+
+
+def test_sync_batchnorm_is_undone_with_its_state_before_saving():
+    from torch import nn
+
+    from saeft.finetune import _without_sync_batchnorm
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    plain.train()(torch.randn(2, 3, 8, 8))  # running statistics that are not the defaults
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(plain)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 2
+    state = {k: v.clone() for k, v in synced.state_dict().items()}
+    restored = _without_sync_batchnorm(synced)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in restored.modules())
+    assert sum(type(m) is nn.BatchNorm2d for m in restored.modules()) == 2
+    assert all(torch.equal(state[k], v) for k, v in restored.state_dict().items())

@@ -38,7 +38,7 @@ def main(work: Path) -> None:
     cancelled = (work / "cancelled_job").read_text().strip() if (work / "cancelled_job").exists() else None
     if cancelled is None:
         fail("the finetune job was never cancelled (no checkpoint seen while it ran)")
-    if states.get(cancelled) != "CANCELLED":
+    if not states.get(cancelled, "").startswith("CANCELLED"):  # sacct says 'CANCELLED by <uid>'
         fail(f"cancelled job {cancelled} is {states.get(cancelled)!r} in sacct")
     finetune_log = next(log for log in logs if "/finetune/" in str(log))
     text = finetune_log.read_text()
