@@ -24,7 +24,7 @@ def main(work: Path) -> None:
         fail(f"only {len(logs)} job logs under {slurm / 'logs' / STUDY}")
     accounted = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-S", "now-1hour"],
                                capture_output=True, text=True, check=True).stdout
-    states = dict(line.split("|", 1) for line in accounted.split())
+    states = dict(line.split("|", 1) for line in accounted.splitlines() if "|" in line)
     job_of_log = {}
     for log in logs:
         found = re.findall(r"SLURM job (\d+) on ", log.read_text())
