@@ -155,6 +155,11 @@ up() {
     [[ ! -d "$state/pids" ]] || die "$state already holds a cluster; run 'down' first"
     mkdir -p "$state"/{etc,pids,log,run,ctld,spool,munge,mysql}
     chmod 755 "$state"
+    # munged and mariadbd run as their own users: every folder above STATE_DIR must let them through.
+    for user in munge mysql; do
+        setpriv --reuid="$user" --regid="$user" --init-groups test -x "$state" ||
+            { rm -rf "$state"/{etc,pids,log,run,ctld,spool,munge,mysql}; die "the $user user cannot reach $state; pick a STATE_DIR below a world-traversable folder such as /tmp"; }
+    done
     export SLURM_CONF=$state/etc/slurm.conf
     write_configs
     # The SLURM executor plugin removes SLURM_* variables (SLURM_CONF too) before the srun inside

@@ -11,7 +11,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=$(realpath -m "${1:-$(mktemp -d /tmp/saeft-slurm.XXXXXX)}")
-STATE=$WORK/cluster
+# The cluster's state in a folder of its own that the munge and mysql users can reach (the
+# work folder may sit below a private one, such as pytest's temporary folders).
+STATE=$(mktemp -d /tmp/saeft-slurm-cluster.XXXXXX)
 STUDY=$ROOT/tests/slurm/study.yaml
 mkdir -p "$WORK"
 echo "run_study.sh: working in $WORK"
@@ -27,7 +29,11 @@ cleanup() {
         for _ in $(seq 20); do kill -0 "$runner" 2>/dev/null || break; sleep 0.5; done
         kill -KILL "$runner" 2>/dev/null || true
     fi
-    "$ROOT/tests/slurm/cluster.sh" down "$STATE" || status=1
+    if "$ROOT/tests/slurm/cluster.sh" down "$STATE"; then
+        rm -rf "$STATE"
+    else
+        status=1
+    fi
     exit $status
 }
 trap cleanup EXIT
