@@ -478,6 +478,7 @@ def run(
             f_0 = cached_f0[index.to(device)] if cached_f0 is not None else None
             with autocast_for(cfg, device):
                 loss, terms = step_loss(ctx, images, labels, f_0)
+            shown = float(terms["loss"])  # this process's batch loss, for the progress line
             if dist_info.world > 1:
                 share = _global_share(len(labels), dist_info.world, device)
                 loss = loss * (share * dist_info.world)  # DDP averages: the gradient of the global mean
@@ -492,7 +493,7 @@ def run(
             scheduler.step()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-            progress.update(epoch * len(loader) + step, loss=float(terms["loss"]))
+            progress.update(epoch * len(loader) + step, loss=shown)
         if dist_info.world > 1:
             sums = _sum_over_ranks(sums, device)
         record = {key: value / len(loader) for key, value in sums.items()}
