@@ -18,6 +18,9 @@ from typing import Any
 
 logger = logging.getLogger("saeft")
 
+GPU_COMMANDS = frozenset({"pretrain", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate"})
+"""Stages that run on a GPU when there is one; each gets a GPU of its own (:mod:`saeft.gpu`)."""
+
 
 def _json_arg(text: str) -> Any:
     try:
@@ -230,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config(p, "fine-tuning (finetune keys plus method and method_params)")
     p.add_argument("--out-model", required=True, help="output classifier weights (.safetensors)")
     p.add_argument("--out-json", required=True, help="output train.json")
+    p.add_argument("--nproc", default="auto",
+                   help="training processes (torch DDP through torchrun, one per GPU, the same global batch); "
+                        "'auto': the GPUs of the SLURM job's allocation, else 1")
 
     p = add("evaluate", cmd_evaluate, "evaluate a model on one evaluation split")
     p.add_argument("--model", required=True, help="classifier weights, or zero-shot CLIP weights with --head")
@@ -269,9 +275,49 @@ class _NoRun:
 _RUN: Any = _NoRun()
 
 
+def _nproc(args: argparse.Namespace) -> int:
+    """Training processes of a finetune job: the explicit --nproc, or the SLURM allocation's GPUs."""
+    from saeft.gpu import allocated_gpu_count
+
+    if args.nproc == "auto":
+        return max(1, allocated_gpu_count())
+    try:
+        nproc = int(args.nproc)
+    except ValueError:
+        nproc = 0
+    if nproc < 1:
+        raise SystemExit(f"finetune: --nproc must be 'auto' or an integer >= 1, got {args.nproc!r}")
+    return nproc
+
+
+def _launch_torchrun(argv: Sequence[str], nproc: int, threads: int | None) -> int:
+    """Run this same command as ``nproc`` DDP workers under torchrun on this node; each worker
+    sees ``LOCAL_RANK`` and trains instead of launching."""
+    import subprocess
+
+    env = dict(os.environ)
+    total = threads or len(os.sched_getaffinity(0))
+    env["SAEFT_THREADS"] = str(max(1, total // nproc))  # the job's CPUs, shared by its workers
+    # Workers need no --nproc (LOCAL_RANK tells them they are workers), and torchrun's own parser
+    # would take it for an abbreviation of its --nproc-per-node.
+    worker_argv, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            worker_argv.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "saeft.cli", *worker_argv]
+    logger.info("launching %d DDP workers: %s", nproc, " ".join(command[:6]))
+    return subprocess.run(command, env=env, check=False).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``saeft`` command; returns the exit status."""
     global _RUN
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -280,6 +326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().addFilter(lambda record: "No pretrained weights loaded" not in record.getMessage())
     if args.threads:
         os.environ["SAEFT_THREADS"] = str(args.threads)
+    if os.environ.get("SLURM_JOB_ID"):
+        logger.info("SLURM job %s on %s, CUDA_VISIBLE_DEVICES=%s", os.environ["SLURM_JOB_ID"],
+                    os.environ.get("SLURMD_NODENAME", "?"), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    if args.command in GPU_COMMANDS:
+        from saeft.gpu import assign_gpus
+
+        nproc = _nproc(args) if args.command == "finetune" else 1
+        assign_gpus(nproc)  # before torch initialises CUDA
+        if nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return _launch_torchrun(argv, nproc, args.threads)
+    if int(os.environ.get("RANK", "0")) != 0:
+        args.track = None  # one MLflow run and one log per job: rank 0's
+        logging.getLogger().setLevel(logging.WARNING)
     from saeft.config import ConfigError
     from saeft.tracking import job_run
 

@@ -24,6 +24,11 @@ live teacher.
 
 Training state (model, optimizer, scheduler, RNG, data order) is checkpointed after each epoch
 beside the outputs, never in them; a killed job resumes from it and ends with the same weights.
+
+Several processes (``torchrun``, ``WORLD_SIZE`` > 1) train one model with torch DDP on the same
+global batches as one process: every rank draws the same batch order and takes its share of each
+batch, its loss is weighted by its share so that the all-reduced gradient is that of the global
+batch mean, and BatchNorm is synchronised on GPU. Rank 0 writes outputs and checkpoints.
 """
 
 from __future__ import annotations
@@ -353,6 +358,60 @@ def _set_phase(cfg: FinetuneConfig, model: nn.Module, visual: nn.Module, epoch: 
         visual.eval()
 
 
+class RankShare(torch.utils.data.Sampler):
+    """Each global batch of ``batches``, cut into ``world`` contiguous parts; yields part ``rank``."""
+
+    def __init__(self, batches: torch.utils.data.BatchSampler, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        for batch in self.batches:
+            size = len(batch)
+            start, stop = self.rank * size // self.world, (self.rank + 1) * size // self.world
+            yield batch[start:stop]
+
+
+@dataclasses.dataclass
+class Distributed:
+    """This process's place in a DDP run (``torchrun`` sets the environment)."""
+
+    rank: int = 0
+    """Global rank; rank 0 writes outputs and checkpoints."""
+    local_rank: int = 0
+    """Rank on this node: the GPU index among the visible ones."""
+    world: int = 1
+    """Number of processes."""
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _distributed_setup(cfg: FinetuneConfig, dist_info: Distributed) -> torch.device:
+    """The device of this process, with the process group up when there are several."""
+    cuda = torch.cuda.is_available()
+    if dist_info.world == 1:
+        return torch.device("cuda" if cuda else "cpu")
+    if cfg.method == "flyp":
+        raise ConfigError("methods.flyp: multi-process (DDP) training is not supported; run it on one GPU")
+    if cfg.compile:
+        raise ConfigError("finetune.compile: not supported with multi-process (DDP) training")
+    import torch.distributed as dist
+
+    if cuda:
+        torch.cuda.set_device(dist_info.local_rank)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    logger.info("DDP rank %d of %d (%s)", dist_info.rank, dist_info.world, "nccl" if cuda else "gloo")
+    return torch.device(f"cuda:{dist_info.local_rank}") if cuda else torch.device("cpu")
+
+
 def run(
     zeroshot_model: str | os.PathLike,
     head: str | os.PathLike,
@@ -367,7 +426,8 @@ def run(
 ) -> dict[str, Any]:
     """Fine-tune and write ``out_model`` (safetensors) and ``out_json`` (config and history)."""
     generator = setup_torch(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist_info = Distributed.from_env()
+    device = _distributed_setup(cfg, dist_info)
     clip, arch = load_clip(zeroshot_model)
     head_state, _ = load_tensors(head)
     model = ImageClassifier(clip.visual, head_state["weight"])
@@ -382,6 +442,9 @@ def run(
         clip.logit_scale.requires_grad_(False)  # the temperature stays that of pretraining
     else:
         trained = model
+    if dist_info.world > 1 and device.type == "cuda":
+        trained = nn.SyncBatchNorm.convert_sync_batchnorm(trained)  # batch statistics of the global batch
+        model = trained  # flyp is excluded above, so the trained module is the classifier
     trained.to(device)
     sae = load_sae(sae_path).to(device) if sae_path else None
     if sae is not None and sae.d != model.visual.output_dim:
@@ -397,8 +460,19 @@ def run(
     ctx = build_context(cfg, trained, model.visual, sae, live_teacher=not use_cache)
     step_loss = torch.compile(method_loss) if cfg.compile else method_loss
 
-    loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size,
-                                         generator=generator, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    drop_last = len(train) > cfg.batch_size
+    if dist_info.world == 1:
+        loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last,
+                                             generator=generator, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    else:
+        # Every rank draws the batch order of one process (same seed) and keeps its share.
+        batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(train, generator=generator), cfg.batch_size, drop_last)
+        # The loader draws its base seed from ``generator`` as the single-process one does.
+        loader = torch.utils.data.DataLoader(train, batch_sampler=RankShare(batches, dist_info.rank, dist_info.world),
+                                             generator=generator, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        # Parameters frozen in a phase (lp, lpft's probing) get no gradient: DDP must allow it.
+        ctx.model = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        find_unused_parameters=cfg.method in ("lp", "lpft"))
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.total_epochs * len(loader)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
@@ -411,6 +485,8 @@ def run(
         generator.set_state(saved["generator"])
         history.extend(saved["history"])
     start_epoch = len(history)
+    if saved is not None:
+        logger.info("resumed from epoch %d of %d", start_epoch, cfg.total_epochs)
     progress = Progress(total_steps, f"finetune {dataset}/{cfg.method}/seed{cfg.seed}")
 
     for epoch in range(start_epoch, cfg.total_epochs):
@@ -424,6 +500,11 @@ def run(
             f_0 = cached_f0[row.to(device)] if cached_f0 is not None else None
             with autocast_for(cfg, device):
                 loss, terms = step_loss(ctx, images, labels, f_0)
+            shown = float(terms["loss"])  # this process's batch loss, for the progress line
+            if dist_info.world > 1:
+                share = _global_share(len(labels), dist_info.world, device)
+                loss = loss * (share * dist_info.world)  # DDP averages: the gradient of the global mean
+                terms = {key: value * share for key, value in terms.items()}
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -434,16 +515,28 @@ def run(
             scheduler.step()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-            progress.update(epoch * len(loader) + step, loss=float(terms["loss"]))
+            progress.update(epoch * len(loader) + step, loss=shown)
             maybe_kill("train_step")
+        if dist_info.world > 1:
+            sums = _sum_over_ranks(sums, device)
         record = {key: value / len(loader) for key, value in sums.items()}
         record.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], seconds=time.monotonic() - started,
                       heldout_top1=accuracy(trained, heldout, cfg.batch_size * 4))
         history.append(record)
         logger.info("epoch %d/%d %s", epoch + 1, cfg.total_epochs, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
-        if on_epoch is not None:
+        if on_epoch is not None and dist_info.main:
             on_epoch(record)
-        save_checkpoint(checkpoint, cfg.to_dict(), parts, {"generator": generator.get_state(), "history": history})
+        if dist_info.main:
+            save_checkpoint(checkpoint, cfg.to_dict(), parts, {"generator": generator.get_state(), "history": history})
+
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        if not dist_info.main:
+            return history[-1] if history else {}
+        model = _without_sync_batchnorm(model)
 
     if cfg.method == "flyp":  # the classifier's head comes from the tuned text tower
         clip.eval()
@@ -458,6 +551,36 @@ def run(
     write_json(out_json, summary)
     checkpoint.unlink(missing_ok=True)
     return summary["final"]
+
+
+def _global_share(n_local: int, world: int, device: torch.device) -> float:
+    """This rank's fraction of the global batch (the last batch may split unevenly)."""
+    import torch.distributed as dist
+
+    n = torch.tensor([float(n_local)], device=device)
+    dist.all_reduce(n)
+    return n_local / float(n.item())
+
+
+def _sum_over_ranks(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def _without_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Plain BatchNorm2d in place of SyncBatchNorm (same state), so the saved classifier loads
+    and runs in one process."""
+    if isinstance(module, nn.SyncBatchNorm):
+        plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        plain.load_state_dict(module.state_dict())
+        return plain
+    for name, child in module.named_children():
+        setattr(module, name, _without_sync_batchnorm(child))
+    return module
 
 
 @torch.no_grad()

@@ -17,6 +17,8 @@ rule cache_activations:
         f"logs/{STUDY}/cache_activations/{{model}}/{{dataset}}/{{split}}.log",
     benchmark:
         f"benchmarks/{STUDY}/cache_activations/{{model}}/{{dataset}}/{{split}}.tsv"
+    resources:
+        gpu=1,
     shell:
         "saeft cache --model {input.model} --pretrained {params.source:q} --dataset {wildcards.dataset}"
         " --dataset-options {params.options:q} --split {wildcards.split} --config {params.cfg:q}"

@@ -59,6 +59,8 @@ rule evaluate_model:
         f"logs/{STUDY}/evaluate_model/{{model}}/{{dataset}}/{{run}}/{{evalset}}.log",
     benchmark:
         f"benchmarks/{STUDY}/evaluate_model/{{model}}/{{dataset}}/{{run}}/{{evalset}}.tsv"
+    resources:
+        gpu=1,
     shell:
         "saeft evaluate --model {input.model} {params.head} {params.wiseft} {params.source}"
         " --dataset-options {params.options:q} --identity {params.identity:q}"

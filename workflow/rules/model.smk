@@ -15,6 +15,8 @@ rule pretrain_clip:
     benchmark:
         f"benchmarks/{STUDY}/pretrain_clip/{{model}}.tsv"
     threads: workflow.cores
+    resources:
+        gpu=1,
     shell:
         "saeft pretrain --arch {wildcards.model} --dataset-options {params.options:q} --config {params.cfg:q}"
         " --out {output} --threads {threads} --track {params.track:q} > {log} 2>&1"

@@ -27,6 +27,8 @@ rule train_sae:
         f"logs/{STUDY}/train_sae/{{model}}/{{dataset}}.log",
     benchmark:
         f"benchmarks/{STUDY}/train_sae/{{model}}/{{dataset}}.tsv"
+    resources:
+        gpu=1,
     shell:
         "saeft train-sae --train {input.train} --heldout {input.heldout} --head {input.head}"
         " --config {params.cfg:q} --out-weights {output.weights} --out-json {output.metrics}"
@@ -48,6 +50,8 @@ if SAE_SWEEP:
             f"logs/{STUDY}/train_sae_sweep/{{model}}/{{dataset}}.log",
         benchmark:
             f"benchmarks/{STUDY}/train_sae_sweep/{{model}}/{{dataset}}.tsv"
+        resources:
+            gpu=1,
         shell:
             "saeft train-sae-sweep --train {input.train} --heldout {input.heldout} --head {input.head}"
             " --config {params.cfg:q} --out-dir {params.out_dir}"
