@@ -190,3 +190,113 @@ def test_stage_on_the_zeroshot_model_and_a_tuned_copy(tmp_path, clip_file, head_
     row = images.iloc[0]
     assert set(row["added"]) == set(row["code_features"]) - set(row["code0_features"])
     assert np.isclose(images.loc[images.evalset == "test", "n_added"].mean(), test["mean_added"])
+
+
+def _image_table(evalset: str, rows: list[tuple[int, dict[int, float], dict[int, float]]]) -> pd.DataFrame:
+    """A per-image table from (label, s_0 as {feature: value}, s_theta as {feature: value}) rows."""
+    records = []
+    for index, (label, code0, code) in enumerate(rows):
+        added = sorted(set(code) - set(code0))
+        removed = sorted(set(code0) - set(code))
+        records.append({
+            "evalset": evalset, "index": index, "label": label, "n_added": len(added), "n_removed": len(removed),
+            "mass_added": sum(code[f] for f in added), "mass_removed": sum(code0[f] for f in removed),
+            "cosine": 1.0, "span_share": 1.0, "residual_share": 0.0, "delta_norm": 0.0,
+            "added": added, "removed": removed,
+            "code0_features": sorted(code0), "code0_values": [code0[f] for f in sorted(code0)],
+            "code_features": sorted(code), "code_values": [code[f] for f in sorted(code)],
+        })
+    return pd.DataFrame(records, columns=list(features.IMAGE_COLUMNS))
+
+
+def test_cards_rank_features_and_pick_top_activating_images():
+    from saeft.analysis import cards
+
+    images = _image_table("test", [
+        (0, {0: 1.0}, {0: 1.0, 3: 0.5}),   # 3 added
+        (1, {0: 2.0, 1: 1.0}, {3: 2.5}),    # 3 added, 0 and 1 removed
+        (1, {1: 3.0}, {1: 3.0, 2: 0.1}),    # 2 added
+    ])
+    assert cards.rank_changed(images, "added") == [(3, 2), (2, 1)]
+    assert cards.rank_changed(images, "removed") == [(0, 1), (1, 1)]
+    top = cards.top_images(images, 3, "code", n=5)
+    assert [(t["index"], t["activation"]) for t in top] == [(1, 2.5), (0, 0.5)]
+    # The same image under two seeds counts once, with its largest activation.
+    doubled = pd.concat([images, images.assign(code_values=[[1.0, 9.0], [2.5], [3.0, 0.1]])])
+    assert [(t["index"], t["activation"]) for t in cards.top_images(doubled, 3, "code", n=5)] == [(0, 9.0), (1, 2.5)]
+    assert cards.class_rates(images, 1, "code0", ["a", "b"]) == {"a": 0.0, "b": 1.0}
+    # The label is the class prompt closest to the decoder direction.
+    W = torch.eye(4)
+    text = torch.tensor([[0.0, 0.0, 0.0, 5.0], [1.0, 0.0, 0.0, 0.2]])
+    built = cards.build_cards(images, W, text, ["a", "b"], cards.CardsConfig(features=1, images=2))
+    assert [(c["feature"], c["direction"], c["label"]) for c in built] == [(3, "added", "a"), (0, "removed", "b")]
+    assert built[0]["label_cosine"] == pytest.approx(1.0)
+
+
+def test_cards_stage_writes_png_json_and_index(tmp_path, tiny_world):
+    from saeft.analysis import cards
+    from saeft.io import save_tensors
+
+    sae_path = tmp_path / "sae.safetensors"
+    _sae_for(8, sae_path)
+    head = tmp_path / "head.safetensors"
+    save_tensors(head, {"weight": torch.randn(10, 8, generator=torch.Generator().manual_seed(0))})
+    table = _image_table("sketch", [(i % 10, {i % 5: 1.0}, {(i + 1) % 7: float(i + 1)}) for i in range(12)])
+    path = tmp_path / "ft.parquet"
+    table.to_parquet(path)
+    cards.run({"ft": [path]}, sae_path, head, "shapes", tiny_world, cards.CardsConfig(features=2, images=3, thumbnail=16), tmp_path / "out")
+    assert (tmp_path / "out" / "ft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import json
+
+    written = json.loads((tmp_path / "out" / "ft.json").read_text())["cards"]
+    assert len(written) == 4 and all(len(c["top_images"]) <= 3 for c in written)
+    assert all(t["evalset"] == "sketch" for c in written for t in c["top_images"])
+    index = (tmp_path / "out" / "cards.md").read_text()
+    assert "![ft](ft.png)" in index and index.count("| added |") == 2 and index.count("| removed |") == 2
+
+
+def test_feature_tables_join_accuracy_and_summarize_over_seeds(tmp_path):
+    import json
+
+    from saeft.aggregate import AggregateConfig
+    from saeft.analysis import tables
+
+    measures = {m: 0.0 for m in tables.MEASURES}
+    analyses, images, evals = [], [], []
+    for method in ("ft", "saeft"):
+        for seed in (0, 1):
+            evalsets = {}
+            for evalset, role in (("test", "id"), ("sketch", "ood"), ("hard", "ood")):
+                added = (1.0 if method == "ft" else 0.5) + seed + (evalset == "hard")
+                evalsets[evalset] = {**measures, "role": role, "n": 2, "mean_added": added, "cka": 0.9, "fvu_zeroshot": 0.1}
+                ev = tmp_path / f"eval_{method}_{seed}_{evalset}.json"
+                ev.write_text(json.dumps({"study": "s", "model": "m", "dataset": "shapes", "method": method, "seed": seed,
+                                          "evalset": evalset, "role": role, "metric": "top1", "value": 0.5 + 0.1 * seed, "n": 2}))
+                evals.append(ev)
+            path = tmp_path / f"{method}_{seed}.json"
+            path.write_text(json.dumps({"model": "m", "dataset": "shapes", "method": method, "seed": seed, "evalsets": evalsets}))
+            analyses.append(path)
+            img = tmp_path / f"{method}_{seed}.parquet"
+            _image_table("sketch", [(0, {1: 1.0}, {2: 1.0}), (1, {1: 1.0}, {1: 1.0, 4: 1.0})]).to_parquet(img)
+            images.append(img)
+    for evalset, role in (("test", "id"), ("sketch", "ood"), ("hard", "ood")):
+        ev = tmp_path / f"eval_zs_{evalset}.json"
+        ev.write_text(json.dumps({"study": "s", "model": "m", "dataset": "shapes", "method": "zeroshot", "seed": None,
+                                  "evalset": evalset, "role": role, "metric": "top1", "value": 0.4, "n": 2}))
+        evals.append(ev)
+    tables.run(analyses, images, evals, tmp_path / "tables", tmp_path / "figures", AggregateConfig(), top=3)
+    table = pd.read_parquet(tmp_path / "tables" / tables.FEATURES_PARQUET)
+    assert len(table) == 12 and table["value"].notna().all()
+    summary = pd.read_csv(tmp_path / "tables" / tables.FEATURES_SUMMARY_CSV).set_index("method")
+    # ft ID: seeds give 1 and 2 -> 1.5 ± 0.707; OOD: per seed mean(1, 2)=1.5 and 2.5 -> 2.0.
+    assert summary.loc["ft", "mean_added ID mean"] == pytest.approx(1.5)
+    assert summary.loc["ft", "mean_added ID std"] == pytest.approx(math.sqrt(0.5))
+    assert summary.loc["ft", "mean_added OOD mean"] == pytest.approx(2.0)
+    assert summary.loc["saeft", "value OOD mean"] == pytest.approx(0.55)
+    top = pd.read_csv(tmp_path / "tables" / tables.FEATURES_TOP_CSV)
+    ft_added = top[(top.method == "ft") & (top.direction == "added") & (top.role == "ood")]
+    assert ft_added[["feature", "count", "fraction"]].values.tolist() == [[2, 2, 0.5], [4, 2, 0.5]]
+    md = (tmp_path / "tables" / tables.FEATURES_SUMMARY_MD).read_text()
+    assert "| FT |" in md and "| SAE-FT |" in md and "added / image ID" in md
+    for name in tables.FIGURE_FILES:
+        assert (tmp_path / "figures" / name).stat().st_size > 0
