@@ -202,6 +202,8 @@ def analyze_split(
         "span_share": _nanmean(span),
         "residual_share": _nanmean(residual),
         "span_share_full_decoder": _nanmean(metrics.span_share(delta, W_dec)),
+        # A random direction would put about (support size / d) of itself in that span.
+        "mean_support": float(support.sum(dim=-1).double().mean()),
         "top_added": _ranked(changes.added, s_theta, top_features),
         "top_removed": _ranked(changes.removed, s_0, top_features),
         "per_class": per_class,
