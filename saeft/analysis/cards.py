@@ -173,8 +173,8 @@ def plot_cards(
 ) -> None:
     """One row per card: a text panel, then its top-activating images; saved atomically."""
     rows = max(len(cards), 1)
-    fig = Figure(figsize=(3.6 + 1.05 * n_images, 1.45 * rows + 0.5))
-    grid = fig.add_gridspec(rows, n_images + 1, width_ratios=[3.4] + [1.0] * n_images, wspace=0.08, hspace=0.55)
+    fig = Figure(figsize=(4.4 + 1.05 * n_images, 1.45 * rows + 0.5))
+    grid = fig.add_gridspec(rows, n_images + 1, width_ratios=[4.2] + [1.0] * n_images, wspace=0.08, hspace=0.55)
     if not cards:
         ax = fig.add_subplot(grid[0, :])
         ax.axis("off")
@@ -188,7 +188,7 @@ def plot_cards(
             0.0, 0.5,
             f"{sign} feature {card['feature']}: {card['direction']} on {card['count']} images\n"
             f"nearest prompt: {card['label']} (cos {card['label_cosine']:.2f})\n"
-            f"fires {'after FT' if card['direction'] == 'added' else 'zero-shot'}: {_top_classes(which)}",
+            f"fires {'after FT' if card['direction'] == 'added' else 'zero-shot'} on:\n{_top_classes(which)}",
             fontsize=7.5, va="center", ha="left", transform=text.transAxes,
         )
         for c in range(n_images):
