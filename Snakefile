@@ -23,6 +23,7 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/tracking.smk"
+include: "workflow/rules/analysis.smk"
 
 
 rule all:

@@ -164,6 +164,72 @@ def cmd_aggregate(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
+def _split_paths(items: Sequence[str], what: str) -> dict[str, str]:
+    """``SPLIT=PATH`` arguments as a mapping, each split once."""
+    out: dict[str, str] = {}
+    for item in items:
+        split, sep, path = item.partition("=")
+        if not sep or not split or not path:
+            raise ValueError(f"{what}: expected SPLIT=PATH, got {item!r}")
+        if split in out:
+            raise ValueError(f"{what}: split {split!r} given twice")
+        out[split] = path
+    return out
+
+
+def cmd_analyze_features(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.analysis import features
+    from saeft.data.registry import get_dataset
+
+    options = get_dataset(args.dataset).options(args.dataset_options)
+    cfg = features.AnalysisConfig.from_dict(args.config, "analysis.")
+    wiseft = None
+    if args.alpha is not None:
+        if not (args.zeroshot_model and args.zeroshot_head):
+            raise SystemExit("analyze-features: --alpha needs --zeroshot-model and --zeroshot-head")
+        wiseft = (args.zeroshot_model, args.zeroshot_head, args.alpha)
+    caches = _split_paths(args.cache, "--cache")
+    return features.run(args.model, args.dataset, options, caches, args.sae, cfg, args.out_json, args.out_images,
+                        args.identity, head=args.head, wiseft=wiseft)
+
+
+def cmd_feature_cards(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.analysis import cards
+    from saeft.data.registry import get_dataset
+
+    options = get_dataset(args.dataset).options(args.dataset_options)
+    cfg = cards.CardsConfig.from_dict(args.config, "analysis.cards.")
+    tables: dict[str, list[str]] = {}
+    for method, path in _split_paths_multi(args.images):
+        tables.setdefault(method, []).append(path)
+    return cards.run(tables, args.sae, args.head, args.dataset, options, cfg, args.out_dir)
+
+
+def _split_paths_multi(items: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        method, sep, path = item.partition("=")
+        if not sep or not method or not path:
+            raise ValueError(f"--images: expected METHOD=PATH, got {item!r}")
+        pairs.append((method, path))
+    return pairs
+
+
+def cmd_aggregate_features(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import aggregate
+    from saeft.analysis import tables
+
+    cfg = aggregate.AggregateConfig.from_dict(args.config, "aggregate.")
+    if args.top < 1:
+        raise ValueError(f"analysis.top_features: must be at least 1, got {args.top}")
+    headline = tables.run(args.analyses, args.images, args.evals, args.tables, args.figures, cfg, args.top)
+    for name in tables.TABLE_FILES:
+        _RUN.log_artifact(os.path.join(args.tables, name))
+    for name in tables.FIGURE_FILES:
+        _RUN.log_artifact(os.path.join(args.figures, name))
+    return headline
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
@@ -261,6 +327,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", required=True, help="output folder of tables")
     p.add_argument("--figures", required=True, help="output folder of figures")
     _config(p, "aggregation")
+
+    p = add("analyze-features", cmd_analyze_features,
+            "SAE features a fine-tuned model added and removed, and its drift, on every eval set")
+    p.add_argument("--model", required=True, help="classifier weights, or zero-shot CLIP weights with --head")
+    p.add_argument("--head", default=None, help="zero-shot head (analyses the zero-shot model itself)")
+    _dataset_args(p)
+    p.add_argument("--cache", nargs="+", required=True, metavar="SPLIT=PATH",
+                   help="HDF5 cache of the zero-shot embeddings of each eval split to analyse")
+    p.add_argument("--sae", required=True, help="the zero-shot SAE (its recorded normalisation is applied)")
+    p.add_argument("--identity", type=_json_arg, default={}, help="JSON recorded in the result: study, model, method, seed")
+    p.add_argument("--alpha", type=float, default=None, help="WiSE-FT: analyse (1-alpha)*zero-shot + alpha*--model")
+    p.add_argument("--zeroshot-model", default=None, help="WiSE-FT: zero-shot CLIP weights")
+    p.add_argument("--zeroshot-head", default=None, help="WiSE-FT: the dataset's zero-shot head")
+    _config(p, "analysis (batch_size, top_features)")
+    p.add_argument("--out-json", required=True, help="output features.json (per eval set summaries)")
+    p.add_argument("--out-images", required=True, help="output per-image Parquet table")
+
+    p = add("feature-cards", cmd_feature_cards, "cards of the SAE features each method most often added and removed")
+    p.add_argument("--images", nargs="+", required=True, metavar="METHOD=PATH",
+                   help="per-image tables of analyze-features, one per method and seed")
+    p.add_argument("--sae", required=True, help="the zero-shot SAE")
+    p.add_argument("--head", required=True, help="the dataset's zero-shot head (class prompt embeddings)")
+    _dataset_args(p)
+    _config(p, "cards (analysis.cards: features, images, thumbnail)")
+    p.add_argument("--out-dir", required=True, help="output folder: {method}.png, {method}.json, cards.md")
+
+    p = add("aggregate-features", cmd_aggregate_features, "tables and figures of the feature analyses, joined with the evaluations")
+    p.add_argument("--analyses", nargs="+", required=True, help="features.json files of analyze-features")
+    p.add_argument("--images", nargs="+", required=True, help="their per-image tables, in the same order")
+    p.add_argument("--evals", nargs="+", required=True, help="evaluation result JSON files")
+    p.add_argument("--top", type=int, default=10, help="features listed per method, role and direction")
+    p.add_argument("--tables", required=True, help="output folder of tables")
+    p.add_argument("--figures", required=True, help="output folder of figures")
+    _config(p, "aggregation (display)")
     return parser
 
 

@@ -68,6 +68,27 @@ def test_run_produces_tables_and_figure(study):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_feature_analysis_writes_tables_and_cards(study):
+    base = study / "results" / "tiny"
+    analysis = json.loads((base / "analysis" / "saeft-tiny-rn" / "shapes" / "saeft" / "seed0" / "features.json").read_text())
+    assert analysis["method"] == "saeft" and analysis["seed"] == 0 and analysis["sae"]["normalize"] == "l2"
+    assert set(analysis["evalsets"]) == {"test", "resampled", "sketch", "rendition", "hard"}
+    assert 0 < analysis["evalsets"]["test"]["cka"] <= 1 + 1e-9
+    images = pd.read_parquet(base / "analysis" / "saeft-tiny-rn" / "shapes" / "ft" / "seed1" / "images.parquet")
+    assert len(images) == 5 * 30 and (images["n_added"] == images["added"].map(len)).all()
+    features = pd.read_parquet(base / "tables" / "features.parquet")
+    assert len(features) == 2 * 2 * 5 and features["value"].between(0, 1).all()
+    summary = (base / "tables" / "features_summary.md").read_text()
+    assert "| FT |" in summary and "| SAE-FT |" in summary
+    cards = base / "analysis" / "saeft-tiny-rn" / "shapes" / "cards"
+    for method in ("ft", "saeft"):
+        assert (cards / f"{method}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        written = json.loads((cards / f"{method}.json").read_text())["cards"]
+        assert written and all(card["top_images"] and card["label"] for card in written)
+    for name in ("features_added_removed.png", "drift_vs_ood.png"):
+        assert (base / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_stage_outputs_follow_the_contracts(study):
     import h5py
 
@@ -122,14 +143,25 @@ def plan_after_change(study: Path, tmp_path: Path, section: str, key: str, value
 
 def test_changing_finetune_lr_reruns_only_finetune_and_after(study, tmp_path):
     jobs = plan_after_change(study, tmp_path, "finetune", "lr", 0.0005)
-    assert set(jobs) == {"finetune", "evaluate_model", "aggregate_tables", "all"}
-    assert jobs["finetune"] == 4 and jobs["evaluate_model"] == 4 * 5
+    assert set(jobs) == {"finetune", "evaluate_model", "aggregate_tables", "analyze_features",
+                         "plot_feature_cards", "aggregate_features", "all"}
+    assert jobs["finetune"] == 4 and jobs["evaluate_model"] == 4 * 5 and jobs["analyze_features"] == 4
 
 
 def test_changing_sae_k_reruns_the_sae_and_its_users_only(study, tmp_path):
     jobs = plan_after_change(study, tmp_path, "sae", "k", 4)
-    assert set(jobs) == {"train_sae", "finetune", "evaluate_model", "aggregate_tables", "all"}
+    assert set(jobs) == {"train_sae", "finetune", "evaluate_model", "aggregate_tables", "analyze_features",
+                         "plot_feature_cards", "aggregate_features", "all"}
     assert jobs["finetune"] == 2  # saeft's two seeds; ft does not use the SAE
+    assert jobs["analyze_features"] == 4  # every run is read through the (new) zero-shot SAE
+
+
+def test_changing_the_cards_reruns_only_the_cards(study, tmp_path):
+    config = yaml.safe_load((study / "study.yaml").read_text())
+    config["analysis"] = {"cards": {"images": 4}}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    assert planned_jobs(snakemake(study, "-n", "--cores", "2", config=changed)) == {"plot_feature_cards": 1, "all": 1}
 
 
 @pytest.mark.parametrize("source", ["file", "openai"])

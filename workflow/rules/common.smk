@@ -43,6 +43,8 @@ def _git_commit():
 # Jobs read the commit from the environment for their MLflow tag: as a rule param it would make
 # every commit rerun every job.
 os.environ["SAEFT_GIT_COMMIT"] = os.environ.get("SAEFT_GIT_COMMIT") or _git_commit()
+# Jobs share the cores: spinning OpenMP threads waiting for work slowed a job 20-fold under load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def tracking_queue():
@@ -203,7 +205,45 @@ TABLES = [f"{R}/tables/{name}" for name in ("metrics.parquet", "summary.csv", "s
 FIGURES = [f"{R}/figures/{name}" for name in ("id_vs_ood.png", "id_vs_ood.pdf")]
 
 
+ANALYSIS = config["analysis"]["enabled"]
+FEATURE_TABLES = [f"{R}/tables/{name}" for name in ("features.parquet", "features_summary.csv", "features_summary.md", "features_top.csv")]
+FEATURE_FIGURES = [f"{R}/figures/{name}" for name in ("features_added_removed.png", "features_added_removed.pdf", "drift_vs_ood.png", "drift_vs_ood.pdf")]
+
+
+def analysis_config():
+    """The keys analyze_features reads (the cards have their own, so editing them reruns only the cards)."""
+    return {key: value for key, value in config["analysis"].items() if key in ("batch_size", "top_features")}
+
+
+def analysis_runs():
+    """Every analysed run: each fine-tuned method per seed, and WiSE-FT at the reported alpha."""
+    return [run for run in evaluation_runs() if run != "zeroshot"]
+
+
+def run_method(run):
+    """The table name of a run: its method, or wiseft[_<base>] for an interpolation."""
+    trained, _, alpha = run.partition("/alpha")
+    method = trained.partition("/seed")[0]
+    return wiseft_name(method) if alpha else method
+
+
+def analysis_path(dataset, run, leaf):
+    return f"{R}/analysis/{MODEL}/{dataset}/{run}/{leaf}"
+
+
+def card_files():
+    methods = list(dict.fromkeys(run_method(run) for run in analysis_runs()))
+    return [f"{method}.{ext}" for method in methods for ext in ("png", "json")] + ["cards.md"]
+
+
+def analysis_targets():
+    if not ANALYSIS:
+        return []
+    cards = [f"{R}/analysis/{MODEL}/{dataset}/cards/{name}" for dataset in DATASETS for name in card_files()]
+    return FEATURE_TABLES + FEATURE_FIGURES + cards
+
+
 def all_targets():
     # The WiSE-FT curve's grid points are evaluated too; the tables take the reported alpha only.
     curve = sorted(set(eval_results(curve=True)) - set(eval_results()))
-    return TABLES + FIGURES + curve + sae_sweep_targets()
+    return TABLES + FIGURES + curve + sae_sweep_targets() + analysis_targets()

@@ -6,17 +6,24 @@
 # scored through its own zero-shot head on the (fine-tuned) image encoder.
 
 
+def run_model_inputs(model, dataset, run):
+    """The weights an evaluated run reads: the zero-shot model and its head, or a fine-tuned
+    model (plus the zero-shot model and head a WiSE-FT interpolation mixes it with)."""
+    if run == "zeroshot":
+        return {"model": zeroshot_model(), "head": zeroshot_head(dataset)}
+    trained, _, alpha = run.partition("/alpha")
+    inputs = {"model": f"{R}/finetune/{model}/{dataset}/{trained}/model.safetensors"}
+    if alpha:
+        inputs.update(zeroshot=zeroshot_model(), zeroshot_head=zeroshot_head(dataset))
+    return inputs
+
+
 def evaluate_inputs(wildcards):
     read_dataset, read_split = transfer_split(wildcards.dataset, wildcards.evalset)
-    inputs = {"check": check_marker(read_dataset, read_split)}
-    if wildcards.run == "zeroshot":
-        return {**inputs, "model": zeroshot_model(), "head": zeroshot_head(read_dataset)}
-    trained, _, alpha = wildcards.run.partition("/alpha")
-    inputs["model"] = f"{R}/finetune/{wildcards.model}/{wildcards.dataset}/{trained}/model.safetensors"
-    if read_dataset != wildcards.dataset:
+    inputs = {"check": check_marker(read_dataset, read_split),
+              **run_model_inputs(wildcards.model, wildcards.dataset, wildcards.run)}
+    if read_dataset != wildcards.dataset:  # a transfer set is scored through its own head
         inputs["head"] = zeroshot_head(read_dataset)
-    if alpha:
-        inputs.update(zeroshot=zeroshot_model(), zeroshot_head=zeroshot_head(wildcards.dataset))
     return inputs
 
 
