@@ -85,7 +85,10 @@ def main() -> None:
         for i, (config, label) in enumerate(configs):
             workdir = tmp / f"plan-{i}"
             workdir.mkdir()
-            seconds, cpu, output = snakemake(workdir, config, "-n", "--cores", "all")
+            # A paper config reads its datasets from data_root: planning needs the key, not the data.
+            needs_root = "data_root" in (yaml.safe_load(config.read_text()) or {})
+            extra = ("--config", f"data_root={tmp / 'data'}") if needs_root else ()
+            seconds, cpu, output = snakemake(workdir, config, "-n", "--cores", "all", *extra)
             print(f"{label}: snakemake -n planned {planned_jobs(output)} jobs in {seconds:.2f} s ({cpu:.2f} s CPU)")
         if not args.no_rerun:
             config = args.rerun_config.resolve()

@@ -44,10 +44,13 @@ def test_paper_configs_need_a_data_root():
 # Per rule, for 3 datasets (imagenet, iwildcam, fmow), 5 transfer sets of imagenet, 11 trained
 # methods x 3 seeds, WiSE-FT over 2 bases x 3 seeds x 11 alphas:
 #   heads: 3 + 5; checks: imagenet 7 splits + iwildcam 4 + fmow 4 + 5 transfer test splits;
-#   caches: train + held-out of each dataset; evaluations: (1 + 33 + 66) runs x (11 + 2 + 2) sets.
+#   caches: train, held-out and every eval split of each dataset (imagenet 7, iwildcam 4, fmow 4);
+#   evaluations: (1 + 33 + 66) runs x (11 + 2 + 2) sets; feature analysis: (33 trained + 6 WiSE-FT
+#   at the reported alpha) runs x 3 datasets, one card job per dataset.
 EXPECTED_JOBS = {
-    "prepare_model": 1, "build_zeroshot_head": 8, "check_dataset": 20, "cache_activations": 6, "train_sae": 3,
-    "finetune": 99, "evaluate_model": 1500, "aggregate_tables": 1, "all": 1,
+    "prepare_model": 1, "build_zeroshot_head": 8, "check_dataset": 20, "cache_activations": 15, "train_sae": 3,
+    "finetune": 99, "evaluate_model": 1500, "analyze_features": 117, "plot_feature_cards": 3, "aggregate_features": 1,
+    "aggregate_tables": 1, "all": 1,
 }
 
 
