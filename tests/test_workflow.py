@@ -243,7 +243,7 @@ def test_a_dead_tracking_server_queues_runs_that_sync_mlflow_replays(study):
     client = mlflow.tracking.MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny").experiment_id
     before = client.search_runs([experiment], filter_string="attributes.run_name = 'aggregate_tables'")
-    snakemake(study, "sync_mlflow")
+    snakemake(study, "--cores", "1", "sync_mlflow")  # the target after an option: --configfile takes several values
     assert not list((study / "mlflow-queue").glob("*.jsonl"))
     after = client.search_runs([experiment], filter_string="attributes.run_name = 'aggregate_tables'")
     # Same job and config: the replay went into the aggregate run of the same key, not a new one.
