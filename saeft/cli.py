@@ -122,17 +122,22 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
                         sae_path=args.sae, teacher_cache=args.teacher_cache, on_epoch=lambda record: _RUN.log_metrics(record, step=int(record["epoch"])))
 
 
+def _wiseft(args: argparse.Namespace, stage: str) -> tuple[str, str, float] | None:
+    """(zero-shot model, zero-shot head, alpha) of a WiSE-FT run, or None without --alpha."""
+    if args.alpha is None:
+        return None
+    if not (args.zeroshot_model and args.zeroshot_head):
+        raise SystemExit(f"{stage}: --alpha needs --zeroshot-model and --zeroshot-head")
+    return args.zeroshot_model, args.zeroshot_head, args.alpha
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import evaluate
     from saeft.data.registry import get_dataset
 
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = evaluate.EvaluateConfig.from_dict(args.config, "evaluate.")
-    wiseft = None
-    if args.alpha is not None:
-        if not (args.zeroshot_model and args.zeroshot_head):
-            raise SystemExit("evaluate: --alpha needs --zeroshot-model and --zeroshot-head")
-        wiseft = (args.zeroshot_model, args.zeroshot_head, args.alpha)
+    wiseft = _wiseft(args, "evaluate")
     result = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity,
                           wiseft=wiseft, transfer_from=args.transfer_from)
     return {"value": result["value"], "n": result["n"]}
@@ -183,11 +188,7 @@ def cmd_analyze_features(args: argparse.Namespace) -> dict[str, Any]:
 
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = features.AnalysisConfig.from_dict(args.config, "analysis.")
-    wiseft = None
-    if args.alpha is not None:
-        if not (args.zeroshot_model and args.zeroshot_head):
-            raise SystemExit("analyze-features: --alpha needs --zeroshot-model and --zeroshot-head")
-        wiseft = (args.zeroshot_model, args.zeroshot_head, args.alpha)
+    wiseft = _wiseft(args, "analyze-features")
     caches = _split_paths(args.cache, "--cache")
     return features.run(args.model, args.dataset, options, caches, args.sae, cfg, args.out_json, args.out_images,
                         args.identity, head=args.head, wiseft=wiseft)
