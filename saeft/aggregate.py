@@ -1,14 +1,18 @@
-"""Aggregate evaluation JSON into tables and figures (stage ``aggregate_tables``).
+"""Aggregate evaluation JSON into the paper's tables and figures (stage ``aggregate_tables``).
 
-Reads only the ``evaluate`` outputs on disk (never the MLflow store), builds
+Reads only the ``evaluate`` outputs and the fine-tuning ``train.json`` on disk (never the MLflow
+store) and builds
 
-- a tidy long table, one row per eval JSON (:func:`load_metrics`),
-- a per (model, dataset, method) summary: mean and std over seeds for every eval set plus the
-  OOD average (:func:`summarize`),
-- a Markdown table (:func:`to_markdown`) and an ID-vs-OOD scatter plot (:func:`plot_id_vs_ood`),
+- the tidy long table, one row per eval JSON (:func:`load_metrics`), written as Parquet: the
+  source of everything else;
+- a per (model, dataset, method) summary: mean and std over seeds of every eval set plus the
+  OOD average (:func:`summarize`), WiSE-FT at its reported alpha (:func:`reported_results`);
+- the WiSE-FT curves over alpha (:func:`wiseft_curves`);
 
-and writes them atomically with :func:`run`. Numeric summary columns stay in the metric's own units
-(fractions); ``percent`` only changes how values are shown (formatted cells, tables, figure axes).
+then :func:`run` writes the tables of :mod:`saeft.tables` and :mod:`saeft.reference` (CSV,
+Markdown, LaTeX, HTML) and the figures of :mod:`saeft.figures` (PNG, PDF), all atomically.
+Numeric columns stay in the metric's own units (fractions); ``percent`` only changes how values
+are shown.
 """
 
 from __future__ import annotations
@@ -30,14 +34,8 @@ from saeft.io import atomic_path, read_json
 
 logger = logging.getLogger(__name__)
 
-# Output file names, so the Snakemake rule can declare exactly what run() writes.
 METRICS_PARQUET = "metrics.parquet"
-SUMMARY_CSV = "summary.csv"
-SUMMARY_MD = "summary.md"
-ID_VS_OOD_PNG = "id_vs_ood.png"
-ID_VS_OOD_PDF = "id_vs_ood.pdf"
-TABLE_FILES = (METRICS_PARQUET, SUMMARY_CSV, SUMMARY_MD)
-FIGURE_FILES = (ID_VS_OOD_PNG, ID_VS_OOD_PDF)
+"""The tidy long table: every eval JSON, one row each (the source of every other table)."""
 
 OOD_AVG = "OOD avg"
 """Name of the summary column holding the OOD average (per seed mean over OOD sets, then over seeds)."""
@@ -46,11 +44,14 @@ KEY_COLUMNS = ("model", "dataset", "method")
 """A summary row is one (model, dataset, method)."""
 
 METRICS_COLUMNS = (
-    "study", "model", "dataset", "method", "seed", "evalset", "role", "metric", "value", "n",
+    "study", "model", "dataset", "method", "seed", "alpha", "evalset", "role", "metric", "value", "n",
 )
-"""Columns of the tidy long table, in order; also the keys every eval JSON must carry."""
+"""Columns of the tidy long table, in order; every eval JSON carries these keys (``alpha``, the
+WiSE-FT mixing weight, only for interpolated models: null elsewhere)."""
 
-UNIQUE_KEY = ("model", "dataset", "method", "seed", "evalset")
+OPTIONAL_KEYS = ("alpha",)
+
+UNIQUE_KEY = ("model", "dataset", "method", "seed", "alpha", "evalset")
 """At most one eval JSON per combination of these."""
 
 _STR_KEYS = ("study", "model", "dataset", "method", "evalset", "metric")
@@ -77,7 +78,7 @@ DEFAULT_METHOD_LABELS = {
 DEFAULT_METRIC_LABELS = {
     "top1": "top-1 accuracy",
     "macro_f1": "macro-F1",
-    "worst_region": "worst-region accuracy",
+    "worst_region_acc": "worst-region accuracy",
 }
 
 
@@ -91,12 +92,12 @@ class AggregateConfig(StageConfig):
     method_labels: dict[str, str] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_METHOD_LABELS)
     )
-    """Display name per method; a method without an entry is shown by its name."""
+    """Display name per method, on top of the defaults; a method without any is shown by its name."""
 
     metric_labels: dict[str, str] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_METRIC_LABELS)
     )
-    """Display name per metric (table header, axis labels); default: the metric's name."""
+    """Display name per metric (table header, axis labels), on top of the defaults."""
 
     percent: bool = True
     """Show values ×100 (tables, figure axes); the numeric summary columns stay fractions."""
@@ -104,8 +105,18 @@ class AggregateConfig(StageConfig):
     decimals: int = 1
     """Decimals shown for means and stds in formatted cells."""
 
+    wiseft_alpha: float | None = None
+    """The reported WiSE-FT alpha (the workflow sets it from ``methods.wiseft.alpha``): the tables
+    show WiSE-FT there; the other alphas are curve points, drawn in the figures. None: a method
+    may then carry one alpha only."""
+
     def __post_init__(self) -> None:
         require(isinstance(self.decimals, int) and self.decimals >= 0, "decimals", "must be >= 0")
+        require(
+            self.wiseft_alpha is None or (isinstance(self.wiseft_alpha, (int, float)) and 0.0 <= self.wiseft_alpha <= 1.0),
+            "wiseft_alpha",
+            "must be in [0, 1]",
+        )
         require(
             len(set(self.method_order)) == len(self.method_order),
             "method_order",
@@ -119,11 +130,11 @@ class AggregateConfig(StageConfig):
 
     def label(self, method: str) -> str:
         """Display name of ``method``."""
-        return self.method_labels.get(method, method)
+        return self.method_labels.get(method, DEFAULT_METHOD_LABELS.get(method, method))
 
     def metric_label(self, metric: str) -> str:
         """Display name of ``metric``."""
-        return self.metric_labels.get(metric, metric)
+        return self.metric_labels.get(metric, DEFAULT_METRIC_LABELS.get(metric, metric))
 
     def method_sort_key(self, method: str) -> tuple[int, str]:
         """Sort key: listed methods in their order, then the others alphabetically."""
@@ -152,6 +163,7 @@ def load_metrics(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
 
     df = pd.DataFrame.from_records(records, columns=list(METRICS_COLUMNS))
     df["seed"] = pd.array([r["seed"] for r in records], dtype="Int64")
+    df["alpha"] = df["alpha"].astype("float64")
     df["value"] = df["value"].astype("float64")
     df["n"] = df["n"].astype("int64")
 
@@ -160,7 +172,7 @@ def load_metrics(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
         groups: dict[tuple, list[str]] = {}
         for idx in np.flatnonzero(dup.to_numpy()):
             row = df.iloc[idx]
-            key = tuple("null" if pd.isna(row[k]) else str(row[k]) for k in UNIQUE_KEY)
+            key = tuple("null" if pd.isna(row[k]) else f"{row[k]:g}" if k == "alpha" else str(row[k]) for k in UNIQUE_KEY)
             groups.setdefault(key, []).append(str(paths[idx]))
         lines = [f"  {'/'.join(key)}: {', '.join(files)}" for key, files in groups.items()]
         raise ValueError(
@@ -176,7 +188,7 @@ def _read_record(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     for key in METRICS_COLUMNS:
-        if key not in data:
+        if key not in data and key not in OPTIONAL_KEYS:
             raise ValueError(f"{path}: missing key '{key}'")
     for key in _STR_KEYS:
         value = data[key]
@@ -198,7 +210,78 @@ def _read_record(path: Path) -> dict[str, Any]:
     n = data["n"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{path}: key 'n' must be a positive integer, got {n!r}")
-    return {key: data[key] for key in METRICS_COLUMNS}
+    alpha = data.get("alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
+        raise ValueError(f"{path}: key 'alpha' must be null or in [0, 1], got {alpha!r}")
+    return {key: data.get(key) for key in METRICS_COLUMNS}
+
+
+# --------------------------------------------------------------------------------------------
+# Reported rows and the WiSE-FT curve
+# --------------------------------------------------------------------------------------------
+
+
+def reported_results(df: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
+    """The rows the tables show: every result without an alpha, and WiSE-FT at the reported alpha.
+
+    Raises ``ValueError`` naming the method when, without ``cfg.wiseft_alpha``, a method carries
+    several alphas (the table would not know which to show).
+    """
+    has_alpha = df["alpha"].notna()
+    if cfg.wiseft_alpha is not None:
+        keep = ~has_alpha | np.isclose(df["alpha"].fillna(-1.0), cfg.wiseft_alpha)
+        return df[keep]
+    several = df[has_alpha].groupby("method")["alpha"].nunique()
+    if (several > 1).any():
+        raise ValueError(
+            f"method(s) {', '.join(several[several > 1].index)} have results at several alphas; "
+            "set aggregate wiseft_alpha to the one the tables report"
+        )
+    return df
+
+
+def wiseft_name(base: str) -> str:
+    """Table row of WiSE-FT over ``base``: 'wiseft' for ft (as in the literature), else
+    ``wiseft_<base>``; the inverse of :func:`wiseft_base`."""
+    return "wiseft" if base == "ft" else f"wiseft_{base}"
+
+
+def wiseft_base(method: str) -> str | None:
+    """The fine-tuned method a WiSE-FT row interpolates: 'ft' for 'wiseft', B for 'wiseft_B'."""
+    if method == "wiseft":
+        return "ft"
+    return method.removeprefix("wiseft_") if method.startswith("wiseft_") else None
+
+
+def wiseft_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, dataset, WiSE-FT method, alpha, evalset): mean and std over seeds of every
+    curve point, with alpha 0 the zero-shot model and alpha 1 the base fine-tuned method where
+    the grid did not evaluate those ends itself.
+
+    Columns: model, dataset, method, alpha, evalset, role, mean, std, n_seeds; sorted by alpha.
+    Empty when there is no WiSE-FT result.
+    """
+    columns = ["model", "dataset", "method", "alpha", "evalset", "role", "mean", "std", "n_seeds"]
+    parts = []
+    for method in df.loc[df["alpha"].notna(), "method"].unique():
+        base = wiseft_base(method)
+        points = [df[df["method"] == method]]
+        evaluated = set(points[0]["alpha"])
+        # The ends, unless the grid evaluated them itself (alpha 0 and 1 in methods.wiseft.alphas).
+        if base is not None and 1.0 not in evaluated:
+            points.append(df[df["method"] == base].assign(alpha=1.0))
+        if 0.0 not in evaluated:
+            points.append(df[df["method"] == "zeroshot"].assign(alpha=0.0))
+        parts.append(pd.concat(points).assign(method=method))
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    stats = (
+        pd.concat(parts)
+        .groupby(["model", "dataset", "method", "alpha", "evalset", "role"], sort=False)["value"]
+        .agg(mean="mean", std="std", n_seeds="count")
+        .reset_index()
+    )
+    return stats.sort_values(["model", "dataset", "method", "alpha"], kind="stable")[columns].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +303,7 @@ def summarize(df: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
     of them, so no average silently covers fewer sets), then mean and std over seeds.
     Rows: (model, dataset) in order of first appearance, methods in the configured order.
     """
+    df = reported_results(df, cfg)
     if df.empty:
         raise ValueError("no evaluation results to summarize")
     id_cols: list[str] = []
@@ -313,157 +397,48 @@ def format_cell(mean: float, std: float, cfg: AggregateConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Markdown
-# --------------------------------------------------------------------------------------------
-
-
-def to_markdown(summary: pd.DataFrame, cfg: AggregateConfig) -> str:
-    """Markdown table(s): one row per method, columns = eval sets + ``OOD avg``.
-
-    The header's first cell names the metric; ID eval sets are marked ``(ID)``. With several
-    (model, dataset) pairs there is one section each, headed ``### model / dataset``; a column
-    that has no value in a section is left out of it. Written by hand: pandas' ``to_markdown``
-    needs ``tabulate``, which is not a dependency.
-    """
-    all_cols = value_columns(summary)
-    sections = list(summary.groupby(["model", "dataset"], sort=False))
-    unit = ", %" if cfg.percent else ""
-    parts: list[str] = []
-    for (model, dataset), sec in sections:
-        cols = [c for c in all_cols if sec[f"{c} mean"].notna().any()]
-        id_sets = {e for s in sec["id_evalsets"] for e in s.split(", ") if e}
-        metric = "/".join(cfg.metric_label(m) for m in str(sec["metric"].iloc[0]).split("/"))
-        header = [f"Method ({metric}{unit})"] + [f"{c} (ID)" if c in id_sets else c for c in cols]
-        lines = []
-        if len(sections) > 1:
-            lines += [f"### {model} / {dataset}", ""]
-        lines.append(_md_row(header))
-        lines.append("|" + "|".join([":---"] + ["---:"] * len(cols)) + "|")
-        for _, row in sec.iterrows():
-            lines.append(_md_row([row["label"]] + [row[c] or "–" for c in cols]))
-        parts.append("\n".join(lines))
-    seeds_note = (
-        "Mean ± std over seeds (std with ddof=1; a single value where there is one seed). "
-        f"{OOD_AVG}: per seed, the mean over the OOD eval sets; then mean ± std over seeds."
-    )
-    return "\n\n".join(parts) + "\n\n" + seeds_note + "\n"
-
-
-def _md_row(cells: Sequence[str]) -> str:
-    # A literal pipe would split the cell.
-    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-
-# --------------------------------------------------------------------------------------------
-# Figure
-# --------------------------------------------------------------------------------------------
-
-_MARKERS = "osD^vP*Xh<>pd"
-
-
-def plot_id_vs_ood(
-    summary: pd.DataFrame,
-    path_png: str | os.PathLike,
-    cfg: AggregateConfig,
-    path_pdf: str | os.PathLike | None = None,
-) -> Figure:
-    """ID (x) vs OOD-average (y) per method, one subplot per (model, dataset); saved atomically.
-
-    x is the dataset's first ID eval set; error bars are stds over seeds; a dashed y = x line is
-    drawn for reference. Uses a bare :class:`~matplotlib.figure.Figure` (Agg canvas), never pyplot,
-    so no global figure state or GUI backend is involved. Returns the figure.
-    """
-    scale = 100.0 if cfg.percent else 1.0
-    unit = "%" if cfg.percent else "fraction"
-    methods = sorted(summary["method"].unique(), key=cfg.method_sort_key)
-    palette = _palette(len(methods))
-    style = {m: (palette[i], _MARKERS[i % len(_MARKERS)]) for i, m in enumerate(methods)}
-
-    sections = []
-    for (model, dataset), sec in summary.groupby(["model", "dataset"], sort=False):
-        id_sets = [e for e in str(sec["id_evalsets"].iloc[0]).split(", ") if e]
-        if not id_sets:
-            logger.warning("%s/%s: no ID eval set, left out of the figure", model, dataset)
-            continue
-        xcol = id_sets[0]
-        pts = sec[sec[f"{xcol} mean"].notna() & sec[f"{OOD_AVG} mean"].notna()]
-        if pts.empty:
-            logger.warning("%s/%s: no method with both ID and OOD values", model, dataset)
-            continue
-        sections.append((model, dataset, xcol, pts))
-
-    n = max(len(sections), 1)
-    ncols = min(n, 3)
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(4.2 * ncols + 2.0, 3.8 * nrows))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[n:]:
-        ax.remove()
-    several_models = summary["model"].nunique() > 1
-
-    handles: dict[str, Any] = {}
-    if not sections:
-        ax = axes[0]
-        ax.text(0.5, 0.5, "no method with both ID and OOD results", ha="center", va="center")
-        ax.set_xlabel(f"ID accuracy ({unit})")
-        ax.set_ylabel(f"OOD-average accuracy ({unit})")
-    for ax, (model, dataset, xcol, pts) in zip(axes, sections):
-        metric = "/".join(cfg.metric_label(m) for m in str(pts["metric"].iloc[0]).split("/"))
-        for _, row in pts.iterrows():
-            color, marker = style[row["method"]]
-            cont = ax.errorbar(
-                row[f"{xcol} mean"] * scale,
-                row[f"{OOD_AVG} mean"] * scale,
-                # No bar for single-seed methods: std is NaN there.
-                xerr=np.nan_to_num(row[f"{xcol} std"]) * scale,
-                yerr=np.nan_to_num(row[f"{OOD_AVG} std"]) * scale,
-                fmt=marker,
-                color=color,
-                markersize=7,
-                capsize=3,
-                label=row["label"],
-            )
-            handles.setdefault(row["label"], cont)
-        # Fix the limits from the data first: the infinite y = x line would otherwise pull
-        # the view out to the origin.
-        ax.margins(0.15)
-        ax.autoscale_view()
-        xlim, ylim = ax.get_xlim(), ax.get_ylim()
-        ref = ax.axline((0.0, 0.0), slope=1.0, linestyle="--", color="0.6", linewidth=1.0)
-        ax.set_xlim(xlim)
-        ax.set_ylim(ylim)
-        handles.setdefault("y = x", ref)
-        ax.set_xlabel(f"ID {metric} ({unit})")
-        ax.set_ylabel(f"OOD-average {metric} ({unit})")
-        name = f"{model} / {dataset}" if several_models else str(dataset)
-        ax.set_title(f"{name} (ID: {xcol})", fontsize="medium")
-        ax.grid(True, alpha=0.3)
-
-    legend_w = 2.0 / fig.get_figwidth()
-    fig.tight_layout(rect=(0.0, 0.0, 1.0 - legend_w, 1.0))
-    if handles:
-        fig.legend(
-            list(handles.values()), list(handles.keys()),
-            loc="center left", bbox_to_anchor=(1.0 - legend_w, 0.5), fontsize="small", frameon=False,
-        )
-    with atomic_path(path_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=150)
-    if path_pdf is not None:
-        with atomic_path(path_pdf) as tmp:
-            fig.savefig(tmp, format="pdf")
-    return fig
-
-
-def _palette(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-# --------------------------------------------------------------------------------------------
 # Stage entry point
 # --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outputs:
+    """What :func:`run` wrote, for the caller to log."""
+
+    headline: dict[str, float]
+    """``"{model}/{dataset}/{method}/id"`` and ``.../ood_avg`` means (fractions), ``n_eval_results``."""
+    tables: dict[str, pd.DataFrame]
+    """Each table's numeric frame (its CSV), by file stem; ``metrics``: the tidy long table."""
+    figures: dict[str, Figure]
+    """Each figure by file stem."""
+    table_files: list[Path]
+    """Every table file written (Parquet, CSV, Markdown, LaTeX, HTML)."""
+
+
+def output_names(datasets: Sequence[str], dataset_metrics: dict[str, str], has_transfer: bool) -> tuple[list[str], list[str]]:
+    """File names :func:`run` writes under the tables and the figures folder, for a study with
+    these datasets (and their metrics) and, or not, transfer sets. The workflow declares them."""
+    from saeft.tables import TABLE_FORMATS, table_names
+
+    tables = [METRICS_PARQUET] + [
+        f"{name}.{ext}" for name in [*table_names(dataset_metrics, has_transfer), "reference"] for ext in TABLE_FORMATS
+    ]
+    stems = ["id_vs_ood"] + [f"{kind}_{d}" for d in datasets for kind in ("shifts", "bars", "training")]
+    return tables, [f"{stem}.{ext}" for stem in stems for ext in ("png", "pdf")]
+
+
+def read_training_logs(paths: Iterable[str | os.PathLike]) -> dict[str, list[dict[str, Any]]]:
+    """``train.json`` files by dataset; each must hold ``dataset``, ``config.method``, ``seed`` and
+    a ``history`` list (errors name the file)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("history"), list):
+            raise ValueError(f"{path}: expected a fine-tuning summary with a 'history' list")
+        if not isinstance(data.get("config"), dict) or "method" not in data["config"] or "dataset" not in data:
+            raise ValueError(f"{path}: missing 'dataset' or 'config.method'")
+        runs.setdefault(str(data["dataset"]), []).append(data)
+    return runs
 
 
 def run(
@@ -471,25 +446,48 @@ def run(
     out_dir_tables: str | os.PathLike,
     out_dir_figures: str | os.PathLike,
     cfg: AggregateConfig,
-) -> dict[str, float]:
-    """Write :data:`TABLE_FILES` under ``out_dir_tables`` and :data:`FIGURE_FILES` under
-    ``out_dir_figures``, all atomically; return headline numbers for logging.
+    train_paths: Iterable[str | os.PathLike] = (),
+) -> Outputs:
+    """Write the tidy table, every paper table in every format and every figure (the names of
+    :func:`output_names`), all atomically, from the eval JSONs (WiSE-FT curve points included)
+    and the fine-tuning jobs' ``train.json``."""
+    from saeft import figures as fig_mod
+    from saeft import reference, tables as tab_mod
 
-    The returned dict maps ``"{model}/{dataset}/{method}/id"`` and ``".../ood_avg"`` to mean values
-    (fractions; the first ID eval set for ``id``), plus ``n_eval_results``.
-    """
-    tables = Path(out_dir_tables)
-    figures = Path(out_dir_figures)
+    tables_dir = Path(out_dir_tables)
+    figures_dir = Path(out_dir_figures)
     df = load_metrics(eval_paths)
+    models = sorted(df["model"].unique())
+    if len(models) > 1:
+        raise ValueError(f"one model per study: the results hold {', '.join(models)}")
     summary = summarize(df, cfg)
+    curves = wiseft_curves(df)
+    training = read_training_logs(train_paths)
 
-    with atomic_path(tables / METRICS_PARQUET) as tmp:
+    with atomic_path(tables_dir / METRICS_PARQUET) as tmp:
         df.to_parquet(tmp, engine="pyarrow", index=False)
-    with atomic_path(tables / SUMMARY_CSV) as tmp:
-        summary.to_csv(tmp, index=False, encoding="utf-8")
-    with atomic_path(tables / SUMMARY_MD) as tmp:
-        tmp.write_text(to_markdown(summary, cfg), encoding="utf-8")
-    plot_id_vs_ood(summary, figures / ID_VS_OOD_PNG, cfg, path_pdf=figures / ID_VS_OOD_PDF)
+    written = [tables_dir / METRICS_PARQUET]
+    built = [*tab_mod.build_tables(df, summary, cfg), reference.reference_table(summary, cfg)]
+    renderers = {"md": tab_mod.to_markdown, "tex": tab_mod.to_latex, "html": tab_mod.to_html}
+    for table in built:
+        with atomic_path(tables_dir / f"{table.name}.csv") as tmp:
+            table.frame.to_csv(tmp, index=False, encoding="utf-8")
+        for ext, render in renderers.items():
+            with atomic_path(tables_dir / f"{table.name}.{ext}") as tmp:
+                tmp.write_text(render(table, cfg), encoding="utf-8")
+        written += [tables_dir / f"{table.name}.{ext}" for ext in ("csv", *renderers)]
+
+    def paths(stem: str) -> tuple[Path, Path]:
+        return figures_dir / f"{stem}.png", figures_dir / f"{stem}.pdf"
+
+    figures = {"id_vs_ood": fig_mod.plot_id_vs_ood(summary, cfg, *paths("id_vs_ood"))}
+    transfer = sorted(set(df.loc[df["role"] == "transfer", "evalset"]))
+    for dataset in summary["dataset"].unique():
+        figures[f"shifts_{dataset}"] = fig_mod.plot_shifts(summary, curves, dataset, cfg, *paths(f"shifts_{dataset}"))
+        figures[f"bars_{dataset}"] = fig_mod.plot_bars(summary, dataset, cfg, *paths(f"bars_{dataset}"), transfer=transfer)
+        figures[f"training_{dataset}"] = fig_mod.plot_training(
+            training.get(dataset, []), dataset, cfg, *paths(f"training_{dataset}"), methods=list(summary["method"])
+        )
 
     headline: dict[str, float] = {"n_eval_results": float(len(df))}
     for _, row in summary.iterrows():
@@ -500,7 +498,7 @@ def run(
         if pd.notna(row[f"{OOD_AVG} mean"]):
             headline[f"{key}/ood_avg"] = float(row[f"{OOD_AVG} mean"])
     logger.info(
-        "aggregated %d results into %d summary rows; tables in %s, figures in %s",
-        len(df), len(summary), tables, figures,
+        "aggregated %d results into %d tables and %d figures in %s and %s",
+        len(df), len(built), len(figures), tables_dir, figures_dir,
     )
-    return headline
+    return Outputs(headline, {"metrics": df, **{t.name: t.frame for t in built}}, figures, written)

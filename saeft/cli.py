@@ -161,12 +161,14 @@ def cmd_aggregate(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import aggregate
 
     cfg = aggregate.AggregateConfig.from_dict(args.config, "aggregate.")
-    metrics = aggregate.run(args.evals, args.tables, args.figures, cfg)
-    for name in aggregate.TABLE_FILES:
-        _RUN.log_artifact(os.path.join(args.tables, name))
-    for name in aggregate.FIGURE_FILES:
-        _RUN.log_artifact(os.path.join(args.figures, name))
-    return metrics
+    outputs = aggregate.run(args.evals, args.tables, args.figures, cfg, train_paths=args.train)
+    for name, frame in outputs.tables.items():
+        _RUN.log_table(frame, f"tables/{name}.json")
+    for path in outputs.table_files:  # the files as written: LaTeX, Markdown, HTML, Parquet
+        _RUN.log_artifact(path, "tables")
+    for name, figure in outputs.figures.items():
+        _RUN.log_figure(figure, f"figures/{name}.png")
+    return outputs.headline
 
 
 def _split_paths(items: Sequence[str], what: str) -> dict[str, str]:
@@ -324,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output marker JSON (what was found)")
 
     p = add("aggregate", cmd_aggregate, "build the tables and figures from evaluation results")
-    p.add_argument("--evals", nargs="+", required=True, help="evaluation result JSON files")
+    p.add_argument("--evals", nargs="+", required=True, help="evaluation result JSON files (WiSE-FT curve points included)")
+    p.add_argument("--train", nargs="*", default=[], help="train.json of the fine-tuning jobs (training-curve figures)")
     p.add_argument("--tables", required=True, help="output folder of tables")
     p.add_argument("--figures", required=True, help="output folder of figures")
     _config(p, "aggregation")
@@ -370,6 +373,12 @@ class _NoRun:
         pass
 
     def log_artifact(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_figure(self, *args: Any, **kwargs: Any) -> None:
         pass
 
 

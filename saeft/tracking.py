@@ -113,7 +113,14 @@ class _Store:
             metrics = [Metric(k, v, op["timestamp"], op.get("step") or 0) for k, v in op["metrics"].items()]
             self.client.log_batch(run_id, metrics=metrics)
         elif kind == "artifact":
-            self.client.log_artifact(run_id, op["path"])
+            self.client.log_artifact(run_id, op["path"], op.get("artifact_path"))
+        elif kind == "table":
+            import pandas as pd
+
+            frame = pd.DataFrame(op["data"]["data"], columns=op["data"]["columns"])
+            self.client.log_table(run_id, data=frame, artifact_file=op["artifact_file"])
+        elif kind == "figure":  # live only: a queued figure is an artifact (its PNG)
+            self.client.log_figure(run_id, op["figure"], op["artifact_file"])
         elif kind == "end":
             self.client.set_terminated(run_id, status=op["status"])
         else:
@@ -171,7 +178,16 @@ class JobRun:
                 return
             except Exception as exc:
                 self._fall_back(f"MLflow {op['op']} failed: {exc}")
-        if op["op"] == "artifact":  # keep a copy: the file may change before the replay
+        if op["op"] == "figure":  # a figure object cannot be queued: its PNG can
+            copy = self.queue_file.with_suffix("") / op["artifact_file"]
+            try:
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                op["figure"].savefig(copy)
+            except (OSError, ValueError) as exc:
+                logger.warning("figure %s not queued: %s", op["artifact_file"], exc)
+                return
+            op = {"op": "artifact", "path": str(copy), "artifact_path": os.path.dirname(op["artifact_file"]) or None}
+        elif op["op"] == "artifact":  # keep a copy: the file may change before the replay
             copy = self.queue_file.with_suffix("") / Path(op["path"]).name
             try:
                 copy.parent.mkdir(parents=True, exist_ok=True)
@@ -188,9 +204,20 @@ class JobRun:
         if numeric:
             self._do({"op": "metrics", "metrics": numeric, "step": step, "timestamp": int(time.time() * 1000)})
 
-    def log_artifact(self, path: str | os.PathLike) -> None:
-        """Attach a file to the run."""
-        self._do({"op": "artifact", "path": str(Path(path).resolve())})
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Attach a file to the run (under the folder ``artifact_path`` of its artifacts)."""
+        self._do({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def log_table(self, frame: Any, artifact_file: str) -> None:
+        """Log a pandas DataFrame as an MLflow table (``artifact_file`` ends in ``.json``), which
+        the UI's artifact view and ``mlflow.load_table`` read."""
+        plain = frame.astype(object).where(frame.notna(), None)  # pd.NA and NaN as JSON null
+        self._do({"op": "table", "artifact_file": artifact_file,
+                  "data": {"columns": [str(c) for c in plain.columns], "data": plain.to_numpy().tolist()}})
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """Log a matplotlib figure as an image artifact (``artifact_file``: e.g. ``figures/x.png``)."""
+        self._do({"op": "figure", "figure": figure, "artifact_file": artifact_file})
 
     def end(self, status: str) -> None:
         self._do({"op": "end", "status": status})
@@ -205,7 +232,7 @@ def job_run(track: Mapping[str, Any] | None, params: Mapping[str, Any]) -> Itera
     """
     run = JobRun(track, params)
     if track:
-        tags = {**track.get("tags", {}), "config_hash": config_hash(params),
+        tags = {**track.get("tags", {}), **comparison_tags(track.get("tags", {})), "config_hash": config_hash(params),
                 "git_commit": os.environ.get("SAEFT_GIT_COMMIT", "unknown")}
         run.open(tags, {k: str(v)[:6000] for k, v in _flatten(params).items()})
     status = "FAILED"
@@ -214,6 +241,21 @@ def job_run(track: Mapping[str, Any] | None, params: Mapping[str, Any]) -> Itera
         status = "FINISHED"
     finally:
         run.end(status)
+
+
+def comparison_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """Plain ``model``, ``dataset``, ``method``, ``seed``, ``alpha`` and ``evalset`` tags from a
+    job's wildcard tags (``wc.<name>``), so the MLflow UI can group one method's runs across
+    seeds: an evaluated run ``<method>/seed<N>[/alpha<a>]`` is split into its parts."""
+    from saeft.aggregate import wiseft_name
+
+    wildcards = {key[3:]: value for key, value in tags.items() if key.startswith("wc.")}
+    out = {key: wildcards[key] for key in ("model", "dataset", "method", "seed", "evalset") if key in wildcards}
+    if "run" in wildcards:
+        trained, _, alpha = wildcards["run"].partition("/alpha")
+        method, _, seed = trained.partition("/seed")
+        out.update(method=wiseft_name(method) if alpha else method, seed=seed or "none", alpha=alpha or "none")
+    return out
 
 
 def replay_queue(folder: str | os.PathLike | None = None) -> dict[str, int]:

@@ -1,24 +1,18 @@
-"""Tests for saeft.aggregate: tidy table, summary statistics, Markdown, figure, run()."""
+"""Tests for saeft.aggregate: tidy table, summary statistics, input validation (the paper's
+tables, figures and run() are tested in test_paper_outputs.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
 
 from saeft import aggregate
-from saeft.aggregate import (
-    OOD_AVG,
-    AggregateConfig,
-    load_metrics,
-    plot_id_vs_ood,
-    summarize,
-    to_markdown,
-)
+from saeft.aggregate import OOD_AVG, AggregateConfig, load_metrics, summarize
+from saeft.tables import shifts_table, to_markdown
 from saeft.config import ConfigError
 
 EVALSETS = {"test": "id", "sketch": "ood", "rendition": "ood"}
@@ -88,7 +82,7 @@ def cfg() -> AggregateConfig:
 def test_tidy_table_columns_dtypes_rows(eval_paths: list[Path]) -> None:
     df = load_metrics(eval_paths)
     assert list(df.columns) == [
-        "study", "model", "dataset", "method", "seed", "evalset", "role", "metric", "value", "n",
+        "study", "model", "dataset", "method", "seed", "alpha", "evalset", "role", "metric", "value", "n",
     ]
     assert len(df) == len(eval_paths) == (3 + 1 + 3) * 3
     assert df["seed"].dtype == "Int64"
@@ -131,18 +125,19 @@ def test_summary_matches_hand_computation(eval_paths: list[Path], cfg: Aggregate
 
 
 def test_markdown_rows_in_configured_order(eval_paths: list[Path], cfg: AggregateConfig) -> None:
-    summary = summarize(load_metrics(eval_paths), cfg)
-    md = to_markdown(summary, cfg)
+    df = load_metrics(eval_paths)
+    summary = summarize(df, cfg)
+    md = to_markdown(shifts_table(summary, df, cfg), cfg)
     lines = [line for line in md.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert "top-1 accuracy" in header[0]
-    assert header[1:] == ["test (ID)", "sketch", "rendition", OOD_AVG]
+    assert header == ["Method", "test (ID)", "sketch", "rendition", OOD_AVG]
+    assert "top-1 accuracy" in md
     assert set(lines[1].replace("|", "").replace(":", "").replace("-", "")) <= {" ", ""}
     body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert [r[0] for r in body] == ["Zero-shot", "FT", "SAE-FT"]
     ft = summary.set_index("method").loc["ft"]
-    assert body[1][2] == ft["sketch"]
-    assert body[1][4] == ft[OOD_AVG]
+    assert body[1][2].strip("*") == ft["sketch"]
+    assert body[1][4].strip("*") == ft[OOD_AVG]
     # One section only: no per-(model, dataset) headings.
     assert "###" not in md
 
@@ -157,11 +152,12 @@ def test_markdown_sections_and_unlisted_methods(tmp_path: Path) -> None:
                                 role=role, value=0.5)
                 )
     cfg = AggregateConfig(decimals=2, percent=False)
-    summary = summarize(load_metrics(paths), cfg)
+    df = load_metrics(paths)
+    summary = summarize(df, cfg)
     assert list(summary["method"][:3]) == ["ft", "aa_custom", "zz_custom"]
-    md = to_markdown(summary, cfg)
-    assert "### saeft-tiny / shapes" in md and "### saeft-tiny / digits" in md
-    assert "| FT | 0.50 | 0.50 | 0.50 | 0.50 |" in md
+    md = to_markdown(shifts_table(summary, df, cfg), cfg)
+    assert "### shapes" in md and "### digits" in md
+    assert "| aa_custom | **0.50** | **0.50** | **0.50** | **0.50** |" in md  # ties: every best is bold
 
 
 def test_missing_key_names_file(tmp_path: Path) -> None:
@@ -201,56 +197,6 @@ def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="unknown"):
         AggregateConfig.from_dict({"decimal": 2})
     assert AggregateConfig.from_dict({"decimals": 2, "percent": False}).decimals == 2
-
-
-def test_run_writes_outputs(
-    eval_paths: list[Path], cfg: AggregateConfig, tmp_path: Path
-) -> None:
-    tables, figures = tmp_path / "tables", tmp_path / "figures"
-    headline = aggregate.run(eval_paths, tables, figures, cfg)
-
-    for name in aggregate.TABLE_FILES:
-        assert (tables / name).is_file(), name
-    for name in aggregate.FIGURE_FILES:
-        assert (figures / name).is_file(), name
-    # Atomic writes leave no temp files behind.
-    assert not [p for p in tmp_path.rglob(".*.tmp")]
-
-    df = load_metrics(eval_paths)
-    back = pd.read_parquet(tables / aggregate.METRICS_PARQUET)
-    pd.testing.assert_frame_equal(back, df)
-
-    csv = pd.read_csv(tables / aggregate.SUMMARY_CSV)
-    summary = summarize(df, cfg)
-    assert list(csv.columns) == list(summary.columns)
-    assert csv.loc[csv["method"] == "ft", "sketch"].item() == (
-        summary.loc[summary["method"] == "ft", "sketch"].item()
-    )
-    assert (tables / aggregate.SUMMARY_MD).read_text() == to_markdown(summary, cfg)
-
-    ft = summary.set_index("method").loc["ft"]
-    assert headline["saeft-tiny/shapes/ft/id"] == pytest.approx(ft["test mean"])
-    assert headline["saeft-tiny/shapes/ft/ood_avg"] == pytest.approx(ft[f"{OOD_AVG} mean"])
-
-
-def test_plot_is_valid_png_with_labels(
-    eval_paths: list[Path], cfg: AggregateConfig, tmp_path: Path
-) -> None:
-    summary = summarize(load_metrics(eval_paths), cfg)
-    png = tmp_path / "fig" / "id_vs_ood.png"
-    fig = plot_id_vs_ood(summary, png, cfg)
-
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    image = matplotlib.image.imread(png)
-    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
-    assert image.std() > 0  # not a blank canvas
-
-    assert len(fig.axes) == 1
-    ax = fig.axes[0]
-    assert ax.get_xlabel() == "ID top-1 accuracy (%)"
-    assert ax.get_ylabel().startswith("OOD-average") and "(%)" in ax.get_ylabel()
-    legend_labels = {t.get_text() for leg in fig.legends for t in leg.get_texts()}
-    assert {"Zero-shot", "FT", "SAE-FT"} <= legend_labels
 
 
 def test_transfer_sets_follow_the_ood_average_outside_it(tmp_path: Path, cfg: AggregateConfig) -> None:

@@ -22,7 +22,7 @@ def test_every_method_gets_a_table_row(tmp_path):
     shutil.copy(STUDY, tmp_path / "study.yaml")
     snakemake(tmp_path, "--cores", "2")
     results = tmp_path / "results" / "allmethods"
-    summary = pd.read_csv(results / "tables" / "summary.csv")
+    summary = pd.read_csv(results / "tables" / "shifts.csv")
     assert set(summary["method"]) == {"zeroshot", "wiseft", *METHOD_PARAMS}
     metrics = pd.read_parquet(results / "tables" / "metrics.parquet")
     assert len(metrics) == (2 + len(METHOD_PARAMS)) * 5  # five evaluation splits each

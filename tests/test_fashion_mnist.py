@@ -39,7 +39,7 @@ def test_reduced_study_tabulates_zero_shot_ft_and_saeft(study):
     assert set(metrics["evalset"]) == EVALSETS
     assert len(metrics) == 3 * len(EVALSETS)  # one seed
     assert metrics["value"].between(0, 1).all()
-    summary = (tables / "summary.md").read_text()
+    summary = (tables / "shifts.md").read_text()
     for label in ("Zero-shot", "FT", "SAE-FT", "test (ID)", "corrupted", "inverted", "sketch", "OOD avg"):
         assert label in summary, label
 

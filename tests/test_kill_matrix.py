@@ -154,6 +154,6 @@ def test_evaluate_and_aggregate_never_leave_a_partial_output(inputs, tmp_path):
     written = sorted(p.name for p in (killed / "tables").iterdir() if not p.name.startswith("."))
     assert len(written) == 1  # the first table only; the second died in its temporary file
     saeft(*args)
-    for name in ("summary.csv", "summary.md"):
+    for name in ("shifts.csv", "shifts.md", "shifts.tex", "robustness.tex"):
         assert (killed / "tables" / name).read_text() == (reference / "tables" / name).read_text()
     no_temporaries(killed)

@@ -56,7 +56,7 @@ def study(tmp_path_factory):
 
 def test_run_produces_tables_and_figure(study):
     tables = study / "results" / "tiny" / "tables"
-    summary = (tables / "summary.md").read_text()
+    summary = (tables / "shifts.md").read_text()
     for label in ("Zero-shot", "FT", "SAE-FT", "test (ID)", "sketch", "rendition", "hard", "resampled", "OOD avg"):
         assert label in summary, label
     metrics = pd.read_parquet(tables / "metrics.parquet")
@@ -122,8 +122,29 @@ def test_mlflow_has_one_run_per_job_with_params_and_metrics(study):
     assert "heldout_top1" in run.data.metrics and run.info.status == "FINISHED"
     assert run.data.tags["git_commit"] and run.data.tags["config_hash"]
     [aggregate] = [r for r in runs if r.data.tags.get("rule") == "aggregate_tables"]
-    artifacts = {a.path for a in client.list_artifacts(aggregate.info.run_id)}
-    assert {"summary.md", "metrics.parquet", "id_vs_ood.png"} <= artifacts
+    artifacts = {a.path for folder in ("tables", "figures") for a in client.list_artifacts(aggregate.info.run_id, folder)}
+    assert {"tables/shifts.md", "tables/shifts.tex", "tables/shifts.json", "tables/metrics.parquet",
+            "figures/id_vs_ood.png", "figures/shifts_shapes.png", "figures/training_shapes.png"} <= artifacts
+    # Plain tags group the runs of one method across seeds in the MLflow UI.
+    evaluations = [r for r in runs if r.data.tags.get("rule") == "evaluate_model" and r.data.tags["method"] == "saeft"]
+    assert {(r.data.tags["seed"], r.data.tags["evalset"]) for r in evaluations} == {
+        (seed, evalset) for seed in ("0", "1") for evalset in ("test", "resampled", "sketch", "rendition", "hard")}
+    assert {r.data.tags["method"] for r in finetune} == {"ft", "saeft"}
+
+
+def test_the_report_holds_every_table_and_figure(study):
+    report = study / "results" / "report.html"
+    snakemake(study, "--report", str(report))
+    text = report.read_text()
+    base = study / "results" / "tiny"
+    shown = sorted(p for folder in ("tables", "figures") for p in (base / folder).iterdir() if p.suffix != ".md")
+    assert len(shown) > 20
+    for path in shown:  # each one embedded under its name
+        assert f"filename={path.name};" in text, path.name
+    for caption in ("Distribution-shift table", "Effective-robustness view", "WiSE-FT curve over alpha",
+                    "Fine-tuning curves", "Feature cards"):
+        assert caption in text, caption
+    assert "Study tiny" in text and "shapes" in text
 
 
 def test_second_run_has_nothing_to_do_even_after_a_new_commit(study):
@@ -154,6 +175,19 @@ def test_changing_sae_k_reruns_the_sae_and_its_users_only(study, tmp_path):
                          "plot_feature_cards", "aggregate_features", "all"}
     assert jobs["finetune"] == 2  # saeft's two seeds; ft does not use the SAE
     assert jobs["analyze_features"] == 4  # every run is read through the (new) zero-shot SAE
+
+
+def test_changing_one_methods_hyperparameter_reruns_that_method_and_the_aggregates(study, tmp_path):
+    config = yaml.safe_load((study / "study.yaml").read_text())
+    config["methods"]["saeft"]["lambda_add"] = 5
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = snakemake(study, "-n", "--cores", "2", config=changed)
+    assert planned_jobs(result) == {"finetune": 2, "evaluate_model": 2 * 5, "analyze_features": 2, "plot_feature_cards": 1,
+                                    "aggregate_features": 1, "aggregate_tables": 1, "all": 1}
+    blocks = re.split(r"\n\[[^\]\n]+\]\n", result.stdout + result.stderr)
+    trained = [block for block in blocks if block.startswith(("rule finetune:", "rule evaluate_model:"))]
+    assert len(trained) == 2 + 2 * 5 and all(re.search(r"(method=saeft,|run=saeft/)", block) for block in trained)
 
 
 def test_changing_the_cards_reruns_only_the_cards(study, tmp_path):

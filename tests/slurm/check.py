@@ -59,7 +59,7 @@ def main(work: Path) -> None:
         for key in ("value", "n", "per_class"):
             if a.get(key) != b.get(key):
                 fail(f"{twin.relative_to(slurm)}: {key} {b.get(key)!r} under SLURM, {a.get(key)!r} locally")
-    for name in ("summary.csv", "summary.md"):
+    for name in ("shifts.csv", "shifts.md", "shifts.tex"):
         if (local / "results" / STUDY / "tables" / name).read_text() != (slurm / "results" / STUDY / "tables" / name).read_text():
             fail(f"tables/{name} differs between the SLURM and the local run")
     print(f"check.py: {len(evals)} evaluation results and the tables equal those of the local run")

@@ -47,7 +47,10 @@ rule plot_feature_cards:
         sae=lambda wildcards: sae_path(wildcards.model, wildcards.dataset),
         head=lambda wildcards: zeroshot_head(wildcards.dataset),
     output:
-        [f"{R}/analysis/{{model}}/{{dataset}}/cards/{name}" for name in card_files()],
+        [
+            in_report(path, "figure_cards", "{dataset}") if path.endswith(".png") else path
+            for path in (f"{R}/analysis/{{model}}/{{dataset}}/cards/{name}" for name in card_files())
+        ],
     params:
         images=lambda wildcards, input: " ".join(
             f"{run_method(run)}={path}" for run, path in zip(analysis_runs(), input.images)
@@ -72,8 +75,8 @@ rule aggregate_features:
         images=[analysis_path(d, run, "images.parquet") for d in DATASETS for run in analysis_runs()],
         evals=eval_results(),
     output:
-        tables=FEATURE_TABLES,
-        figures=FEATURE_FIGURES,
+        tables=[path if path.endswith(".md") else in_report(path, "table_features") for path in FEATURE_TABLES],
+        figures=[in_report(path, "figure_features") for path in FEATURE_FIGURES],
     params:
         tables=f"{R}/tables",
         figures=f"{R}/figures",

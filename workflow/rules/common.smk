@@ -1,8 +1,10 @@
 # Config validation, wildcard constraints, and the target and input functions of every rule.
 import json
+import mimetypes
 import os
 import subprocess
 
+from saeft.aggregate import output_names, wiseft_name
 from saeft.data.registry import get_dataset
 from saeft.study import pretrained_kind, validate_config
 
@@ -63,7 +65,9 @@ def as_json(obj):
 
 
 def track(rule_name):
-    """The MLflow run of a job: experiment per study, run name rule/wildcards, tags."""
+    """The MLflow run of a job: experiment per study, run name rule/wildcards, tags. A rule param,
+    so its value must not change with code versions: every job would rerun. Tags computed from
+    these (method, seed, alpha...) are added by the job itself (saeft.tracking.comparison_tags)."""
     def make(wildcards):
         items = dict(wildcards.items())
         tags = {"rule": rule_name, "study": STUDY, **{f"wc.{k}": v for k, v in items.items()}}
@@ -176,11 +180,6 @@ def alpha_tag(alpha):
     return f"alpha{float(alpha):g}"
 
 
-def wiseft_name(base):
-    """Table row of WiSE-FT over ``base``: 'wiseft' for ft (as in the literature), else wiseft_<base>."""
-    return "wiseft" if base == "ft" else f"wiseft_{base}"
-
-
 def evaluation_runs(curve=False):
     """Every evaluated model: zero-shot once, each fine-tuned method per seed, WiSE-FT at the
     reported alpha (and, with ``curve``, on the whole alpha grid)."""
@@ -201,8 +200,47 @@ def eval_results(curve=False):
     ]
 
 
-TABLES = [f"{R}/tables/{name}" for name in ("metrics.parquet", "summary.csv", "summary.md")]
-FIGURES = [f"{R}/figures/{name}" for name in ("id_vs_ood.png", "id_vs_ood.pdf")]
+def train_summaries():
+    """train.json of every fine-tuning job (the training-curve figures)."""
+    return [f"{R}/finetune/{MODEL}/{d}/{m}/seed{s}/train.json" for d in DATASETS for m in METHODS for s in SEEDS]
+
+
+def aggregate_config():
+    """aggregate_tables' config: the display keys, and the WiSE-FT alpha its tables report."""
+    return {**config["aggregate"], "wiseft_alpha": WISEFT["alpha"] if WISEFT else None}
+
+
+AGGREGATE_TABLES, AGGREGATE_FIGURES = output_names(
+    DATASETS, {d: get_dataset(d).metric for d in DATASETS}, any(TRANSFER.get(d) for d in DATASETS)
+)
+TABLES = [f"{R}/tables/{name}" for name in AGGREGATE_TABLES]
+FIGURES = [f"{R}/figures/{name}" for name in AGGREGATE_FIGURES]
+REPORT_CATEGORY = f"Study {STUDY}"
+mimetypes.add_type("application/vnd.apache.parquet", ".parquet")  # the report's download type
+PER_DATASET_FIGURES = ("shifts", "bars", "training")
+
+
+def in_report(path, caption, subcategory="all datasets"):
+    """``path`` as a report() output: captioned from workflow/report/<caption>.rst, in the
+    study's category and the subcategory of its dataset (a wildcard pattern is expanded)."""
+    stem, ext = os.path.basename(path).rsplit(".", 1)
+    kind = "figure" if ext in ("png", "pdf") else "table"
+    return report(path, caption=f"../report/{caption}.rst", category=REPORT_CATEGORY, subcategory=subcategory,
+                  labels={"kind": kind, "name": stem, "format": ext})
+
+
+def aggregate_outputs():
+    """aggregate_tables' outputs: every table and figure in the report except the Markdown (the
+    HTML view shows the same table)."""
+    out = []
+    for path in TABLES:
+        stem, ext = os.path.basename(path).rsplit(".", 1)
+        out.append(path if ext == "md" else in_report(path, f"table_{stem}"))
+    for path in FIGURES:
+        stem = os.path.basename(path).rsplit(".", 1)[0]
+        kind = next((k for k in PER_DATASET_FIGURES if stem.startswith(k + "_")), None)
+        out.append(in_report(path, f"figure_{kind}", stem[len(kind) + 1:]) if kind else in_report(path, f"figure_{stem}"))
+    return out
 
 
 ANALYSIS = config["analysis"]["enabled"]
@@ -244,6 +282,5 @@ def analysis_targets():
 
 
 def all_targets():
-    # The WiSE-FT curve's grid points are evaluated too; the tables take the reported alpha only.
-    curve = sorted(set(eval_results(curve=True)) - set(eval_results()))
-    return TABLES + FIGURES + curve + sae_sweep_targets() + analysis_targets()
+    # The aggregate reads the whole WiSE-FT curve (figures); its tables take the reported alpha.
+    return TABLES + FIGURES + sae_sweep_targets() + analysis_targets()

@@ -39,7 +39,10 @@ def evaluation_identity(wildcards):
     method, _, seed = trained.partition("/seed")
     if alpha:
         method = wiseft_name(method)
-    return as_json({"study": STUDY, "model": wildcards.model, "method": method, "seed": int(seed) if seed else None})
+    identity = {"study": STUDY, "model": wildcards.model, "method": method, "seed": int(seed) if seed else None}
+    if alpha:  # the WiSE-FT curve point; absent elsewhere, so results made before it was recorded stay valid
+        identity["alpha"] = float(alpha)
+    return as_json(identity)
 
 
 def wiseft_args(wildcards, input):

@@ -14,7 +14,7 @@ rule pretrain_clip:
         f"logs/{STUDY}/pretrain_clip/{{model}}.log",
     benchmark:
         f"benchmarks/{STUDY}/pretrain_clip/{{model}}.tsv"
-    threads: workflow.cores
+    threads: lambda wildcards: workflow.cores  # at job time: a --report or a dry run gives no --cores
     resources:
         gpu=1,
     shell:

@@ -1,0 +1,467 @@
+"""The paper's tables, built from the aggregate summary, and their renderings.
+
+Each table is a :class:`Table`: a numeric frame (one row per method, a ``"C mean"`` and
+``"C std"`` pair per value column C; the CSV is this frame) plus what it takes to show it: column
+headers with optional group headers, sections (one per dataset, say) and a caption. Markdown,
+LaTeX (``booktabs``, the best entry per column and section in bold) and HTML (the Snakemake
+report's view) are renderings of the same frame, so the formats cannot disagree.
+
+Tables (:func:`build_tables`):
+
+- ``shifts``: per (model, dataset), every ID and OOD eval set and the OOD average (the
+  ImageNet-style table);
+- ``wilds``: datasets scored by a WILDS metric (iWildCam macro-F1, FMoW worst-region accuracy),
+  ID and OOD side by side;
+- ``transfer``: transfer sets, scored through their own zero-shot head, and their average;
+- ``robustness``: the effective-robustness view: ID, OOD average, their change from zero-shot,
+  and the effective robustness above the zero-shot–fine-tuning line (:func:`effective_robustness`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from saeft.aggregate import OOD_AVG, AggregateConfig, reported_results, value_columns
+
+WILDS_METRICS = ("macro_f1", "worst_region_acc")
+"""Metrics that mark a WILDS dataset (its table has ID and OOD columns per dataset)."""
+
+TABLE_FORMATS = ("csv", "md", "tex", "html")
+
+ER_LINE_METHOD = "ft"
+"""Effective robustness is measured above the line from zero-shot to this method's point."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One value column of a table."""
+
+    key: str
+    """Name in the frame: the frame holds ``"<key> mean"`` and ``"<key> std"``."""
+    header: str
+    """Header cell."""
+    group: str | None = None
+    """Group header spanning consecutive columns of the same group (LaTeX ``\\multicolumn``)."""
+    signed: bool = False
+    """Show a sign on positive values (differences)."""
+
+
+@dataclasses.dataclass
+class Table:
+    """A paper table: numeric frame plus presentation."""
+
+    name: str
+    """File stem (``tables/<name>.{csv,md,tex,html}``)."""
+    caption: str
+    """One or two sentences: what the rows, columns and numbers are."""
+    frame: pd.DataFrame
+    """Key columns ``section`` and ``label`` (display), identity columns, then value columns."""
+    columns: list[Column]
+    """Value columns in display order."""
+    row_header: str = "Method"
+    """Header of the row-label column."""
+    bold: bool = True
+    """Bold the best mean per column and section."""
+
+    def sections(self) -> list[tuple[str, pd.DataFrame]]:
+        """(section title, rows) in order of first appearance; one untitled section if all equal."""
+        return [(str(title), rows) for title, rows in self.frame.groupby("section", sort=False)]
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+def build_tables(df: pd.DataFrame, summary: pd.DataFrame, cfg: AggregateConfig) -> list[Table]:
+    """The tables that apply to these results, in a fixed order (see :func:`table_names`)."""
+    tables = [shifts_table(summary, df, cfg)]
+    wilds = [d for d, m in _dataset_metrics(df).items() if m in WILDS_METRICS]
+    if wilds:
+        tables.append(wilds_table(summary, wilds, cfg))
+    if (df["role"] == "transfer").any():
+        tables.append(transfer_table(summary, df, cfg))
+    tables.append(robustness_table(df, cfg))
+    return tables
+
+
+def table_names(dataset_metrics: dict[str, str], has_transfer: bool) -> list[str]:
+    """Names of the tables a study writes, from its datasets' metrics and whether it has
+    transfer sets: what :func:`build_tables` returns, known before any result exists."""
+    names = ["shifts"]
+    if any(m in WILDS_METRICS for m in dataset_metrics.values()):
+        names.append("wilds")
+    if has_transfer:
+        names.append("transfer")
+    return names + ["robustness"]
+
+
+def _dataset_metrics(df: pd.DataFrame) -> dict[str, str]:
+    """The metric of each dataset's ID eval set (the dataset's own metric)."""
+    ids = df[df["role"] == "id"].drop_duplicates("dataset")
+    return dict(zip(ids["dataset"], ids["metric"]))
+
+
+def _section(model: str, dataset: str | None, several_models: bool) -> str:
+    if dataset is None:
+        return model if several_models else ""
+    return f"{model} / {dataset}" if several_models else dataset
+
+
+def _metric_name(metric: str, cfg: AggregateConfig) -> str:
+    return "/".join(cfg.metric_label(m) for m in str(metric).split("/"))
+
+
+def _unit(cfg: AggregateConfig) -> str:
+    return "%" if cfg.percent else "fraction"
+
+
+def shifts_table(summary: pd.DataFrame, df: pd.DataFrame, cfg: AggregateConfig) -> Table:
+    """ID, each shift and the OOD average per method, one section per (model, dataset)."""
+    several = summary["model"].nunique() > 1
+    transfer = set(df.loc[df["role"] == "transfer", "evalset"])
+    cols = [c for c in value_columns(summary) if c not in transfer]
+    id_sets = {e for s in summary["id_evalsets"] for e in s.split(", ") if e}
+    frames = []
+    columns: dict[str, Column] = {}
+    for (model, dataset), sec in summary.groupby(["model", "dataset"], sort=False):
+        present = [c for c in cols if sec[f"{c} mean"].notna().any()]
+        for c in present:
+            columns.setdefault(c, Column(c, f"{c} (ID)" if c in id_sets else c))
+        frames.append(sec.assign(section=_section(model, dataset, several)))
+    frame = _frame(pd.concat(frames), list(columns.values()))
+    metrics = ", ".join(dict.fromkeys(_metric_name(m, cfg) for m in summary["metric"]))
+    caption = (
+        f"Accuracy under distribution shift ({metrics}, {_unit(cfg)}): the ID eval set, each shift "
+        f"and {OOD_AVG} (per seed, the mean over the shifts), mean ± std over seeds; best per column in bold."
+    )
+    return Table("shifts", caption, frame, list(columns.values()))
+
+
+def wilds_table(summary: pd.DataFrame, datasets: Sequence[str], cfg: AggregateConfig) -> Table:
+    """ID and OOD (average) of each WILDS dataset side by side, one row per (model, method)."""
+    several = summary["model"].nunique() > 1
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    columns: list[Column] = []
+    for dataset in datasets:
+        sec = summary[summary["dataset"] == dataset]
+        if sec.empty:
+            continue
+        id_set = next(e for e in str(sec["id_evalsets"].iloc[0]).split(", ") if e)
+        group = f"{dataset} ({_metric_name(sec['metric'].iloc[0], cfg)})"
+        columns += [Column(f"{dataset} ID", "ID", group), Column(f"{dataset} OOD", "OOD", group)]
+        for _, r in sec.iterrows():
+            row = rows.setdefault((r["model"], r["method"]), {
+                "model": r["model"], "method": r["method"], "label": r["label"],
+                "section": _section(r["model"], None, several),
+            })
+            for key, source in ((f"{dataset} ID", id_set), (f"{dataset} OOD", OOD_AVG)):
+                row[f"{key} mean"], row[f"{key} std"] = r[f"{source} mean"], r[f"{source} std"]
+    frame = _order(pd.DataFrame(list(rows.values())), cfg)
+    caption = (
+        f"WILDS ({_unit(cfg)}): each dataset's ID test split and its OOD split(s) (the average, where "
+        "several), in the dataset's metric, mean ± std over seeds; best per column in bold."
+    )
+    return Table("wilds", caption, _frame(frame, columns), columns)
+
+
+def transfer_table(summary: pd.DataFrame, df: pd.DataFrame, cfg: AggregateConfig) -> Table:
+    """Transfer sets per (model, fine-tuning dataset), and their per-seed average."""
+    several = summary["model"].nunique() > 1
+    transfer = reported_results(df[df["role"] == "transfer"], cfg)
+    sets = list(dict.fromkeys(transfer["evalset"]))
+    per_seed = (
+        transfer.assign(_seed=transfer["seed"].fillna(-1).astype("int64"))
+        .pivot_table(index=["model", "dataset", "method", "_seed"], columns="evalset", values="value", aggfunc="first")
+        .reindex(columns=sets)
+    )
+    per_seed["average"] = per_seed.mean(axis=1, skipna=False)
+    stats = per_seed.groupby(level=["model", "dataset", "method"], sort=False).agg(["mean", "std"])
+    stats.columns = [f"{c} {s}" for c, s in stats.columns]
+    frame = stats.reset_index()
+    frame["label"] = [cfg.label(m) for m in frame["method"]]
+    frame["section"] = [_section(m, d, several) for m, d in zip(frame["model"], frame["dataset"])]
+    columns = [Column(s, s) for s in sets] + [Column("average", "average")]
+    frame = _order(frame, cfg)
+    caption = (
+        f"Transfer ({_unit(cfg)}): each transfer set scored through its own zero-shot head on the image "
+        "encoder fine-tuned on the section's dataset; average per seed over the sets; mean ± std over seeds."
+    )
+    return Table("transfer", caption, _frame(frame, columns), columns)
+
+
+def robustness_table(df: pd.DataFrame, cfg: AggregateConfig) -> Table:
+    """The effective-robustness view per (model, dataset): see :func:`effective_robustness`."""
+    er = effective_robustness(df, cfg)
+    several = er["model"].nunique() > 1
+    er["section"] = [_section(m, d, several) for m, d in zip(er["model"], er["dataset"])]
+    er["label"] = [cfg.label(m) for m in er["method"]]
+    columns = [
+        Column("ID", "ID"),
+        Column(OOD_AVG, OOD_AVG),
+        Column("ΔID", "ΔID vs zero-shot", signed=True),
+        Column("ΔOOD", "ΔOOD vs zero-shot", signed=True),
+        Column("ER", "effective robustness", signed=True),
+    ]
+    caption = (
+        f"Effective robustness ({_unit(cfg)}): ID (first ID eval set) and {OOD_AVG}; their change from the "
+        "zero-shot model; and the effective robustness, the OOD average above the line through the zero-shot "
+        f"and {cfg.label(ER_LINE_METHOD)} points in logit axes (0 on that line, positive above it). Per seed, "
+        "then mean ± std over seeds."
+    )
+    return Table("robustness", caption, _frame(_order(er, cfg), columns), columns)
+
+
+def effective_robustness(df: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
+    """Per (model, dataset, method): mean and std over seeds of ID, OOD avg, ΔID and ΔOOD (from
+    the zero-shot mean) and ER.
+
+    ER follows Taori et al. (2020) with a two-point baseline: in logit coordinates, the line through
+    the mean (ID, OOD avg) of zero-shot and of :data:`ER_LINE_METHOD`; a seed's ER is its OOD avg
+    minus the line's OOD at its ID, mapped back to accuracy. A study without both points, or with
+    both at the same ID, has no ER (NaN). The line stands in for the testbed of standard models
+    that Taori et al. fit: this pipeline trains one model per method.
+    """
+    df = reported_results(df, cfg)
+    rows = []
+    for (model, dataset), group in df[df["role"] != "transfer"].groupby(["model", "dataset"], sort=False):
+        id_sets = list(dict.fromkeys(group.loc[group["role"] == "id", "evalset"]))
+        ood_sets = list(dict.fromkeys(group.loc[group["role"] == "ood", "evalset"]))
+        if not id_sets or not ood_sets:
+            continue
+        wide = (
+            group.assign(_seed=group["seed"].fillna(-1).astype("int64"))
+            .pivot_table(index=["method", "_seed"], columns="evalset", values="value", aggfunc="first")
+        )
+        points = pd.DataFrame({"ID": wide[id_sets[0]], OOD_AVG: wide.reindex(columns=ood_sets).mean(axis=1, skipna=False)})
+        means = points.groupby(level="method").mean()
+        anchor = means.loc["zeroshot"] if "zeroshot" in means.index else None
+        line = _logit_line(anchor, means.loc[ER_LINE_METHOD] if ER_LINE_METHOD in means.index else None)
+        points["ΔID"] = points["ID"] - (anchor["ID"] if anchor is not None else np.nan)
+        points["ΔOOD"] = points[OOD_AVG] - (anchor[OOD_AVG] if anchor is not None else np.nan)
+        points["ER"] = [_er(line, i, o) for i, o in zip(points["ID"], points[OOD_AVG])]
+        stats = points.groupby(level="method", sort=False).agg(["mean", "std"])
+        stats.columns = [f"{c} {s}" for c, s in stats.columns]
+        stats = stats.reset_index().assign(model=model, dataset=dataset)
+        rows.append(stats)
+    if not rows:
+        raise ValueError("no dataset has both ID and OOD results: no effective-robustness view")
+    return pd.concat(rows, ignore_index=True)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def _logit_line(a: pd.Series | None, b: pd.Series | None) -> tuple[float, float] | None:
+    """(slope, intercept) of the line through points a and b in logit axes, or None."""
+    if a is None or b is None:
+        return None
+    dx = _logit(b["ID"]) - _logit(a["ID"])
+    if abs(dx) < 1e-9 or any(pd.isna(v) for v in (*a, *b)):
+        return None
+    slope = (_logit(b[OOD_AVG]) - _logit(a[OOD_AVG])) / dx
+    return slope, _logit(a[OOD_AVG]) - slope * _logit(a["ID"])
+
+
+def _er(line: tuple[float, float] | None, id_value: float, ood_value: float) -> float:
+    if line is None or pd.isna(id_value) or pd.isna(ood_value):
+        return np.nan
+    slope, intercept = line
+    return ood_value - 1.0 / (1.0 + math.exp(-(slope * _logit(id_value) + intercept)))
+
+
+def _order(frame: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
+    """Rows by section (first appearance), then methods in the configured order."""
+    sections = {s: i for i, s in enumerate(dict.fromkeys(frame["section"]))}
+    key = [(sections[s], cfg.method_sort_key(m)) for s, m in zip(frame["section"], frame["method"])]
+    return frame.iloc[sorted(range(len(frame)), key=key.__getitem__)].reset_index(drop=True)
+
+
+def _frame(frame: pd.DataFrame, columns: Sequence[Column]) -> pd.DataFrame:
+    ident = [c for c in ("section", "model", "dataset", "method", "label", "n_seeds") if c in frame.columns]
+    numeric = [f"{c.key} {s}" for c in columns for s in ("mean", "std")]
+    out = frame.reindex(columns=ident + numeric).reset_index(drop=True)
+    out[numeric] = out[numeric].astype("float64")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def cell(mean: float, std: float, cfg: AggregateConfig, signed: bool = False) -> tuple[str, str]:
+    """(mean, std) in display units; ``""`` for a missing value or std."""
+    if pd.isna(mean):
+        return "", ""
+    scale = 100.0 if cfg.percent else 1.0
+    sign = "+" if signed else ""
+    value = round(mean * scale, cfg.decimals) + 0.0  # + 0.0: no "-0.0" for a value that rounds to zero
+    text = f"{value:{sign}.{cfg.decimals}f}"
+    return text, "" if pd.isna(std) else f"{std * scale:.{cfg.decimals}f}"
+
+
+def shown(row: pd.Series, column: Column, cfg: AggregateConfig) -> tuple[str, str]:
+    """The (mean, std) a row shows in a column: a ``"<key> text"`` entry overrides the numbers."""
+    text = row.get(f"{column.key} text")
+    if isinstance(text, str) and text:
+        return text, ""
+    return cell(row[f"{column.key} mean"], row[f"{column.key} std"], cfg, column.signed)
+
+
+def _bold(table: Table, rows: pd.DataFrame, columns: Sequence[Column], cfg: AggregateConfig) -> dict[str, set[int]]:
+    return {c.key: best_rows(rows, c, cfg) if table.bold else set() for c in columns}
+
+
+def best_rows(rows: pd.DataFrame, column: Column, cfg: AggregateConfig) -> set[int]:
+    """Positions of the rows holding the column's best mean, compared as shown (ties all bold)."""
+    shown = [cell(m, np.nan, cfg)[0] for m in rows[f"{column.key} mean"]]
+    values = [float(v) if v else -math.inf for v in shown]
+    top = max(values, default=-math.inf)
+    return set() if top == -math.inf else {i for i, v in enumerate(values) if v == top}
+
+
+def to_markdown(table: Table, cfg: AggregateConfig) -> str:
+    """Markdown: a ``###`` heading per section when there are several, best per column in bold."""
+    parts = []
+    sections = table.sections()
+    for title, rows in sections:
+        present = [c for c in table.columns if rows[f"{c.key} mean"].notna().any()]
+        header = [table.row_header] + [f"{c.group} {c.header}" if c.group else c.header for c in present]
+        lines = [f"### {title}", ""] if len(sections) > 1 and title else []
+        lines.append(_md_row(header))
+        lines.append("|" + "|".join([":---"] + ["---:"] * len(present)) + "|")
+        bold = _bold(table, rows, present, cfg)
+        for i, (_, row) in enumerate(rows.iterrows()):
+            cells = [row["label"]]
+            for c in present:
+                mean, std = shown(row, c, cfg)
+                text = f"{mean} ± {std}" if std else (mean or "–")
+                cells.append(f"**{text}**" if i in bold[c.key] else text)
+            lines.append(_md_row(cells))
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n\n" + table.caption + "\n"
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "±": r"$\pm$", "Δ": r"$\Delta$", "–": "--",
+}
+_LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIALS))
+
+
+def latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped (and ±, Δ, – as LaTeX)."""
+    return _LATEX_RE.sub(lambda m: _LATEX_SPECIALS[m.group(0)], str(text))
+
+
+def to_latex(table: Table, cfg: AggregateConfig) -> str:
+    """A ``table`` float with a ``booktabs`` ``tabular``: group headers as ``\\multicolumn`` with
+    ``\\cmidrule``, a ``\\midrule`` and a bold-less section row between sections, the best mean per
+    column and section in bold. Needs ``\\usepackage{booktabs}``."""
+    cols = [c for c in table.columns if table.frame[f"{c.key} mean"].notna().any()] or list(table.columns)
+    spec = "l" + "r" * len(cols)
+    lines = [
+        "% Generated by saeft (tables.to_latex); needs \\usepackage{booktabs}.",
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\small",
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+    ]
+    groups = _groups(cols)
+    if any(g for g, _ in groups):
+        cells, rules, start = [""], [], 2
+        for group, n in groups:
+            cells.append(f"\\multicolumn{{{n}}}{{c}}{{{latex_escape(group)}}}" if group else " & ".join([""] * n).strip())
+            if group:
+                rules.append(f"\\cmidrule(lr){{{start}-{start + n - 1}}}")
+            start += n
+        lines.append(" & ".join(cells) + " \\\\")
+        lines.append(" ".join(rules))
+    lines.append(" & ".join([latex_escape(table.row_header)] + [latex_escape(c.header) for c in cols]) + " \\\\")
+    lines.append("\\midrule")
+    sections = table.sections()
+    for k, (title, rows) in enumerate(sections):
+        if len(sections) > 1 and title:
+            if k:
+                lines.append("\\midrule")
+            lines.append(f"\\multicolumn{{{len(cols) + 1}}}{{l}}{{\\emph{{{latex_escape(title)}}}}} \\\\")
+        bold = _bold(table, rows, cols, cfg)
+        for i, (_, row) in enumerate(rows.iterrows()):
+            cells = [latex_escape(row["label"])]
+            for c in cols:
+                mean, std = shown(row, c, cfg)
+                if not mean:
+                    cells.append("--")
+                    continue
+                mean = latex_escape(mean)
+                text = f"\\textbf{{{mean}}}" if i in bold[c.key] else mean
+                cells.append(text + (f" {{\\scriptsize $\\pm$ {std}}}" if std else ""))
+            lines.append(" & ".join(cells) + " \\\\")
+    if table.frame.empty:
+        lines.append(f"\\multicolumn{{{len(cols) + 1}}}{{c}}{{\\emph{{no rows}}}} \\\\")
+    lines += [
+        "\\bottomrule",
+        "\\end{tabular}",
+        f"\\caption{{{latex_escape(table.caption)}}}",
+        f"\\label{{tab:{table.name}}}",
+        "\\end{table}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _groups(cols: Sequence[Column]) -> list[tuple[str | None, int]]:
+    """Consecutive columns of the same group, as (group, count)."""
+    out: list[tuple[str | None, int]] = []
+    for c in cols:
+        if out and out[-1][0] == c.group:
+            out[-1] = (c.group, out[-1][1] + 1)
+        else:
+            out.append((c.group, 1))
+    return out
+
+
+def to_html(table: Table, cfg: AggregateConfig) -> str:
+    """A standalone HTML page (the Snakemake report's view of the table)."""
+    body = []
+    for title, rows in table.sections():
+        present = [c for c in table.columns if rows[f"{c.key} mean"].notna().any()]
+        if title:
+            body.append(f"<h3>{html.escape(title)}</h3>")
+        head = "".join(f"<th>{html.escape(f'{c.group} {c.header}' if c.group else c.header)}</th>" for c in present)
+        body.append(f"<table><thead><tr><th>{html.escape(table.row_header)}</th>{head}</tr></thead><tbody>")
+        bold = _bold(table, rows, present, cfg)
+        for i, (_, row) in enumerate(rows.iterrows()):
+            cells = []
+            for c in present:
+                mean, std = shown(row, c, cfg)
+                text = html.escape(f"{mean} ± {std}" if std else (mean or "–"))
+                cells.append(f"<td><b>{text}</b></td>" if i in bold[c.key] else f"<td>{text}</td>")
+            body.append(f"<tr><th>{html.escape(str(row['label']))}</th>{''.join(cells)}</tr>")
+        body.append("</tbody></table>")
+    style = (
+        "body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
+        "th,td{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}"
+        "th:first-child{text-align:left}thead th{border-bottom:2px solid #333}"
+    )
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(table.name)}</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body)
+        + f"\n<p>{html.escape(table.caption)}</p>\n</body></html>\n"
+    )
