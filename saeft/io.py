@@ -21,6 +21,15 @@ from safetensors.torch import load_file, save_file
 from saeft.faults import maybe_kill
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask() sets as it reads
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it to ``path``, else delete it."""
@@ -34,6 +43,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes the file private (0600): give the output the usual umask permissions,
+        # so collaborators on a shared cluster can read the results.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         maybe_kill("rename")
         os.replace(tmp_path, final)
     except BaseException:

@@ -44,3 +44,20 @@ def test_a_read_only_results_folder_fails_the_job_cleanly(small_disk, caplog):
     assert _prepare(out, caplog) == 2
     assert f"{out}: cannot write here (Read-only file system)" in caplog.text
     assert list(out.parent.iterdir()) == []
+
+
+def test_outputs_get_the_umask_permissions_not_the_temporary_files_private_ones(tmp_path):
+    import os
+    import stat
+
+    from saeft.io import atomic_path, write_json
+
+    out = tmp_path / "result.json"
+    write_json(out, {"value": 1})
+    with atomic_path(tmp_path / "table.csv") as tmp:
+        tmp.write_text("a\n")
+        assert stat.S_IMODE(os.stat(tmp).st_mode) == 0o600  # private while being written
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, tmp_path / "table.csv"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
