@@ -247,7 +247,9 @@ def plot_bars(
     metric = _metric_name(sec["metric"].iloc[0], cfg)
     n = len(sec)
     width = 0.8 / max(n, 1)
-    fig = Figure(figsize=(max(5.0, 1.0 + len(groups) * (0.45 * n + 0.4)) + 1.9, 4.0), layout="constrained")
+    # Wide enough for the bars, up to a page-spread width: many methods make thinner bars.
+    width_in = min(max(5.0, 1.0 + len(groups) * (0.45 * n + 0.4)), 22.0)
+    fig = Figure(figsize=(width_in + 1.9, 4.0), layout="constrained")
     ax = fig.subplots()
     handles: dict[str, Any] = {}
     positions = np.arange(len(groups))

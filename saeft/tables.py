@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ import numpy as np
 import pandas as pd
 
 from saeft.aggregate import OOD_AVG, AggregateConfig, reported_results, value_columns
+
+logger = logging.getLogger(__name__)
 
 WILDS_METRICS = ("macro_f1", "worst_region_acc")
 """Metrics that mark a WILDS dataset (its table has ID and OOD columns per dataset)."""
@@ -211,6 +214,8 @@ def robustness_table(df: pd.DataFrame, cfg: AggregateConfig) -> Table:
         Column("ΔOOD", "ΔOOD vs zero-shot", signed=True),
         Column("ER", "effective robustness", signed=True),
     ]
+    if er.empty:
+        logger.warning("no dataset has both ID and OOD results: the effective-robustness table is empty")
     caption = (
         f"Effective robustness ({_unit(cfg)}): ID (first ID eval set) and {OOD_AVG}; their change from the "
         "zero-shot model; and the effective robustness, the OOD average above the line through the zero-shot "
@@ -252,8 +257,9 @@ def effective_robustness(df: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame
         stats.columns = [f"{c} {s}" for c, s in stats.columns]
         stats = stats.reset_index().assign(model=model, dataset=dataset)
         rows.append(stats)
-    if not rows:
-        raise ValueError("no dataset has both ID and OOD results: no effective-robustness view")
+    if not rows:  # e.g. a study of datasets without shifts: an empty view, not a failed aggregate
+        numeric = [f"{c} {s}" for c in ("ID", OOD_AVG, "ΔID", "ΔOOD", "ER") for s in ("mean", "std")]
+        return pd.DataFrame(columns=["method", *numeric, "model", "dataset"]).astype({c: "float64" for c in numeric})
     return pd.concat(rows, ignore_index=True)
 
 

@@ -428,3 +428,16 @@ def test_comparison_tags_split_an_evaluated_run():
                                               "method": "wiseft_saeft", "seed": "2", "alpha": "0.5"}
     assert tracking.comparison_tags({"wc.run": "zeroshot"}) == {"method": "zeroshot", "seed": "none", "alpha": "none"}
     assert tracking.comparison_tags({"wc.method": "ft", "wc.seed": "0"}) == {"method": "ft", "seed": "0"}
+
+
+def test_a_study_without_shifts_still_gets_every_output(tmp_path):
+    paths = [_write(tmp_path / "eval", dataset="dtd", method=m, seed=s, evalset="test", value=v)
+             for m, s, v in (("zeroshot", None, 0.4), ("ft", 0, 0.7), ("ft", 1, 0.72))]
+    cfg = AggregateConfig()
+    out = aggregate.run(paths, tmp_path / "tables", tmp_path / "figures", cfg)
+    names_tables, names_figures = aggregate.output_names(["dtd"], {"dtd": "top1"}, False)
+    assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == sorted(names_tables)
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(names_figures)
+    assert out.tables["robustness"].empty
+    assert "| FT | **71.0 ± 1.4** |" in (tmp_path / "tables" / "shifts.md").read_text()
+    _check_latex((tmp_path / "tables" / "robustness.tex").read_text(), columns=6)
