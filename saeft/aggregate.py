@@ -110,6 +110,10 @@ class AggregateConfig(StageConfig):
     show WiSE-FT there; the other alphas are curve points, drawn in the figures. None: a method
     may then carry one alpha only."""
 
+    pretrained: str | None = None
+    """The study's weights (the workflow sets it from ``model.pretrained``): the reference table
+    compares only with published cells of the same weights. None: with every cell."""
+
     def __post_init__(self) -> None:
         require(isinstance(self.decimals, int) and self.decimals >= 0, "decimals", "must be >= 0")
         require(

@@ -1,10 +1,12 @@
 """Published numbers beside ours: the comparison table of the aggregate stage.
 
 The published cells live in ``saeft/assets/reference_results.csv`` (transcribed from
-``reference/FIGURES.md``): model, dataset, method, eval set, a value or a range (``low``..``high``:
-values read off plots, or a best point whose alpha is not stated), metric and source. ``*`` as the
-model matches any model (the source does not state the backbone); ``*`` as the dataset matches the
-eval set as a transfer set of any dataset, or as the ID test set of the dataset of that name.
+``reference/FIGURES.md``): model, pretrained weights, dataset, method, eval set, a value or a range
+(``low``..``high``: values read off plots, or a best point whose alpha is not stated), metric and
+source. ``*`` as the model or the weights matches any (the source does not state them); ``*`` as
+the dataset matches the eval set as a transfer set of any dataset, or as the ID test set of the
+dataset of that name. A study whose weights differ from a cell's (``aggregate`` config
+``pretrained``, set from ``model.pretrained``) is not compared with it.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from saeft.tables import Column, Table
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_COLUMNS = ("model", "dataset", "method", "evalset", "low", "high", "metric", "source")
+REFERENCE_COLUMNS = ("model", "pretrained", "dataset", "method", "evalset", "low", "high", "metric", "source")
 
 
 def load_reference(path: str | None = None) -> pd.DataFrame:
     """The published cells (the packaged CSV unless ``path``); checks columns and ranges."""
     source = path or resources.files("saeft") / "assets" / "reference_results.csv"
-    ref = pd.read_csv(source, dtype={"model": str, "dataset": str, "method": str, "evalset": str})
+    ref = pd.read_csv(source, dtype={"model": str, "pretrained": str, "dataset": str, "method": str, "evalset": str})
     missing = [c for c in REFERENCE_COLUMNS if c not in ref.columns]
     if missing:
         raise ValueError(f"{source}: missing column(s) {', '.join(missing)}")
@@ -43,6 +45,8 @@ def reference_table(summary: pd.DataFrame, cfg: AggregateConfig, ref: pd.DataFra
     rows = []
     several = summary["model"].nunique() > 1
     for _, r in ref.iterrows():
+        if r["pretrained"] != "*" and cfg.pretrained is not None and cfg.pretrained != r["pretrained"]:
+            continue  # other weights: not the same experiment
         for _, ours in summary[_matches(summary, r)].iterrows():
             column = _column(ours, r)
             if r["metric"] not in str(ours["metric"]).split("/") or column is None or pd.isna(ours.get(f"{column} mean", np.nan)):
@@ -77,8 +81,8 @@ def reference_table(summary: pd.DataFrame, cfg: AggregateConfig, ref: pd.DataFra
         datasets = ", ".join(sorted(summary["dataset"].unique()))
         caption += (
             f" No published value applies to this study (model {models}; datasets {datasets}): published cells "
-            f"exist for {', '.join(sorted(set(ref['model']) - {'*'}))} and unstated backbones on "
-            f"{', '.join(sorted(set(ref['dataset']) - {'*'}))}."
+            f"exist for {', '.join(sorted(set(ref['model']) - {'*'}))} ({', '.join(sorted(set(ref['pretrained']) - {'*'}))} "
+            f"weights) and unstated backbones on {', '.join(sorted(set(ref['dataset']) - {'*'}))}."
         )
     logger.info("reference comparison: %d cell(s) with a published value", len(frame))
     return Table("reference", caption, frame, columns, row_header="Method: eval set", bold=False)

@@ -272,6 +272,10 @@ def test_reference_table_compares_matching_cells(tmp_path):
     md = tables.to_markdown(table, cfg)
     assert "| FT: val | 81.0 ± 1.4 | 81.3 | -0.3 |" in md
     _check_latex(tables.to_latex(table, cfg), columns=4)
+    # Other weights of the same architecture: only the cells whose weights are not stated remain.
+    laion = reference.reference_table(summary, AggregateConfig(wiseft_alpha=0.5, pretrained="laion2b_s34b_b88k"), None)
+    assert set(laion.frame["label"]) == {"SAE-FT: imagenet_r"}
+    assert set(reference.reference_table(summary, AggregateConfig(wiseft_alpha=0.5, pretrained="openai")).frame["label"]) == set(frame.index)
 
 
 def test_reference_table_of_an_unrelated_study_says_so(paths, cfg):
@@ -290,6 +294,8 @@ def test_packaged_reference_values_match_figures_md():
     assert ref.loc[("ViT-B-32", "ft", "imagenet_sketch"), "low"] == pytest.approx(0.393)
     assert tuple(ref.loc[("ViT-B-16", "wiseft", "val"), ["low", "high"]]) == pytest.approx((0.787, 0.806))
     assert ref.loc[("*", "saeft", "test"), "low"] == pytest.approx(0.381)
+    raw = reference.load_reference()
+    assert set(raw.loc[raw["model"] == "ViT-B-16", "pretrained"]) == {"openai"}  # the WiSE-FT paper's weights
 
 
 # --------------------------------------------------------------------------------------------

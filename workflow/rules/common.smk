@@ -206,8 +206,10 @@ def train_summaries():
 
 
 def aggregate_config():
-    """aggregate_tables' config: the display keys, and the WiSE-FT alpha its tables report."""
-    return {**config["aggregate"], "wiseft_alpha": WISEFT["alpha"] if WISEFT else None}
+    """aggregate_tables' config: the display keys, the WiSE-FT alpha its tables report, and the
+    weights (the reference table compares with published cells of the same weights only)."""
+    return {**config["aggregate"], "wiseft_alpha": WISEFT["alpha"] if WISEFT else None,
+            "pretrained": config["model"]["pretrained"]}
 
 
 AGGREGATE_TABLES, AGGREGATE_FIGURES = output_names(
