@@ -137,8 +137,12 @@ class AggregateConfig(StageConfig):
         return self.method_labels.get(method, DEFAULT_METHOD_LABELS.get(method, method))
 
     def metric_label(self, metric: str) -> str:
-        """Display name of ``metric``."""
-        return self.metric_labels.get(metric, DEFAULT_METRIC_LABELS.get(metric, metric))
+        """Display name of ``metric`` (of each part of a ``/``-joined one, for mixed eval sets)."""
+        return "/".join(self.metric_labels.get(m, DEFAULT_METRIC_LABELS.get(m, m)) for m in str(metric).split("/"))
+
+    def scale_and_unit(self) -> tuple[float, str]:
+        """Factor from fractions to shown values, and the unit's name: (100, "%") or (1, "fraction")."""
+        return (100.0, "%") if self.percent else (1.0, "fraction")
 
     def method_sort_key(self, method: str) -> tuple[int, str]:
         """Sort key: listed methods in their order, then the others alphabetically."""
@@ -389,15 +393,21 @@ def value_columns(summary: pd.DataFrame) -> list[str]:
     return [c for c in summary.columns if f"{c} mean" in cols and f"{c} std" in cols]
 
 
+def format_parts(mean: float, std: float, cfg: AggregateConfig, signed: bool = False) -> tuple[str, str]:
+    """(mean, std) in display units, ``""`` for a missing one; ``signed`` shows a + on positive
+    means (differences). A value that rounds to zero never shows as -0.0."""
+    if mean is None or pd.isna(mean):
+        return "", ""
+    scale = cfg.scale_and_unit()[0]
+    value = round(mean * scale, cfg.decimals) + 0.0  # + 0.0 turns -0.0 into 0.0
+    text = f"{value:{'+' if signed else ''}.{cfg.decimals}f}"
+    return text, "" if std is None or pd.isna(std) else f"{std * scale:.{cfg.decimals}f}"
+
+
 def format_cell(mean: float, std: float, cfg: AggregateConfig) -> str:
     """``"mean ± std"`` in display units; the mean alone if std is NaN; ``""`` if mean is NaN."""
-    if mean is None or pd.isna(mean):
-        return ""
-    scale = 100.0 if cfg.percent else 1.0
-    text = f"{mean * scale:.{cfg.decimals}f}"
-    if std is not None and not pd.isna(std):
-        text += f" ± {std * scale:.{cfg.decimals}f}"
-    return text
+    text, spread = format_parts(mean, std, cfg)
+    return f"{text} ± {spread}" if spread else text
 
 
 # --------------------------------------------------------------------------------------------

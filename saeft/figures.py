@@ -52,14 +52,6 @@ def save_figure(fig: Figure, png: str | os.PathLike, pdf: str | os.PathLike | No
             fig.savefig(tmp, format="pdf")
 
 
-def _scale(cfg: AggregateConfig) -> tuple[float, str]:
-    return (100.0, "%") if cfg.percent else (1.0, "fraction")
-
-
-def _metric_name(metric: str, cfg: AggregateConfig) -> str:
-    return "/".join(cfg.metric_label(m) for m in str(metric).split("/"))
-
-
 def _new_figure(panels: int, width: float = 3.9, height: float = 3.6, legend: float = 1.9, max_cols: int = 3) -> tuple[Figure, list[Any]]:
     ncols = max(1, min(panels, max_cols))
     nrows = max(1, math.ceil(panels / ncols))
@@ -97,7 +89,7 @@ def _id_set(sec: pd.DataFrame) -> str | None:
 def plot_id_vs_ood(summary: pd.DataFrame, cfg: AggregateConfig, png: str | os.PathLike, pdf: str | os.PathLike | None = None) -> Figure:
     """OOD average (y) against the first ID eval set (x) per method, a panel per (model, dataset);
     error bars are stds over seeds. Returns the saved figure."""
-    scale, unit = _scale(cfg)
+    scale, unit = cfg.scale_and_unit()
     styles = method_styles(summary["method"], cfg)
     sections = []
     for (model, dataset), sec in summary.groupby(["model", "dataset"], sort=False):
@@ -119,7 +111,7 @@ def plot_id_vs_ood(summary: pd.DataFrame, cfg: AggregateConfig, png: str | os.Pa
         axes[0].set_ylabel(f"OOD-average accuracy ({unit})")
     several = summary["model"].nunique() > 1
     for ax, (model, dataset, xcol, pts) in zip(axes, sections):
-        metric = _metric_name(pts["metric"].iloc[0], cfg)
+        metric = cfg.metric_label(pts["metric"].iloc[0])
         for _, row in pts.iterrows():
             color, marker = styles[row["method"]]
             handles.setdefault(row["label"], ax.errorbar(
@@ -153,7 +145,7 @@ def plot_shifts(
     """ID (x) against each OOD eval set (y), a panel per shift and one for the OOD average:
     a point per method (error bars: std over seeds) and, per WiSE-FT method, its curve over
     alpha from zero-shot (alpha 0) to the fine-tuned model (alpha 1), mean over seeds."""
-    scale, unit = _scale(cfg)
+    scale, unit = cfg.scale_and_unit()
     sec = summary[summary["dataset"] == dataset]
     if sec.empty:
         raise ValueError(f"no results for dataset {dataset!r}")
@@ -161,7 +153,7 @@ def plot_shifts(
     ood = [c for c in _ood_sets(sec) if f"{c} mean" in sec.columns and sec[f"{c} mean"].notna().any()]
     panels = ood + [OOD_AVG] if len(ood) > 1 else ood
     styles = method_styles(summary["method"], cfg)
-    metric = _metric_name(sec["metric"].iloc[0], cfg)
+    metric = cfg.metric_label(sec["metric"].iloc[0])
     fig, axes = _new_figure(max(len(panels), 1))
     handles: dict[str, Any] = {}
     if xcol is None or not panels:
@@ -237,14 +229,14 @@ def plot_bars(
 ) -> Figure:
     """Every ID and OOD eval set and the OOD average of one dataset, a bar per method (error
     bars: std over seeds; a value label on each bar). Transfer sets are left out."""
-    scale, unit = _scale(cfg)
+    scale, unit = cfg.scale_and_unit()
     sec = summary[summary["dataset"] == dataset]
     if sec.empty:
         raise ValueError(f"no results for dataset {dataset!r}")
     cols = [c[: -len(" mean")] for c in sec.columns if c.endswith(" mean")]
     groups = [c for c in cols if c not in transfer and sec[f"{c} mean"].notna().any()]
     styles = method_styles(summary["method"], cfg)
-    metric = _metric_name(sec["metric"].iloc[0], cfg)
+    metric = cfg.metric_label(sec["metric"].iloc[0])
     n = len(sec)
     width = 0.8 / max(n, 1)
     # Wide enough for the bars, up to a page-spread width: many methods make thinner bars.
@@ -293,7 +285,7 @@ def plot_training(
     methods (zero-shot and WiSE-FT too), so each keeps the colour it has in the other figures."""
     from matplotlib.ticker import MaxNLocator
 
-    scale, unit = _scale(cfg)
+    scale, unit = cfg.scale_and_unit()
     rows = []
     for run in runs:
         method = run["config"]["method"]

@@ -54,7 +54,7 @@ def reference_table(summary: pd.DataFrame, cfg: AggregateConfig, ref: pd.DataFra
             mean, std = ours[f"{column} mean"], ours[f"{column} std"]
             low, high = float(r["low"]), float(r["high"])
             diff = mean - high if mean > high else mean - low if mean < low else 0.0
-            scale = 100.0 if cfg.percent else 1.0
+            scale = cfg.scale_and_unit()[0]
             shown = f"{low * scale:.1f}" if low == high else f"{low * scale:.1f}–{high * scale:.1f}"
             section = f"{ours['model']} / {ours['dataset']}" if several or r["model"] != "*" else str(ours["dataset"])
             rows.append({
@@ -70,7 +70,7 @@ def reference_table(summary: pd.DataFrame, cfg: AggregateConfig, ref: pd.DataFra
         "section", "model", "dataset", "method", "evalset", "label", "ours mean", "ours std",
         "reference mean", "reference std", "reference text", "difference mean", "difference std", "source",
     ])
-    unit = "%" if cfg.percent else "fraction"
+    unit = cfg.scale_and_unit()[1]
     caption = (
         f"Ours beside published numbers ({unit}), where a cell has one: mean ± std over seeds; the published "
         "value, or a range (values read off plots are ±0.5; the WiSE-FT row is the best-OOD point of its curve, "

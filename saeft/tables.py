@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saeft.aggregate import OOD_AVG, AggregateConfig, reported_results, value_columns
+from saeft.aggregate import OOD_AVG, AggregateConfig, format_parts, reported_results, value_columns
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +119,6 @@ def _section(model: str, dataset: str | None, several_models: bool) -> str:
     return f"{model} / {dataset}" if several_models else dataset
 
 
-def _metric_name(metric: str, cfg: AggregateConfig) -> str:
-    return "/".join(cfg.metric_label(m) for m in str(metric).split("/"))
-
-
-def _unit(cfg: AggregateConfig) -> str:
-    return "%" if cfg.percent else "fraction"
-
-
 def shifts_table(summary: pd.DataFrame, df: pd.DataFrame, cfg: AggregateConfig) -> Table:
     """ID, each shift and the OOD average per method, one section per (model, dataset)."""
     several = summary["model"].nunique() > 1
@@ -141,9 +133,9 @@ def shifts_table(summary: pd.DataFrame, df: pd.DataFrame, cfg: AggregateConfig) 
             columns.setdefault(c, Column(c, f"{c} (ID)" if c in id_sets else c))
         frames.append(sec.assign(section=_section(model, dataset, several)))
     frame = _frame(pd.concat(frames), list(columns.values()))
-    metrics = ", ".join(dict.fromkeys(_metric_name(m, cfg) for m in summary["metric"]))
+    metrics = ", ".join(dict.fromkeys(cfg.metric_label(m) for m in summary["metric"]))
     caption = (
-        f"Accuracy under distribution shift ({metrics}, {_unit(cfg)}): the ID eval set, each shift "
+        f"Accuracy under distribution shift ({metrics}, {cfg.scale_and_unit()[1]}): the ID eval set, each shift "
         f"and {OOD_AVG} (per seed, the mean over the shifts), mean ± std over seeds; best per column in bold."
     )
     return Table("shifts", caption, frame, list(columns.values()))
@@ -159,7 +151,7 @@ def wilds_table(summary: pd.DataFrame, datasets: Sequence[str], cfg: AggregateCo
         if sec.empty:
             continue
         id_set = next(e for e in str(sec["id_evalsets"].iloc[0]).split(", ") if e)
-        group = f"{dataset} ({_metric_name(sec['metric'].iloc[0], cfg)})"
+        group = f"{dataset} ({cfg.metric_label(sec['metric'].iloc[0])})"
         columns += [Column(f"{dataset} ID", "ID", group), Column(f"{dataset} OOD", "OOD", group)]
         for _, r in sec.iterrows():
             row = rows.setdefault((r["model"], r["method"]), {
@@ -170,7 +162,7 @@ def wilds_table(summary: pd.DataFrame, datasets: Sequence[str], cfg: AggregateCo
                 row[f"{key} mean"], row[f"{key} std"] = r[f"{source} mean"], r[f"{source} std"]
     frame = _order(pd.DataFrame(list(rows.values())), cfg)
     caption = (
-        f"WILDS ({_unit(cfg)}): each dataset's ID test split and its OOD split(s) (the average, where "
+        f"WILDS ({cfg.scale_and_unit()[1]}): each dataset's ID test split and its OOD split(s) (the average, where "
         "several), in the dataset's metric, mean ± std over seeds; best per column in bold."
     )
     return Table("wilds", caption, _frame(frame, columns), columns)
@@ -195,7 +187,7 @@ def transfer_table(summary: pd.DataFrame, df: pd.DataFrame, cfg: AggregateConfig
     columns = [Column(s, s) for s in sets] + [Column("average", "average")]
     frame = _order(frame, cfg)
     caption = (
-        f"Transfer ({_unit(cfg)}): each transfer set scored through its own zero-shot head on the image "
+        f"Transfer ({cfg.scale_and_unit()[1]}): each transfer set scored through its own zero-shot head on the image "
         "encoder fine-tuned on the section's dataset; average per seed over the sets; mean ± std over seeds."
     )
     return Table("transfer", caption, _frame(frame, columns), columns)
@@ -217,7 +209,7 @@ def robustness_table(df: pd.DataFrame, cfg: AggregateConfig) -> Table:
     if er.empty:
         logger.warning("no dataset has both ID and OOD results: the effective-robustness table is empty")
     caption = (
-        f"Effective robustness ({_unit(cfg)}): ID (first ID eval set) and {OOD_AVG}; their change from the "
+        f"Effective robustness ({cfg.scale_and_unit()[1]}): ID (first ID eval set) and {OOD_AVG}; their change from the "
         "zero-shot model; and the effective robustness, the OOD average above the line through the zero-shot "
         f"and {cfg.label(ER_LINE_METHOD)} points in logit axes (0 on that line, positive above it). Per seed, "
         "then mean ± std over seeds."
@@ -306,23 +298,12 @@ def _frame(frame: pd.DataFrame, columns: Sequence[Column]) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 
-def cell(mean: float, std: float, cfg: AggregateConfig, signed: bool = False) -> tuple[str, str]:
-    """(mean, std) in display units; ``""`` for a missing value or std."""
-    if pd.isna(mean):
-        return "", ""
-    scale = 100.0 if cfg.percent else 1.0
-    sign = "+" if signed else ""
-    value = round(mean * scale, cfg.decimals) + 0.0  # + 0.0: no "-0.0" for a value that rounds to zero
-    text = f"{value:{sign}.{cfg.decimals}f}"
-    return text, "" if pd.isna(std) else f"{std * scale:.{cfg.decimals}f}"
-
-
 def shown(row: pd.Series, column: Column, cfg: AggregateConfig) -> tuple[str, str]:
     """The (mean, std) a row shows in a column: a ``"<key> text"`` entry overrides the numbers."""
     text = row.get(f"{column.key} text")
     if isinstance(text, str) and text:
         return text, ""
-    return cell(row[f"{column.key} mean"], row[f"{column.key} std"], cfg, column.signed)
+    return format_parts(row[f"{column.key} mean"], row[f"{column.key} std"], cfg, column.signed)
 
 
 def _bold(table: Table, rows: pd.DataFrame, columns: Sequence[Column], cfg: AggregateConfig) -> dict[str, set[int]]:
@@ -331,7 +312,7 @@ def _bold(table: Table, rows: pd.DataFrame, columns: Sequence[Column], cfg: Aggr
 
 def best_rows(rows: pd.DataFrame, column: Column, cfg: AggregateConfig) -> set[int]:
     """Positions of the rows holding the column's best mean, compared as shown (ties all bold)."""
-    shown = [cell(m, np.nan, cfg)[0] for m in rows[f"{column.key} mean"]]
+    shown = [format_parts(m, np.nan, cfg)[0] for m in rows[f"{column.key} mean"]]
     values = [float(v) if v else -math.inf for v in shown]
     top = max(values, default=-math.inf)
     return set() if top == -math.inf else {i for i, v in enumerate(values) if v == top}

@@ -133,7 +133,7 @@ def to_markdown(summary: pd.DataFrame, top: pd.DataFrame, cfg: AggregateConfig) 
             for m in SUMMARY_MEASURES:
                 for r in ("ID", "OOD"):
                     cells.append(_cell(row[f"{m} {r} mean"], row[f"{m} {r} std"]))
-            scale = 100.0 if cfg.percent else 1.0
+            scale = cfg.scale_and_unit()[0]
             for r in ("ID", "OOD"):
                 cells.append(_cell(row[f"value {r} mean"], row[f"value {r} std"], scale, cfg.decimals))
             parts.append("| " + " | ".join(cells) + " |")
@@ -209,7 +209,7 @@ def plot_added_removed(summary: pd.DataFrame, path_png: str | os.PathLike, path_
 def plot_drift_vs_ood(summary: pd.DataFrame, zeroshot: pd.DataFrame, path_png: str | os.PathLike, path_pdf: str | os.PathLike, cfg: AggregateConfig) -> None:
     """OOD-average accuracy (y) against the OOD-average CKA and FVU (x), a point per method;
     the zero-shot model (CKA 1, its own FVU) for reference."""
-    scale = 100.0 if cfg.percent else 1.0
+    scale = cfg.scale_and_unit()[0]
     sections = list(summary.groupby(["model", "dataset"], sort=False))
     fig = Figure(figsize=(9.0, 3.6 * len(sections)))
     axes = fig.subplots(len(sections), 2, squeeze=False)
