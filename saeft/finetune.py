@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from saeft.data.registry import get_dataset
 from saeft.faults import maybe_kill
 from saeft.io import load_tensors, write_json
 from saeft.models import ImageClassifier, load_clip, preprocess_for, save_classifier, tokenizer_for, zeroshot_head
-from saeft.regularizers import sae_penalty
+from saeft.regularizers import SAE_INPUTS, sae_penalty
 from saeft.sae import load_sae
 from saeft.training import CHECKPOINT_NAME, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
 from saeft.views import TrainingViews, ViewConfig, keep_pil
@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 # Each trained method's hyper-parameters and their defaults (public reference code where it has
 # them). ``taps`` of ldifs: module names inside the visual tower, or null for every block.
+# ``sae_inputs`` of the SAE methods: the scale convention of the penalty (docs/penalty_scale.md);
+# the reference's weights were tuned with ``raw``, which puts rho-sized codes into the penalty.
 METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "lp": {},
     "ft": {},
@@ -70,10 +72,25 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "feat_l1": {"lambda": 1.0},
     "ldifs": {"lambda": 10.0, "taps": None},
     "flyp": {},
-    "sae_sparse": {"lambda": 70.0, "lambda_l1": 1e-3, "mu": 1.0},
-    "sae_add": {"lambda": 70.0, "lambda_add": 10.0, "mu": 1.0},
-    "saeft": {"lambda": 70.0, "lambda_add": 10.0, "lambda_remove": 0.02, "mu": 1.0},
+    "sae_sparse": {"lambda": 70.0, "lambda_l1": 1e-3, "mu": 1.0, "sae_inputs": "prepared"},
+    "sae_add": {"lambda": 70.0, "lambda_add": 10.0, "mu": 1.0, "sae_inputs": "prepared"},
+    "saeft": {"lambda": 70.0, "lambda_add": 10.0, "lambda_remove": 0.02, "mu": 1.0, "sae_inputs": "prepared"},
 }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# How a method hyper-parameter's value is checked: (test, what a failing value must be). Every key
+# not listed here is a penalty weight: a non-negative number.
+PARAM_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "taps": (lambda v: v is None or (isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)),
+             "must be null or a non-empty list of module names"),
+    "lp_epochs": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "must be an integer >= 1"),
+    "sae_inputs": (lambda v: isinstance(v, str) and v in SAE_INPUTS, f"must be one of {', '.join(SAE_INPUTS)}"),
+}
+WEIGHT_RULE: tuple[Callable[[Any], bool], str] = (lambda v: _is_number(v) and v >= 0, "must be a non-negative number")
 SAE_METHODS = frozenset({"sae_sparse", "sae_add", "saeft"})
 TEACHER_METHODS = SAE_METHODS | {"feat_mse", "feat_l1"}
 """Methods that compare with the zero-shot embedding f_0 (which the teacher cache can supply)."""
@@ -129,14 +146,8 @@ class FinetuneConfig(StageConfig):
         for key, value in self.method_params.items():
             where = f"methods.{self.method}.{key}"
             require(key in allowed, where, f"not a hyper-parameter of {self.method} (allowed: {', '.join(allowed) or 'none'})")
-            if key == "taps":
-                require(value is None or (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)),
-                        where, "must be null or a non-empty list of module names")
-            elif key == "lp_epochs":
-                require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, where, "must be an integer >= 1")
-            else:
-                require(isinstance(value, (int, float)) and not isinstance(value, bool), where, f"must be a number, got {value!r}")
-                require(value >= 0, where, f"must be non-negative, got {value}")
+            valid, must = PARAM_RULES.get(key, WEIGHT_RULE)
+            require(valid(value), where, f"{must}, got {value!r}")
         self.method_params = {**allowed, **self.method_params}
         require(self.epochs >= 1, "finetune.epochs", "must be at least 1")
         require(self.batch_size >= 1, "finetune.batch_size", "must be at least 1")
@@ -289,7 +300,8 @@ def method_loss(ctx: Context, images: torch.Tensor, labels: torch.Tensor, f_0: t
         f_theta, f_0 = features.float(), f_0.float()
         if cfg.method in SAE_METHODS:
             weights = {k: float(p.get(k, 0.0)) for k in ("lambda_add", "lambda_remove", "lambda_l1", "mu")}
-            penalty = sae_penalty(f_theta, f_0, ctx.sae, **weights)
+            penalty = sae_penalty(f_theta, f_0, ctx.sae, inputs=p["sae_inputs"], **weights)
+            terms["f0_norm"] = f_0.norm(dim=-1).mean().detach()  # rho of docs/penalty_scale.md
         elif cfg.method == "feat_mse":
             penalty = {"total": feature_mse(f_theta, f_0)}
         elif cfg.method == "feat_l1":

@@ -3,15 +3,33 @@
 The three SAE methods are :func:`sae_penalty` with some weights at zero:
 ``sae_sparse`` (lambda_l1, mu), ``sae_add`` (lambda_add, mu) and ``saeft``
 (lambda_add, lambda_remove, mu).
+
+Scale convention (``inputs``, config key ``methods.<method>.sae_inputs``; docs/penalty_scale.md):
+``"prepared"`` feeds the SAE the embeddings prepared as it was trained (unit norm for an ``l2``
+SAE); ``"raw"`` feeds it the raw embeddings as the public reference code does, so the feature
+terms grow linearly and the alignment term quadratically with the embedding norm rho.
+:func:`convert_weights` maps weights between the two.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from saeft.sae import TopKSAE, sparse_decode, to_dense
+
+SAE_INPUTS = ("prepared", "raw")
+"""What the SAE sees in :func:`sae_penalty`: ``prepared`` (``sae.prepare``, as in SAE training)
+or ``raw`` (the embeddings unchanged, as in the reference code)."""
+
+FEATURE_WEIGHTS = ("lambda_add", "lambda_remove", "lambda_l1")
+"""Weights of the terms linear in the code magnitudes (they scale with rho)."""
+
+ALIGN_WEIGHTS = ("mu",)
+"""Weights of the terms quadratic in the embedding scale (they scale with rho**2)."""
 
 
 def sae_penalty(
@@ -23,18 +41,28 @@ def sae_penalty(
     lambda_remove: float = 0.0,
     lambda_l1: float = 0.0,
     mu: float = 0.0,
+    inputs: str = "prepared",
 ) -> dict[str, torch.Tensor]:
     """Weighted SAE regularization terms for embeddings ``f_theta`` (tuned) and ``f_0`` (frozen).
 
-    Both embeddings, shape ``(..., d)``, are first prepared with ``sae.prepare`` (the SAE's own
-    recorded normalisation), then ``s_theta = E(f_theta)``, ``s_0 = E(f_0)`` (no gradient) and
-    ``m = 1[s_0 != 0]``. Returned terms, each already multiplied by its weight:
+    ``inputs`` picks what the SAE sees (:data:`SAE_INPUTS`):
+
+    - ``"prepared"`` (default): both embeddings, shape ``(..., d)``, are first prepared with
+      ``sae.prepare`` (the SAE's own recorded normalisation: unit norm for an ``l2`` SAE), so the
+      SAE encodes inputs from its training distribution;
+    - ``"raw"``: the embeddings go into the SAE unchanged, skipping its normalisation, as the
+      public reference code does. Codes and residuals then carry the embedding norm rho: with
+      ``b_pre = 0``, ``b_enc = 0`` and ``topk`` selection, the feature terms are rho times and
+      ``align`` rho**2 times their ``"prepared"`` values (:func:`convert_weights`). For an SAE
+      with ``normalize="none"`` both are the same.
+
+    Call the SAE inputs ``z_theta``, ``z_0``; then ``s_theta = E(z_theta)``, ``s_0 = E(z_0)``
+    (no gradient) and ``m = 1[s_0 != 0]``. Returned terms, each already multiplied by its weight:
 
     - ``add    = lambda_add    * mean((1 - m) * |s_theta|)``
     - ``remove = lambda_remove * mean(m * relu(s_0 - s_theta))``
     - ``l1     = lambda_l1     * mean(|s_theta - s_0|)``
-    - ``align  = mu            * mean(r**2)``, ``r = (f_theta - f_0) - (s_theta - s_0) @ W_dec.T``
-      (on prepared embeddings)
+    - ``align  = mu            * mean(r**2)``, ``r = (z_theta - z_0) - (s_theta - s_0) @ W_dec.T``
     - ``total``: their sum.
 
     Feature terms average over batch x n_features, ``align`` over batch x d. The SAE is frozen:
@@ -52,6 +80,8 @@ def sae_penalty(
     for name, value in weights.items():
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"sae_penalty: {name} must be a finite number >= 0, got {value!r}")
+    if inputs not in SAE_INPUTS:
+        raise ValueError(f"sae_penalty: inputs must be one of {', '.join(SAE_INPUTS)}, got {inputs!r}")
     if f_theta.shape != f_0.shape:
         raise ValueError(
             f"sae_penalty: f_theta and f_0 shapes differ: {tuple(f_theta.shape)} vs "
@@ -69,9 +99,10 @@ def sae_penalty(
     # decoding goes through the k kept entries only (embedding_bag), never a dense matmul.
     W_dec = sae.W_dec.detach()
     dtype = W_dec.dtype
-    z_theta = sae.prepare(f_theta.to(dtype)).reshape(-1, sae.d)
+    prepare = sae.prepare if inputs == "prepared" else (lambda z: z)
+    z_theta = prepare(f_theta.to(dtype)).reshape(-1, sae.d)
     with torch.no_grad():
-        z_0 = sae.prepare(f_0.detach().to(dtype)).reshape(-1, sae.d)
+        z_0 = prepare(f_0.detach().to(dtype)).reshape(-1, sae.d)
         code_0 = sae.encode_sparse(z_0, frozen=True)
         s_0 = to_dense(code_0, sae.n_features)
         m = (s_0 != 0).to(dtype)
@@ -91,4 +122,41 @@ def sae_penalty(
     return terms
 
 
-__all__ = ["sae_penalty"]
+def convert_weights(weights: Mapping[str, Any], rho: float, to: str) -> dict[str, Any]:
+    """Penalty weights of one scale convention rewritten for the other (``to``: ``"raw"`` or
+    ``"prepared"``), for embeddings of norm ``rho``.
+
+    The feature weights (:data:`FEATURE_WEIGHTS`) are divided by ``rho`` and ``mu`` by
+    ``rho**2`` going to ``"raw"`` (multiplied going to ``"prepared"``). ``sae_inputs``, when
+    present, must name the other convention and is set to ``to``; every other key (``lambda``,
+    ``sae``, ...) is copied unchanged, since ``lambda`` multiplies the whole penalty.
+
+    Exact for an ``l2`` SAE with ``topk`` selection, ``b_pre = 0`` and ``b_enc = 0`` (Top-K is
+    positively homogeneous: ``E(rho z) = rho E(z)``) when every embedding has norm ``rho``. Else
+    approximate: ``b_pre``/``b_enc`` do not scale with rho (so raw inputs may select other
+    features), norms vary across a batch (use their mean), and ``batchtopk``'s fixed inference
+    threshold keeps more features at larger rho. Even when exact, only the value and the gradient
+    tangent to the sphere of radius rho match: ``"raw"`` also penalises changes of ``f_theta``'s
+    norm, to which ``"prepared"`` is blind.
+    """
+    if to not in SAE_INPUTS:
+        raise ValueError(f"convert_weights: to must be one of {', '.join(SAE_INPUTS)}, got {to!r}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+        raise ValueError(f"convert_weights: rho must be a finite number > 0, got {rho!r}")
+    source = SAE_INPUTS[1 - SAE_INPUTS.index(to)]
+    if weights.get("sae_inputs", source) != source:
+        raise ValueError(f"convert_weights: weights already use sae_inputs={weights['sae_inputs']!r}")
+    factor = 1.0 / rho if to == "raw" else float(rho)
+    converted = dict(weights)
+    for key in FEATURE_WEIGHTS:
+        if key in converted:
+            converted[key] = converted[key] * factor
+    for key in ALIGN_WEIGHTS:
+        if key in converted:
+            converted[key] = converted[key] * factor**2
+    if "sae_inputs" in converted:
+        converted["sae_inputs"] = to
+    return converted
+
+
+__all__ = ["ALIGN_WEIGHTS", "FEATURE_WEIGHTS", "SAE_INPUTS", "convert_weights", "sae_penalty"]

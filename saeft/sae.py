@@ -11,7 +11,8 @@ kept entries are differentiated, and decoding gathers the active decoder columns
 Input convention: ``encode``, ``decode`` and ``forward`` work on *prepared* embeddings, i.e. after
 :meth:`TopKSAE.prepare`, which applies the normalisation recorded in the SAE (``"l2"`` or
 ``"none"``). Callers holding raw embeddings call ``sae.prepare(x)`` first; the regularizers do so
-themselves, so the SAE is always applied to embeddings prepared the way it was trained on.
+themselves (by default: ``sae_penalty(..., inputs="raw")`` skips it as the reference code does,
+see docs/penalty_scale.md).
 """
 
 from __future__ import annotations
