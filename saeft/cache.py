@@ -25,6 +25,7 @@ import saeft
 from saeft.config import StageConfig, require
 from saeft.faults import maybe_kill
 from saeft.data.registry import get_dataset
+from saeft.environment import runtime_tags
 from saeft.io import config_hash
 from saeft.models import load_clip, preprocess_for
 from saeft.training import Progress, setup_torch
@@ -111,6 +112,8 @@ def run(
                 progress.update(row)
                 maybe_kill("cache_rows")
         handle.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        for key, value in runtime_tags().items():  # env.torch, env.device...: who finished the cache
+            handle.attrs[key] = value
         if "rows_done" in handle.attrs:
             del handle.attrs["rows_done"]
     maybe_kill("rename")

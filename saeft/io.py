@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from saeft.environment import ENVIRONMENT_KEY, runtime_record
 from saeft.faults import maybe_kill
 
 
@@ -53,8 +54,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+def write_json(path: str | os.PathLike, obj: Any, environment: bool = True) -> None:
+    """Write ``obj`` as indented JSON, atomically.
+
+    A JSON object (every stage output) gets the job's software and device under ``"environment"``
+    (:func:`saeft.environment.runtime_record`), unless it has that key or ``environment`` is False.
+    """
+    if environment and isinstance(obj, dict) and ENVIRONMENT_KEY not in obj:
+        obj = {**obj, ENVIRONMENT_KEY: runtime_record()}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 

@@ -102,7 +102,7 @@ class _Store:
 
     def apply(self, run_id: str, op: Mapping[str, Any]) -> None:
         """Carry out one queued or live operation on ``run_id``."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         kind = op["op"]
         if kind == "params":
@@ -122,6 +122,8 @@ class _Store:
         elif kind == "figure":  # live only: a queued figure is an artifact (its PNG)
             self.client.log_figure(run_id, op["figure"], op["artifact_file"])
         elif kind == "end":
+            if op.get("tags"):  # the environment as the job ended
+                self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
             self.client.set_terminated(run_id, status=op["status"])
         else:
             raise ValueError(f"unknown tracking operation {kind!r}")
@@ -219,8 +221,9 @@ class JobRun:
         """Log a matplotlib figure as an image artifact (``artifact_file``: e.g. ``figures/x.png``)."""
         self._do({"op": "figure", "figure": figure, "artifact_file": artifact_file})
 
-    def end(self, status: str) -> None:
-        self._do({"op": "end", "status": status})
+    def end(self, status: str, tags: Mapping[str, str] | None = None) -> None:
+        """End the run with ``status``, first setting ``tags``."""
+        self._do({"op": "end", "status": status, "tags": dict(tags or {})})
 
 
 @contextlib.contextmanager
@@ -228,19 +231,32 @@ def job_run(track: Mapping[str, Any] | None, params: Mapping[str, Any]) -> Itera
     """Open the MLflow run described by ``track`` (experiment, run_name, tags) with ``params``.
 
     ``track`` None disables tracking. The run ends FINISHED when the body succeeds and FAILED
-    when it raises; the body's exception always propagates, tracking errors never do.
+    when it raises; the body's exception always propagates, tracking errors never do. The run's
+    ``env.*`` tags record the job's environment (:func:`saeft.environment.runtime_tags`): set when
+    it opens, and again when it ends, with the thread count and device the stage ended up using.
     """
     run = JobRun(track, params)
     if track:
         tags = {**track.get("tags", {}), **comparison_tags(track.get("tags", {})), "config_hash": config_hash(params),
-                "git_commit": os.environ.get("SAEFT_GIT_COMMIT", "unknown")}
+                "git_commit": os.environ.get("SAEFT_GIT_COMMIT", "unknown"), **_environment_tags()}
         run.open(tags, {k: str(v)[:6000] for k, v in _flatten(params).items()})
     status = "FAILED"
     try:
         yield run
         status = "FINISHED"
     finally:
-        run.end(status)
+        run.end(status, _environment_tags() if track else None)
+
+
+def _environment_tags() -> dict[str, str]:
+    """The ``env.*`` tags, or none (and a warning) if they cannot be read: never a failed job."""
+    from saeft.environment import runtime_tags
+
+    try:
+        return runtime_tags()
+    except Exception as exc:  # tracking must never fail a job
+        logger.warning("environment not recorded in MLflow: %s", exc)
+        return {}
 
 
 def comparison_tags(tags: Mapping[str, str]) -> dict[str, str]:
