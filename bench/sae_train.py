@@ -97,7 +97,7 @@ def main() -> None:
         expansion=args.expansion, k=args.k, normalize="none", lr=args.lr, warmup_steps=0,
         lr_decay="none", auxk_alpha=0.0, seed=args.seed,
     )
-    trainer = Trainer("saeft", cfg, d, total_steps=total)
+    trainer = Trainer("saeft", cfg, d, total_steps=total, n_train=total * args.batch)
     with torch.no_grad():
         trainer.sae.b_pre.copy_(torch.cat(batches).mean(dim=0))
     trainer.sae.b_enc.requires_grad_(False)

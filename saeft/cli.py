@@ -66,14 +66,25 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import pretrain
     from saeft.data.registry import get_dataset
 
+    from saeft import quality
+    from saeft.io import write_json
+    from saeft.models import load_clip
+
     cfg = pretrain.PretrainConfig.from_dict(args.config, "pretrain.")
     options = get_dataset(cfg.dataset).options(args.dataset_options)
-    return pretrain.run(args.arch, options, cfg, args.out)
+    metrics = pretrain.run(args.arch, options, cfg, args.out)
+    record = quality.measure(load_clip(args.out)[0], args.arch, cfg.dataset, options)
+    write_json(args.quality, record)
+    return {**metrics, "quality": record}
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import prepare
 
+    if args.quality:
+        from saeft import quality
+
+        quality.check(args.quality, args.min_zeroshot_acc)
     return prepare.run_model(args.arch, args.pretrained, args.out)
 
 
@@ -100,7 +111,8 @@ def cmd_train_sae(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import sae
 
     cfg = sae.SAETrainConfig.from_dict(args.config, "sae.")
-    return sae.run(args.train, args.heldout, args.out_weights, args.out_json, cfg, head=args.head)
+    evals = _split_paths(args.eval, "--eval")
+    return sae.run(args.train, args.heldout, args.out_weights, args.out_json, cfg, head=args.head, evals=evals)
 
 
 def cmd_train_sae_sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,7 +121,7 @@ def cmd_train_sae_sweep(args: argparse.Namespace) -> dict[str, Any]:
     cfgs = sae.sweep_configs(args.config)
     if not cfgs:
         raise ValueError("train-sae-sweep: the config lists no sae.sweep entries")
-    return sae.run_sweep(args.train, args.heldout, args.out_dir, cfgs, head=args.head)
+    return sae.run_sweep(args.train, args.heldout, args.out_dir, cfgs, head=args.head, evals=_split_paths(args.eval, "--eval"))
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -255,11 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="options of the dataset named by the config's 'dataset' (default shapes: config key 'synthetic') as JSON")
     _config(p, "pretraining")
     p.add_argument("--out", required=True, help="output weights (.safetensors)")
+    p.add_argument("--quality", required=True,
+                   help="output quality record (JSON): zero-shot top-1 per split, linear-probe top-1 on ID")
 
     p = add("prepare", cmd_prepare, "materialise the zero-shot CLIP as one local safetensors file")
     p.add_argument("--arch", required=True, help="open_clip architecture name")
     p.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint; omit for random weights")
     p.add_argument("--out", required=True, help="output weights (.safetensors)")
+    p.add_argument("--quality", default=None, help="quality record of a pretrain_clip model: refuse it below --min-zeroshot-acc")
+    p.add_argument("--min-zeroshot-acc", type=float, default=0.0,
+                   help="pretrain.min_zeroshot_acc: least zero-shot top-1 on the ID held-out split")
 
     p = add("head", cmd_head, "build a dataset's zero-shot head from its prompt templates")
     p.add_argument("--model", required=True, help="zero-shot CLIP weights from 'saeft prepare'")
@@ -284,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-json", required=True, help="output sae.json (config and metrics)")
     p.add_argument("--head", default=None,
                    help="the dataset's zero-shot head: adds the zero-shot accuracy of reconstructions")
+    p.add_argument("--eval", nargs="*", default=[], metavar="SPLIT=PATH",
+                   help="HDF5 caches of evaluation splits: FVU, L0 and dead latents per split in sae.json")
 
     p = add("train-sae-sweep", cmd_train_sae_sweep, "train the SAEs of sae.sweep, one folder each")
     p.add_argument("--train", required=True, help="HDF5 cache of the training embeddings")
@@ -292,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="folder of {name}/sae.safetensors and sae.json")
     p.add_argument("--head", default=None,
                    help="the dataset's zero-shot head: adds the zero-shot accuracy of reconstructions")
+    p.add_argument("--eval", nargs="*", default=[], metavar="SPLIT=PATH",
+                   help="HDF5 caches of evaluation splits: FVU, L0 and dead latents per split in sae.json")
 
     p = add("finetune", cmd_finetune, "fine-tune the zero-shot classifier with one method and seed")
     p.add_argument("--model", required=True, help="zero-shot CLIP weights")

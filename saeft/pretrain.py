@@ -46,6 +46,10 @@ class PretrainConfig(StageConfig):
     """Steps between resumable checkpoints (kept beside the output, removed at the end)."""
     dataset: str = "shapes"
     """Registered dataset whose pretraining corpus is used (its options are its config section)."""
+    min_zeroshot_acc: float = 0.5
+    """The gate: ``prepare_model`` refuses the pretrained model when its zero-shot top-1 on the
+    dataset's ID held-out split is below this (read from the quality record; not a training key,
+    so changing it never reruns the pretraining)."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "pretrain.steps", "must be at least 1")
@@ -53,6 +57,7 @@ class PretrainConfig(StageConfig):
         require(self.weight_decay >= 0, "pretrain.weight_decay", "must be non-negative")
         require(self.warmup_steps >= 0, "pretrain.warmup_steps", "must be non-negative")
         require(self.checkpoint_every >= 1, "pretrain.checkpoint_every", "must be at least 1")
+        require(0.0 <= self.min_zeroshot_acc <= 1.0, "pretrain.min_zeroshot_acc", f"must lie in [0, 1], got {self.min_zeroshot_acc}")
         corpora = sorted(name for name, spec in REGISTRY.items() if spec.pretrain_corpus is not None)
         require(self.dataset in corpora, "pretrain.dataset",
                 f"{self.dataset!r} offers no pretraining corpus; datasets that do: {', '.join(corpora)}")
@@ -82,7 +87,8 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
     rng = np.random.default_rng(cfg.seed)
     checkpoint = Path(out).with_name(CHECKPOINT_NAME)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
-    identity = {"arch": arch, "options": options.to_dict() if hasattr(options, "to_dict") else options, "pretrain": cfg.to_dict()}
+    training_keys = {key: value for key, value in cfg.to_dict().items() if key != "min_zeroshot_acc"}
+    identity = {"arch": arch, "options": options.to_dict() if hasattr(options, "to_dict") else options, "pretrain": training_keys}
     saved = resume_checkpoint(checkpoint, identity, parts)
     losses: list[float] = []
     if saved is not None:

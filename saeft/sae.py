@@ -456,8 +456,14 @@ class SAETrainConfig(StageConfig):
     """Weight of the AuxK loss on dead latents (0 disables it)."""
     aux_k: int = 0
     """Dead latents each sample uses in the AuxK loss; 0 means half the embedding dim."""
-    dead_after: int = 100_000
-    """A latent that has not fired on this many consecutive training samples counts as dead."""
+    dead_after: int = 0
+    """A latent that has not fired on this many consecutive training samples counts as dead (and
+    feeds the AuxK loss); 0: one epoch of the training embeddings, so the threshold scales with
+    the samples seen and AuxK acts from the second epoch on."""
+    data: str = "id"
+    """What the SAE trains on: ``"id"`` (embeddings of the dataset's ID training distribution,
+    its SAE split) or ``"pretrain"`` (the pretraining corpus, which also covers the shifted
+    domains that ID data lacks; only datasets that offer one)."""
     shuffle_buffer: int = 65536
     """Rows read (whole HDF5 chunks, in random chunk order) and shuffled in memory at a time."""
     seed: int = 0
@@ -484,10 +490,14 @@ class SAETrainConfig(StageConfig):
         require(self.warmup_steps >= 0, "sae.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(0 <= self.auxk_alpha < float("inf"), "sae.auxk_alpha", f"must be >= 0, got {self.auxk_alpha}")
         require(self.aux_k >= 0, "sae.aux_k", f"must be >= 0, got {self.aux_k}")
-        require(self.dead_after >= 1, "sae.dead_after", f"must be >= 1, got {self.dead_after}")
+        require(self.dead_after >= 0, "sae.dead_after", f"must be >= 0 (0: one epoch), got {self.dead_after}")
+        require(self.data in SAE_DATA, "sae.data", f"must be one of {', '.join(SAE_DATA)}, got {self.data!r}")
         require(self.shuffle_buffer >= 1, "sae.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
         require(self.seed >= 0, "sae.seed", f"must be >= 0, got {self.seed}")
 
+
+SAE_DATA = ("id", "pretrain")
+"""Allowed values of ``sae.data``."""
 
 LR_DECAYS = ("cosine", "none")
 """Allowed learning-rate schedules after warm-up."""
@@ -512,6 +522,7 @@ def sweep_configs(section: Mapping[str, Any]) -> dict[str, SAETrainConfig]:
         )
         require(name not in out, f"{where}name", f"duplicate sweep name {name!r}")
         overrides = {key: value for key, value in entry.items() if key != "name"}
+        require("data" not in overrides, f"{where}data", "a sweep trains on the main SAE's data (sae.data); it cannot change it")
         try:
             out[name] = SAETrainConfig.from_dict({**base, **overrides}, where=where)
         except ConfigError as exc:
@@ -695,8 +706,11 @@ def train_sae(
     *,
     head: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
+    evals: Mapping[str, str | os.PathLike] | None = None,
 ) -> tuple[TopKSAE, dict[str, Any]]:
-    """Train one SAE on the cache ``train_h5``; metrics are measured on ``heldout_h5``.
+    """Train one SAE on the cache ``train_h5``; metrics are measured on ``heldout_h5`` and, per
+    name, on each cache of ``evals`` (``metrics["splits"][name]``: FVU, L0, dead fraction... on
+    the ID test split and every shift).
 
     Deterministic for a fixed ``cfg.seed`` on CPU. Returns the SAE (eval mode) and a metrics dict:
     ``fvu``, ``explained_variance``, ``l0``, ``dead_fraction``, ``dense_fraction``, ``mse``
@@ -704,7 +718,7 @@ def train_sae(
     ``n_heldout``, ``d``, ``n_features``. With ``checkpoint``, state is saved there after every
     epoch and a matching one is resumed from (see :func:`train_saes`).
     """
-    result = train_saes(train_h5, heldout_h5, {"sae": cfg}, head=head, checkpoint=checkpoint)
+    result = train_saes(train_h5, heldout_h5, {"sae": cfg}, head=head, checkpoint=checkpoint, evals=evals)
     return result["sae"]
 
 
@@ -715,6 +729,7 @@ def train_saes(
     *,
     head: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
+    evals: Mapping[str, str | os.PathLike] | None = None,
 ) -> dict[str, tuple[TopKSAE, dict[str, Any]]]:
     """Train several SAEs on one cache; those sharing the data keys (epochs, batch size, seed,
     normalisation, shuffle buffer) train side by side on the same batches, in one pass.
@@ -740,6 +755,10 @@ def train_saes(
         if checkpoint is not None:
             path = Path(checkpoint) if i == 0 else Path(f"{checkpoint}.{i}")
         results.update(_train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, group, path))
+    for name, path in (evals or {}).items():
+        raw, split_labels = _read_cache(path, labels=True)
+        for sae, metrics in results.values():
+            metrics.setdefault("splits", {})[name] = _evaluate_named(sae, sae.prepare(raw), path, labels=split_labels, head=head_weight)
     return {name: results[name] for name in cfgs}
 
 
@@ -747,8 +766,10 @@ class Trainer:
     """One SAE and its training state (AdamW, schedule, dead-latent counters); :meth:`step`
     trains it on one prepared batch. :func:`train_saes` drives one per SAE."""
 
-    def __init__(self, name: str, cfg: SAETrainConfig, d: int, total_steps: int) -> None:
+    def __init__(self, name: str, cfg: SAETrainConfig, d: int, total_steps: int, n_train: int) -> None:
         self.name, self.cfg = name, cfg
+        self.dead_after = cfg.dead_after or n_train
+        """Samples without firing after which a latent counts as dead (``sae.dead_after``, or one epoch)."""
         n_features = cfg.expansion * d
         require(cfg.k <= n_features, "sae.k", f"must be <= n_features = expansion * d = {n_features}")
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -793,7 +814,7 @@ class Trainer:
             fired[code.indices[code.values != 0]] = True
             self.since_fired += batch.shape[0]
             self.since_fired[fired] = 0
-            dead = self.since_fired >= cfg.dead_after
+            dead = self.since_fired >= self.dead_after
             n_dead = int(dead.sum())
         if cfg.auxk_alpha > 0 and n_dead > 0:
             k_aux = min(self.aux_k, n_dead)
@@ -834,7 +855,7 @@ def _train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, cfgs, c
                 f"cache {train_h5} ({d})"
             )
         steps_per_epoch = -(-n_train // first.batch_size)
-        members = [Trainer(name, cfg, d, steps_per_epoch * first.epochs) for name, cfg in cfgs.items()]
+        members = [Trainer(name, cfg, d, steps_per_epoch * first.epochs, n_train=n_train) for name, cfg in cfgs.items()]
         prepare = members[0].sae.prepare
         # One streamed pass for the statistics b_pre starts from and FVU divides by.
         total = torch.zeros(d, dtype=torch.float64)
@@ -885,7 +906,7 @@ def _train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, cfgs, c
                 log.info(
                     "epoch %d/%d%s loss=%.6g fvu=%.4f dead=%d", epoch, first.epochs, label,
                     m.epoch_sse / (n_train * d), m.epoch_sse / max(train_sst, 1e-30),
-                    int((m.since_fired >= m.cfg.dead_after).sum()),
+                    int((m.since_fired >= m.dead_after).sum()),
                 )
             if checkpoint is not None and epoch < first.epochs:
                 extra = {"epoch": epoch, "generator": generator.get_state()}
@@ -959,13 +980,14 @@ def run(
     out_json: str | os.PathLike,
     cfg: SAETrainConfig,
     head: str | os.PathLike | None = None,
+    evals: Mapping[str, str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Stage ``train_sae``: train, write ``sae.safetensors`` and ``sae.json``; return the metrics.
 
     The resumable state lives in ``checkpoint.pt`` beside the weights, never among the outputs.
     """
     checkpoint = Path(out_weights).with_name(CHECKPOINT_NAME)
-    sae, metrics = train_sae(train_h5, heldout_h5, cfg, head=head, checkpoint=checkpoint)
+    sae, metrics = train_sae(train_h5, heldout_h5, cfg, head=head, checkpoint=checkpoint, evals=evals)
     _write_outputs(sae, metrics, cfg, out_weights, out_json, train_h5, heldout_h5)
     return metrics
 
@@ -976,13 +998,14 @@ def run_sweep(
     out_dir: str | os.PathLike,
     cfgs: Mapping[str, SAETrainConfig],
     head: str | os.PathLike | None = None,
+    evals: Mapping[str, str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Stage ``train_sae_sweep``: train every named SAE (one pass where they share the data
     keys) and write ``{out_dir}/{name}/sae.safetensors`` and ``sae.json`` for each; returns the
     metrics as ``{name}.{metric}``."""
     out_dir = Path(out_dir)
     results = train_saes(
-        train_h5, heldout_h5, cfgs, head=head, checkpoint=out_dir / f"sweep-{CHECKPOINT_NAME}"
+        train_h5, heldout_h5, cfgs, head=head, checkpoint=out_dir / f"sweep-{CHECKPOINT_NAME}", evals=evals
     )
     flat: dict[str, Any] = {}
     for name, (sae, metrics) in results.items():
@@ -990,7 +1013,7 @@ def run_sweep(
             sae, metrics, cfgs[name], out_dir / name / "sae.safetensors", out_dir / name / "sae.json",
             train_h5, heldout_h5,
         )
-        flat.update({f"{name}.{key}": value for key, value in metrics.items()})
+        flat.update({f"{name}.{key}": value for key, value in metrics.items() if key != "splits"})
     return flat
 
 

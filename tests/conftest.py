@@ -15,7 +15,8 @@ ARCH = "saeft-tiny-rn"
 def tiny_world():
     from saeft.data.synthetic import WorldConfig
 
-    return WorldConfig(seed=3, image_size=32, train_per_class=4, val_per_class=2, test_per_class=2, pretrain_per_class=2)
+    return WorldConfig(seed=3, image_size=32, train_per_class=4, val_per_class=2, test_per_class=2, pretrain_per_class=2,
+                       sae_train_per_class=8, sae_heldout_per_class=4)
 
 
 @pytest.fixture(scope="session")

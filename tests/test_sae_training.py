@@ -135,13 +135,13 @@ def test_regularizer_matches_dense_reference_in_value_and_gradient():
 
 def test_decoder_columns_stay_unit_norm_after_steps():
     cfg = SAETrainConfig(expansion=4, k=3, lr=5e-2, encoder_bias=True, warmup_steps=0, dead_after=8)
-    trainer = Trainer("t", cfg, 16, total_steps=20)
+    trainer = Trainer("t", cfg, 16, total_steps=20, n_train=64)
     data = torch.from_numpy(_sparse_data(640)).float()
     for batch in data.split(32):
         trainer.step(batch)
         torch.testing.assert_close(trainer.sae.W_dec.norm(dim=0), torch.ones(64))
     assert trainer.sae.b_enc.abs().sum() > 0  # the encoder bias is learned when asked for
-    frozen = Trainer("f", SAETrainConfig(expansion=4, k=3), 16, total_steps=2)
+    frozen = Trainer("f", SAETrainConfig(expansion=4, k=3), 16, total_steps=2, n_train=64)
     frozen.step(data[:32])
     assert (frozen.sae.b_enc == 0).all()
 
@@ -155,7 +155,7 @@ def _dead_run(auxk_alpha: float) -> float:
         expansion=4, k=2, normalize="none", lr=2e-2, warmup_steps=0, lr_decay="none",
         auxk_alpha=auxk_alpha, aux_k=4, dead_after=64, seed=0,
     )
-    trainer = Trainer("dead", cfg, 8, total_steps=10**6)
+    trainer = Trainer("dead", cfg, 8, total_steps=10**6, n_train=10**6)
     with torch.no_grad():
         trainer.sae.b_pre.copy_(data.mean(dim=0))
         trainer.sae.b_enc[24:] = -5.0
@@ -303,7 +303,7 @@ def test_old_sae_files_keep_loading(tmp_path):
 @pytest.mark.parametrize(
     "key, value",
     [("architecture", "jumprelu"), ("b_pre_init", "max"), ("lr_decay", "step"),
-     ("auxk_alpha", -1.0), ("aux_k", -1), ("dead_after", 0), ("warmup_steps", -1),
+     ("auxk_alpha", -1.0), ("aux_k", -1), ("dead_after", -1), ("warmup_steps", -1),
      ("shuffle_buffer", 0), ("weight_decay", -0.1)],
 )
 def test_new_config_keys_are_validated(key, value):

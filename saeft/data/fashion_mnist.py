@@ -105,7 +105,9 @@ PROMPT_TEMPLATES: tuple[str, ...] = (
 )
 ID_SPLITS: tuple[str, ...] = ("train", "val", "test")
 SHIFT_SPLITS: tuple[str, ...] = ("corrupted", "inverted", "sketch")
-SPLITS: tuple[str, ...] = ("pretrain", *ID_SPLITS, *SHIFT_SPLITS)
+SPLITS: tuple[str, ...] = ("pretrain", *ID_SPLITS, *SHIFT_SPLITS, "sae_train", "sae_heldout")
+# Splits drawn from the training file (the others from the test file).
+TRAIN_FILE_SPLITS: tuple[str, ...] = ("pretrain", "train", "val", "sae_train", "sae_heldout")
 
 
 @dataclasses.dataclass
@@ -127,6 +129,11 @@ class FashionMNISTConfig(StageConfig):
     pretrain_per_class: int = 100
     """Pretraining images per class and pretraining domain (split ``pretrain``), disjoint from
     ``train`` and ``val``."""
+    sae_train_per_class: int = 2600
+    """ID images per class the SAE trains on (split ``sae_train``, clean, from the training file,
+    disjoint from every other split)."""
+    sae_heldout_per_class: int = 1000
+    """ID images per class the SAE is measured on (split ``sae_heldout``)."""
     pretrain_corruptions: list[str] = dataclasses.field(
         default_factory=lambda: ["gaussian_noise", "defocus_blur", "contrast", "jpeg_compression"])
     """Corruption families seen in pretraining (each its own captioned domain)."""
@@ -143,7 +150,8 @@ class FashionMNISTConfig(StageConfig):
     def __post_init__(self) -> None:
         require(bool(self.root), "fashion_mnist.root", "must name a folder")
         require(self.image_size >= 16, "fashion_mnist.image_size", "must be at least 16")
-        for name in ("train_per_class", "val_per_class", "test_per_class", "pretrain_per_class"):
+        for name in ("train_per_class", "val_per_class", "test_per_class", "pretrain_per_class",
+                     "sae_train_per_class", "sae_heldout_per_class"):
             require(getattr(self, name) >= 1, f"fashion_mnist.{name}", "must be at least 1")
         for key in ("pretrain_corruptions", "heldout_corruptions"):
             families = getattr(self, key)
@@ -163,10 +171,12 @@ class FashionMNISTConfig(StageConfig):
                     f"must list severities from 1 to 5, got {values}")
         for style in self.pretrain_styles:
             require(style in STYLES, "fashion_mnist.pretrain_styles", f"unknown style {style!r}; known: {', '.join(STYLES)}")
-        needed = self.train_per_class + self.val_per_class + self.pretrain_per_class * len(self.pretrain_domains)
+        needed = (self.train_per_class + self.val_per_class + self.pretrain_per_class * len(self.pretrain_domains)
+                  + self.sae_train_per_class + self.sae_heldout_per_class)
         require(needed <= PER_CLASS["train"], "fashion_mnist",
                 f"train_per_class + val_per_class + pretrain_per_class x {len(self.pretrain_domains)} pretraining domains"
-                f" = {needed} images per class, but the training file has {PER_CLASS['train']}")
+                f" + sae_train_per_class + sae_heldout_per_class = {needed} images per class, but the training file"
+                f" has {PER_CLASS['train']}")
         require(self.test_per_class <= PER_CLASS["t10k"], "fashion_mnist.test_per_class",
                 f"the test file has {PER_CLASS['t10k']} images per class, got {self.test_per_class}")
 
@@ -181,6 +191,8 @@ class FashionMNISTConfig(StageConfig):
             "pretrain": self.pretrain_per_class * len(self.pretrain_domains),
             "train": self.train_per_class,
             "val": self.val_per_class,
+            "sae_train": self.sae_train_per_class,
+            "sae_heldout": self.sae_heldout_per_class,
         }.get(split, self.test_per_class)
         return per_class * len(CLASSNAMES)
 
@@ -242,15 +254,25 @@ def source_indices(cfg: FashionMNISTConfig, split: str, labels: np.ndarray) -> n
 
     Rows cycle through the classes. Per class, the training file's seeded order gives ``train``
     first, then ``val``, then ``pretrain`` (so changing the pretraining keys never changes the
-    fine-tuning images); the test file's order gives the test images shared by every test split."""
-    pools = _class_pools(labels, cfg.seed, "train" if split in ("pretrain", "train", "val") else "t10k")
-    start = {"train": 0, "val": cfg.train_per_class, "pretrain": cfg.train_per_class + cfg.val_per_class}.get(split, 0)
+    fine-tuning images), and the SAE's splits from the back (``sae_heldout`` last, ``sae_train``
+    before it); the test file's order gives the test images shared by every test split."""
+    pools = _class_pools(labels, cfg.seed, "train" if split in TRAIN_FILE_SPLITS else "t10k")
     n_classes = len(CLASSNAMES)
     per_class = cfg.split_size(split) // n_classes
-    for c, pool in enumerate(pools):
-        if len(pool) < start + per_class:
-            raise ValueError(f"{cfg.root}: class {CLASSNAMES[c]!r} has {len(pool)} images, split {split} needs {start + per_class}")
-    return np.array([pools[i % n_classes][start + i // n_classes] for i in range(per_class * n_classes)], dtype=np.int64)
+    from_back = {"sae_heldout": cfg.sae_heldout_per_class, "sae_train": cfg.sae_heldout_per_class + cfg.sae_train_per_class}
+    front = {"train": 0, "val": cfg.train_per_class, "pretrain": cfg.train_per_class + cfg.val_per_class}
+    if split in from_back:
+        front_end = cfg.train_per_class + cfg.val_per_class + cfg.split_size("pretrain") // n_classes
+        starts = [len(pool) - from_back[split] for pool in pools]
+        short = [c for c, start in enumerate(starts) if start < front_end]
+    else:
+        starts = [front.get(split, 0)] * n_classes
+        short = [c for c, pool in enumerate(pools) if len(pool) < starts[c] + per_class]
+    if short:
+        c = short[0]
+        raise ValueError(f"{cfg.root}: class {CLASSNAMES[c]!r} has {len(pools[c])} images, too few for split {split}"
+                         f" beside the other splits ({cfg.split_size(split) // n_classes} per class)")
+    return np.array([pools[i % n_classes][starts[i % n_classes] + i // n_classes] for i in range(per_class * n_classes)], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +358,7 @@ def render_split(cfg: FashionMNISTConfig, split: str) -> tuple[np.ndarray, np.nd
     """Every image of ``split``: uint8 (N, S, S, 3) images and int64 labels."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} of fashion_mnist; known: {', '.join(SPLITS)}")
-    originals, file_labels = read_part(cfg.root, "train" if split in ("pretrain", "train", "val") else "t10k")
+    originals, file_labels = read_part(cfg.root, "train" if split in TRAIN_FILE_SPLITS else "t10k")
     rows = source_indices(cfg, split, file_labels)
     images = np.empty((len(rows), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     for i, row in enumerate(rows):

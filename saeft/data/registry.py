@@ -93,11 +93,30 @@ class DatasetSpec:
     pretrain_corpus: Callable[[Any], Any] | None = None
     """``pretrain_corpus(options) -> saeft.data.corpus.PretrainCorpus``: captioned images that
     ``pretrain_clip`` can train the study's own CLIP on; None if the dataset offers none."""
+    sae_train_split: str | None = None
+    """Split of the ID training distribution the SAE trains on (more images than the
+    fine-tuning split); None: ``train_split``."""
+    sae_heldout_split: str | None = None
+    """ID split the SAE's FVU and dead latents are measured on; None: ``heldout_split``."""
+    pretrain_split: str | None = None
+    """The pretraining corpus as a cacheable split (``sae.data: pretrain``); None if none."""
 
     @property
     def splits(self) -> tuple[str, ...]:
         """Every split the pipeline may cache or evaluate."""
-        return tuple(dict.fromkeys((self.train_split, self.heldout_split, self.id_eval, *self.ood_evals)))
+        optional = (self.sae_train_split, self.sae_heldout_split, self.pretrain_split)
+        return tuple(dict.fromkeys((self.train_split, self.heldout_split, self.id_eval, *self.ood_evals,
+                                    *(split for split in optional if split))))
+
+    def sae_splits(self, data: str = "id") -> tuple[str, str]:
+        """(training, held-out) splits of the SAE: ``data`` 'id' draws both from the ID training
+        distribution; 'pretrain' trains on the pretraining corpus (every domain it saw)."""
+        heldout = self.sae_heldout_split or self.heldout_split
+        if data == "pretrain":
+            if self.pretrain_split is None:
+                raise ValueError(f"sae.data: dataset {self.name!r} has no pretraining corpus to train the SAE on; use 'id'")
+            return self.pretrain_split, heldout
+        return self.sae_train_split or self.train_split, heldout
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
@@ -198,6 +217,9 @@ REGISTRY: dict[str, DatasetSpec] = {
         ood_evals=("resampled", "sketch", "rendition", "hard"),
         loader=_load_shapes,
         options_type=lambda data: synthetic.WorldConfig.from_dict(data, "synthetic."),
+        sae_train_split="sae_train",
+        sae_heldout_split="sae_heldout",
+        pretrain_split="pretrain",
         pretrain_corpus=synthetic.pretrain_corpus,
     ),
     "fashion_mnist": DatasetSpec(
@@ -211,6 +233,9 @@ REGISTRY: dict[str, DatasetSpec] = {
         loader=fashion_mnist.load_split,
         options_type=fashion_mnist.options,
         pretrain_corpus=fashion_mnist.pretrain_corpus,
+        sae_train_split="sae_train",
+        sae_heldout_split="sae_heldout",
+        pretrain_split="pretrain",
     ),
 }
 

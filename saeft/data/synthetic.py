@@ -67,9 +67,11 @@ PROMPT_TEMPLATES: tuple[str, ...] = (
 # The background hue each class prefers when the shortcut is on (evenly spread on the wheel).
 CLASS_HUES = np.linspace(0.0, 1.0, len(CLASSNAMES), endpoint=False)
 
-Split = Literal["pretrain", "train", "val", "test", "resampled", "sketch", "rendition", "hard"]
+Split = Literal["pretrain", "train", "val", "test", "sae_train", "sae_heldout", "resampled", "sketch", "rendition", "hard"]
+# sae_train / sae_heldout: more ID photos (with the training splits' shortcut) for the SAE, which
+# needs far more embeddings per latent than the fine-tuning split holds.
 SPLIT_DOMAIN: dict[str, str] = {
-    "train": "photo", "val": "photo", "test": "photo",
+    "train": "photo", "val": "photo", "test": "photo", "sae_train": "photo", "sae_heldout": "photo",
     "resampled": "resampled", "sketch": "sketch", "rendition": "rendition", "hard": "hard",
 }
 SPLITS: tuple[str, ...] = ("pretrain", *SPLIT_DOMAIN)
@@ -92,6 +94,11 @@ class WorldConfig(StageConfig):
     pretrain_per_class: int = 400
     """Pretraining images per class and domain (split ``pretrain``: every domain but the
     resampled photos, no shortcut)."""
+    sae_train_per_class: int = 2600
+    """ID photos per class the SAE trains on (split ``sae_train``: the training distribution,
+    shortcut included, disjoint from every other split)."""
+    sae_heldout_per_class: int = 1000
+    """ID photos per class the SAE is measured on (split ``sae_heldout``: FVU, dead latents)."""
     spurious: float = 0.9
     """Probability that an ID photo's background hue is its class's hue (the shortcut)."""
     spurious_resampled: float = 0.5
@@ -99,7 +106,8 @@ class WorldConfig(StageConfig):
 
     def __post_init__(self) -> None:
         require(self.image_size >= 16, "synthetic.image_size", "must be at least 16")
-        for name in ("train_per_class", "val_per_class", "test_per_class", "pretrain_per_class"):
+        for name in ("train_per_class", "val_per_class", "test_per_class", "pretrain_per_class",
+                     "sae_train_per_class", "sae_heldout_per_class"):
             require(getattr(self, name) >= 1, f"synthetic.{name}", "must be at least 1")
         for name in ("spurious", "spurious_resampled"):
             value = getattr(self, name)
@@ -111,6 +119,8 @@ class WorldConfig(StageConfig):
             "pretrain": self.pretrain_per_class * len(PRETRAIN_DOMAINS),
             "train": self.train_per_class,
             "val": self.val_per_class,
+            "sae_train": self.sae_train_per_class,
+            "sae_heldout": self.sae_heldout_per_class,
         }.get(split, self.test_per_class)
         return per_class * len(CLASSNAMES)
 

@@ -107,6 +107,12 @@ def transfer_split(dataset, evalset):
     return dataset, evalset
 
 
+def pretrain_config():
+    """pretrain_clip's keys: the gate's threshold is read by prepare_model, so changing it never
+    reruns the pretraining."""
+    return {key: value for key, value in config["pretrain"].items() if key != "min_zeroshot_acc"}
+
+
 def pretrain_dataset():
     """The dataset whose captioned corpus pretrain_clip trains on (pretrain.dataset, default shapes)."""
     return config["pretrain"].get("dataset", "shapes")

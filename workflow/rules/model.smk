@@ -5,10 +5,11 @@
 
 rule pretrain_clip:
     output:
-        f"{R}/pretrain/{{model}}/model.safetensors",
+        weights=f"{R}/pretrain/{{model}}/model.safetensors",
+        quality=f"{R}/pretrain/{{model}}/quality.json",
     params:
         options=as_json(dataset_options(pretrain_dataset())),
-        cfg=as_json(config["pretrain"]),
+        cfg=as_json(pretrain_config()),
         track=track("pretrain_clip"),
     log:
         f"logs/{STUDY}/pretrain_clip/{{model}}.log",
@@ -19,7 +20,7 @@ rule pretrain_clip:
         gpu=1,
     shell:
         "saeft pretrain --arch {wildcards.model} --dataset-options {params.options:q} --config {params.cfg:q}"
-        " --out {output} --threads {threads} --track {params.track:q} > {log} 2>&1"
+        " --out {output.weights} --quality {output.quality} --threads {threads} --track {params.track:q} > {log} 2>&1"
 
 
 def prepare_model_input(wildcards):
@@ -27,7 +28,8 @@ def prepare_model_input(wildcards):
     source = pretrained_source()
     kind = pretrained_kind(source)
     if kind == "pipeline":
-        return {"weights": f"{R}/pretrain/{wildcards.model}/model.safetensors"}
+        folder = f"{R}/pretrain/{wildcards.model}"
+        return {"weights": f"{folder}/model.safetensors", "quality": f"{folder}/quality.json"}
     if kind == "file":
         return {"weights": source}
     return {}
@@ -41,6 +43,13 @@ def pretrained_argument(wildcards, input):
     return f"--pretrained {source}" if source else ""
 
 
+def quality_gate(wildcards, input):
+    """The pretraining gate (pretrain.min_zeroshot_acc) on a pretrain_clip model's quality record."""
+    if "quality" not in input.keys():
+        return ""
+    return f"--quality {input.quality} --min-zeroshot-acc {config['pretrain']['min_zeroshot_acc']}"
+
+
 rule prepare_model:
     input:
         unpack(prepare_model_input),
@@ -49,13 +58,14 @@ rule prepare_model:
     params:
         source=pretrained_source(),
         pretrained=pretrained_argument,
+        gate=quality_gate,
         track=track("prepare_model"),
     log:
         f"logs/{STUDY}/prepare_model/{{model}}.log",
     benchmark:
         f"benchmarks/{STUDY}/prepare_model/{{model}}.tsv"
     shell:
-        "saeft prepare --arch {wildcards.model} {params.pretrained} --out {output}"
+        "saeft prepare --arch {wildcards.model} {params.pretrained} {params.gate} --out {output}"
         " --track {params.track:q} > {log} 2>&1"
 
 

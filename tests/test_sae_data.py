@@ -1,0 +1,97 @@
+"""The SAE's own data: many ID embeddings (its splits), AuxK's dead threshold scaled to the data,
+and metrics per evaluation split in sae.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from saeft.data import fashion_mnist as fm
+from saeft.data import synthetic
+from saeft.data.registry import get_dataset
+from saeft.sae import SAETrainConfig, Trainer, run, sweep_configs
+from saeft.config import ConfigError
+from test_fashion_mnist_data import fake_root, small  # noqa: F401  (fixture)
+from test_sae_training import _sparse_data, _write_cache
+
+
+def test_shapes_sae_splits_are_id_photos_of_their_own():
+    spec = get_dataset("shapes")
+    assert spec.sae_splits("id") == ("sae_train", "sae_heldout")
+    assert spec.sae_splits("pretrain") == ("pretrain", "sae_heldout")
+    assert {"sae_train", "sae_heldout", "pretrain"} <= set(spec.splits)
+    world = synthetic.WorldConfig(sae_train_per_class=3, sae_heldout_per_class=2)
+    assert world.split_size("sae_train") == 30 and world.split_size("sae_heldout") == 20
+    assert synthetic.split_label_and_domain("sae_train", 7) == (7, "photo")
+    sae_images, _ = synthetic.render_split(world, "sae_train", 0, 10)
+    train_images, _ = synthetic.render_split(world, "train", 0, 10)
+    assert not any(np.array_equal(a, b) for a, b in zip(sae_images, train_images))  # other images
+
+
+def test_sae_splits_carry_the_id_shortcut():
+    """The SAE split is the fine-tuning distribution: the background hue follows the class as
+    often as in the training split (an ID sample), unlike the pretraining corpus."""
+    world = synthetic.WorldConfig(sae_train_per_class=20, spurious=1.0)
+    images, labels = synthetic.render_split(world, "sae_train", 0, 200)
+    corner_hues = np.array([_hue(image[:3, :3].reshape(-1, 3).mean(0)) for image in images])
+    expected = synthetic.CLASS_HUES[labels]
+    distance = np.minimum(abs(corner_hues - expected), 1 - abs(corner_hues - expected))
+    assert np.median(distance) < 0.06
+
+
+def _hue(rgb: np.ndarray) -> float:
+    import colorsys
+
+    return colorsys.rgb_to_hsv(*(rgb / 255.0))[0]
+
+
+def test_a_dataset_without_a_corpus_refuses_sae_data_pretrain():
+    spec = get_dataset("cifar10")
+    assert spec.sae_splits("id") == (spec.train_split, spec.heldout_split)
+    with pytest.raises(ValueError, match="sae.data"):
+        spec.sae_splits("pretrain")
+
+
+def test_fashion_mnist_sae_splits_come_from_the_back_disjoint_from_the_rest(fake_root):
+    cfg = small(fake_root, sae_train_per_class=6, sae_heldout_per_class=4)
+    labels = fm.read_part(str(fake_root), "train")[1]
+    rows = {split: set(fm.source_indices(cfg, split, labels).tolist()) for split in ("train", "val", "pretrain", "sae_train", "sae_heldout")}
+    for a in rows:
+        for b in rows:
+            if a < b:
+                assert not rows[a] & rows[b], (a, b)
+    assert len(rows["sae_train"]) == 60 and len(rows["sae_heldout"]) == 40
+    # Changing the pretraining keys leaves the SAE's images alone.
+    more = small(fake_root, sae_train_per_class=6, sae_heldout_per_class=4, pretrain_per_class=1)
+    assert set(fm.source_indices(more, "sae_train", labels).tolist()) == rows["sae_train"]
+    with pytest.raises(ValueError, match="too few"):
+        fm.source_indices(small(fake_root, sae_train_per_class=20, sae_heldout_per_class=4), "sae_train", labels)
+
+
+def test_dead_after_zero_means_one_epoch_of_the_training_data():
+    assert Trainer("a", SAETrainConfig(expansion=2, k=2), 8, total_steps=10, n_train=1234).dead_after == 1234
+    assert Trainer("b", SAETrainConfig(expansion=2, k=2, dead_after=50), 8, total_steps=10, n_train=1234).dead_after == 50
+    with pytest.raises(ConfigError, match="sae.data"):
+        SAETrainConfig(data="test")
+    with pytest.raises(ConfigError, match=r"sae.sweep\[0\].data"):
+        sweep_configs({"sweep": [{"name": "x", "data": "pretrain"}]})
+
+
+def test_sae_json_reports_metrics_per_eval_split(tmp_path):
+    data = _sparse_data(900, d=16, seed=1)
+    labels = (data[:, 0] > 0).astype(np.int64)
+    _write_cache(tmp_path / "train.h5", data[:600], labels[:600])
+    _write_cache(tmp_path / "heldout.h5", data[600:700], labels[600:700])
+    _write_cache(tmp_path / "test.h5", data[700:800], labels[700:800])
+    _write_cache(tmp_path / "shift.h5", 3.0 * data[800:] + 1.0, labels[800:])  # far off the training data
+    cfg = SAETrainConfig(expansion=4, k=3, epochs=3, batch_size=64, warmup_steps=0, lr=3e-3)
+    run(tmp_path / "train.h5", tmp_path / "heldout.h5", tmp_path / "sae.safetensors", tmp_path / "sae.json", cfg,
+        evals={"test": tmp_path / "test.h5", "shift": tmp_path / "shift.h5"})
+    metrics = json.loads((tmp_path / "sae.json").read_text())["metrics"]
+    assert set(metrics["splits"]) == {"test", "shift"}
+    for split in ("test", "shift"):
+        assert {"fvu", "l0", "dead_fraction"} <= set(metrics["splits"][split])
+    assert metrics["splits"]["test"]["fvu"] < metrics["splits"]["shift"]["fvu"]
+    assert metrics["n_heldout"] == 100
