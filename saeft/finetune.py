@@ -3,7 +3,7 @@
 Every trained method of DESIGN section 3 lives here; each is one loss on one batch
 (:func:`method_loss`) inside one shared training loop:
 
-- ``lp``: linear probe (encoder frozen, BatchNorm statistics frozen too, head trained);
+- ``lp``: linear probe (the whole encoder frozen and in eval mode, head trained);
 - ``ft``: end-to-end; ``lpft``: ``lp_epochs`` epochs of ``lp`` then ``epochs`` of ``ft``;
 - ``l2sp``: ``lambda * ||theta - theta_0||^2`` over the visual tower's weights;
 - ``feat_mse``, ``feat_l1``: ``lambda * mean((f_theta - f_0)^2)`` / ``mean(|f_theta - f_0|)``;
@@ -14,6 +14,14 @@ Every trained method of DESIGN section 3 lives here; each is one loss on one bat
   prompts as the image-side negatives); the head is rebuilt from the tuned text tower;
 - ``sae_sparse``, ``sae_add``, ``saeft``: :func:`saeft.regularizers.sae_penalty` with some
   weights at zero.
+
+BatchNorm (a ResNet visual tower; ViTs have none) follows ``finetune.batchnorm``. ``frozen`` (the
+default) keeps every BatchNorm module in eval mode while training, for every method: it normalises
+with the zero-shot running statistics and never updates them, so at step 0 the tuned embedding is
+the teacher's (the cache and the live teacher embed in eval mode) and every regulariser is zero
+until a weight moves; the affine weight and bias still train. ``train`` is plain train mode: batch
+statistics in the forward and running statistics updated from ID batches, which moves the
+embedding (and OOD accuracy) before any gradient step.
 
 WiSE-FT is not trained: :func:`interpolate_weights` mixes a zero-shot and a fine-tuned model
 at evaluation time (``saeft.evaluate``). The frozen teacher embeddings ``f_0`` come from the
@@ -28,7 +36,9 @@ beside the outputs, never in them; a killed job resumes from it and ends with th
 Several processes (``torchrun``, ``WORLD_SIZE`` > 1) train one model with torch DDP on the same
 global batches as one process: every rank draws the same batch order and takes its share of each
 batch, its loss is weighted by its share so that the all-reduced gradient is that of the global
-batch mean, and BatchNorm is synchronised on GPU. Rank 0 writes outputs and checkpoints.
+batch mean, and with ``batchnorm: train`` BatchNorm is synchronised on GPU (SyncBatchNorm: the
+statistics of the global batch; frozen BatchNorm needs no synchronisation). Rank 0 writes outputs
+and checkpoints.
 """
 
 from __future__ import annotations
@@ -94,6 +104,8 @@ WEIGHT_RULE: tuple[Callable[[Any], bool], str] = (lambda v: _is_number(v) and v 
 SAE_METHODS = frozenset({"sae_sparse", "sae_add", "saeft"})
 TEACHER_METHODS = SAE_METHODS | {"feat_mse", "feat_l1"}
 """Methods that compare with the zero-shot embedding f_0 (which the teacher cache can supply)."""
+BATCHNORM_MODES = ("frozen", "train")
+"""Values of ``finetune.batchnorm``."""
 
 
 @dataclasses.dataclass
@@ -139,6 +151,13 @@ class FinetuneConfig(StageConfig):
     """Seed of the bank's crop and flip parameters (shared by every method and seed)."""
     crop_scale: float = 0.5
     """Smallest crop area of a view, as a fraction of the image."""
+    batchnorm: str = "frozen"
+    """BatchNorm layers of the trained module during training, for every method: 'frozen' keeps
+    them in eval mode (normalisation by the zero-shot running statistics, which never change), so
+    the tuned embedding equals the teacher's until a weight moves; their affine weight and bias
+    still train like every other weight (the regularisers see them through the embedding), only
+    the statistics are frozen. 'train': train mode (batch statistics, running statistics updated
+    from ID batches; SyncBatchNorm under DDP on GPU). No effect on towers without BatchNorm (ViT)."""
 
     def __post_init__(self) -> None:
         require(self.method in METHOD_PARAMS, "methods", f"unknown method {self.method!r}; known: {', '.join(METHOD_PARAMS)}")
@@ -159,6 +178,8 @@ class FinetuneConfig(StageConfig):
         require(self.teacher in ("auto", "cache", "live"), "finetune.teacher", f"must be auto, cache or live, got {self.teacher!r}")
         require(self.precision in ("auto", "fp32", "bf16", "fp16"), "finetune.precision", f"must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         require(self.workers >= 0, "finetune.workers", "must be non-negative")
+        require(self.batchnorm in BATCHNORM_MODES, "finetune.batchnorm",
+                f"must be {' or '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}")
         views = self.view_config  # validates the view keys
         require(not (self.teacher == "cache" and self.method in TEACHER_METHODS and not (views.deterministic or views.banked)),
                 "finetune.teacher", "'cache' needs views a cache can hold: finetune.views >= 1 when finetune.augment is on")
@@ -361,9 +382,20 @@ def autocast_for(cfg: FinetuneConfig, device: torch.device) -> Any:
     return torch.autocast("cuda", dtype=dtype)
 
 
+def batchnorm_modules(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm module inside ``module`` (BatchNorm1d/2d/3d, SyncBatchNorm)."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _set_phase(cfg: FinetuneConfig, model: nn.Module, visual: nn.Module, epoch: int) -> None:
-    """Train mode, with the encoder frozen (weights and BatchNorm statistics) while probing."""
+    """Train mode for ``model`` (the trained module: classifier, or both towers for flyp), with
+    BatchNorm in eval mode under ``batchnorm: frozen`` and the whole encoder frozen (weights and
+    eval mode) while probing."""
     model.train()
+    if cfg.batchnorm == "frozen":
+        # Eval mode: running statistics normalise and stay those of the zero-shot model.
+        for norm in batchnorm_modules(model):
+            norm.eval()
     probing = cfg.method == "lp" or (cfg.method == "lpft" and epoch < cfg.method_params["lp_epochs"])
     visual.requires_grad_(not probing)
     if probing:
@@ -454,8 +486,8 @@ def run(
         clip.logit_scale.requires_grad_(False)  # the temperature stays that of pretraining
     else:
         trained = model
-    if dist_info.world > 1 and device.type == "cuda":
-        trained = nn.SyncBatchNorm.convert_sync_batchnorm(trained)  # batch statistics of the global batch
+    if dist_info.world > 1:
+        trained = sync_batchnorm_for(cfg, trained, dist_info.world, device)
         model = trained  # flyp is excluded above, so the trained module is the classifier
     trained.to(device)
     sae = load_sae(sae_path).to(device) if sae_path else None
@@ -548,7 +580,7 @@ def run(
         dist.destroy_process_group()
         if not dist_info.main:
             return history[-1] if history else {}
-        model = _without_sync_batchnorm(model)
+        model = _without_sync_batchnorm(model)  # a no-op when nothing was converted
 
     if cfg.method == "flyp":  # the classifier's head comes from the tuned text tower
         clip.eval()
@@ -583,6 +615,15 @@ def _sum_over_ranks(sums: dict[str, float], device: torch.device) -> dict[str, f
     return dict(zip(keys, values.tolist(), strict=True))
 
 
+def sync_batchnorm_for(cfg: FinetuneConfig, trained: nn.Module, world: int, device: torch.device) -> nn.Module:
+    """``trained`` with SyncBatchNorm (statistics of the global batch) when ``world`` GPU processes
+    train with ``batchnorm: train``; otherwise unchanged: frozen BatchNorm normalises by its
+    running statistics, which need no synchronisation (and gloo on CPU has no SyncBatchNorm)."""
+    if world > 1 and device.type == "cuda" and cfg.batchnorm == "train":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(trained)
+    return trained
+
+
 def _without_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Plain BatchNorm2d in place of SyncBatchNorm (same state), so the saved classifier loads
     and runs in one process."""
@@ -609,7 +650,11 @@ def accuracy(model: torch.nn.Module, data: torch.utils.data.Dataset, batch_size:
 def interpolate_weights(
     state_0: Mapping[str, torch.Tensor], state_ft: Mapping[str, torch.Tensor], alpha: float
 ) -> dict[str, torch.Tensor]:
-    """WiSE-FT: ``(1 - alpha) * theta_0 + alpha * theta_ft`` for every floating-point tensor."""
+    """WiSE-FT: ``(1 - alpha) * theta_0 + alpha * theta_ft`` for every floating-point tensor.
+
+    Buffers mix too: BatchNorm running statistics of a ``batchnorm: frozen`` run equal the
+    zero-shot ones, so they stay exactly those (the interpolated model normalises as both ends);
+    integer buffers (``num_batches_tracked``) are taken from the fine-tuned model."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if set(state_0) != set(state_ft):
