@@ -3,8 +3,8 @@
 Reads only the ``evaluate`` outputs and the fine-tuning ``train.json`` on disk (never the MLflow
 store) and builds
 
-- the tidy long table, one row per eval JSON (:func:`load_metrics`), written as Parquet: the
-  source of everything else;
+- the tidy long table, one row per eval result (:func:`load_metrics`; an evaluation job's bundle
+  holds one per eval set, :func:`eval_records`), written as Parquet: the source of everything else;
 - a per (model, dataset, method) summary: mean and std over seeds of every eval set plus the
   OOD average (:func:`summarize`), WiSE-FT at its reported alpha (:func:`reported_results`);
 - the WiSE-FT curves over alpha (:func:`wiseft_curves`);
@@ -30,12 +30,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from saeft.config import StageConfig, require
+from saeft.environment import ENVIRONMENT_KEY
 from saeft.io import atomic_path, read_json
 
 logger = logging.getLogger(__name__)
 
 METRICS_PARQUET = "metrics.parquet"
-"""The tidy long table: every eval JSON, one row each (the source of every other table)."""
+"""The tidy long table: every eval result, one row each (the source of every other table)."""
+
+EVALS_KEY = "evals"
+"""The key of an evaluation bundle (``saeft evaluate``'s output) holding a record per eval set."""
 
 OOD_AVG = "OOD avg"
 """Name of the summary column holding the OOD average (per seed mean over OOD sets, then over seeds)."""
@@ -46,13 +50,13 @@ KEY_COLUMNS = ("model", "dataset", "method")
 METRICS_COLUMNS = (
     "study", "model", "dataset", "method", "seed", "alpha", "evalset", "role", "metric", "value", "n",
 )
-"""Columns of the tidy long table, in order; every eval JSON carries these keys (``alpha``, the
+"""Columns of the tidy long table, in order; every eval record carries these keys (``alpha``, the
 WiSE-FT mixing weight, only for interpolated models: null elsewhere)."""
 
 OPTIONAL_KEYS = ("alpha",)
 
 UNIQUE_KEY = ("model", "dataset", "method", "seed", "alpha", "evalset")
-"""At most one eval JSON per combination of these."""
+"""At most one eval record per combination of these."""
 
 _STR_KEYS = ("study", "model", "dataset", "method", "evalset", "metric")
 
@@ -158,16 +162,19 @@ class AggregateConfig(StageConfig):
 
 
 def load_metrics(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """Read eval JSON files into the tidy long table, one row per file, in the given order.
+    """Read eval JSON files into the tidy long table, one row per eval record (:func:`eval_records`:
+    every eval set of a bundle, in its order), files in the given order.
 
     Columns: :data:`METRICS_COLUMNS`; ``seed`` is nullable ``Int64`` (null for zero-shot),
-    ``value`` float, ``n`` int64. Raises ``ValueError`` naming the file for a missing or invalid
-    key, and naming the files for rows that repeat a :data:`UNIQUE_KEY`.
+    ``value`` float, ``n`` int64. Raises ``ValueError`` naming the file (and eval set) for a
+    missing or invalid key, and naming them for rows that repeat a :data:`UNIQUE_KEY`.
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("no evaluation files given")
-    records = [_read_record(path) for path in paths]
+    labelled = [item for path in paths for item in eval_records(path)]
+    labels = [label for label, _ in labelled]
+    records = [_read_record(label, data) for label, data in labelled]
 
     df = pd.DataFrame.from_records(records, columns=list(METRICS_COLUMNS))
     df["seed"] = pd.array([r["seed"] for r in records], dtype="Int64")
@@ -181,7 +188,7 @@ def load_metrics(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
         for idx in np.flatnonzero(dup.to_numpy()):
             row = df.iloc[idx]
             key = tuple("null" if pd.isna(row[k]) else f"{row[k]:g}" if k == "alpha" else str(row[k]) for k in UNIQUE_KEY)
-            groups.setdefault(key, []).append(str(paths[idx]))
+            groups.setdefault(key, []).append(labels[idx])
         lines = [f"  {'/'.join(key)}: {', '.join(files)}" for key, files in groups.items()]
         raise ValueError(
             f"duplicate evaluation results for ({', '.join(UNIQUE_KEY)}):\n" + "\n".join(lines)
@@ -190,9 +197,34 @@ def load_metrics(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     return df
 
 
-def _read_record(path: Path) -> dict[str, Any]:
-    """One eval JSON as a validated flat record; every error names the file."""
+def eval_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """The eval records of one JSON file, each with the label errors name it by: an evaluation
+    bundle (:data:`EVALS_KEY`: eval set -> record, as ``saeft evaluate`` writes it) gives each
+    record in order, labelled ``<path>[<eval set>]``, with the bundle's ``environment``; a file
+    holding one record gives it, labelled by the path."""
     data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if EVALS_KEY not in data:
+        return [(str(path), data)]
+    evals = data[EVALS_KEY]
+    if not isinstance(evals, dict) or not evals:
+        raise ValueError(f"{path}: key '{EVALS_KEY}' must be a non-empty object (eval set -> record)")
+    out = []
+    for name, record in evals.items():
+        label = f"{path}[{name}]"
+        if not isinstance(record, dict):
+            raise ValueError(f"{label}: expected a JSON object, got {type(record).__name__}")
+        if record.get("evalset") != name:
+            raise ValueError(f"{label}: the record is of eval set {record.get('evalset')!r}")
+        if ENVIRONMENT_KEY in data and ENVIRONMENT_KEY not in record:
+            record = {**record, ENVIRONMENT_KEY: data[ENVIRONMENT_KEY]}
+        out.append((label, record))
+    return out
+
+
+def _read_record(path: str, data: dict[str, Any]) -> dict[str, Any]:
+    """One eval record as a validated flat record; every error names ``path`` (its label)."""
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     for key in METRICS_COLUMNS:

@@ -150,9 +150,25 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = evaluate.EvaluateConfig.from_dict(args.config, "evaluate.")
     wiseft = _wiseft(args, "evaluate")
-    result = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity,
-                          wiseft=wiseft, transfer_from=args.transfer_from)
-    return {"value": result["value"], "n": result["n"]}
+    heads = _split_paths(args.transfer, "--transfer")
+    unknown = sorted(set(args.transfer_options) - set(heads))
+    if unknown:
+        raise ValueError(f"--transfer-options: {', '.join(unknown)} not among the --transfer sets")
+    transfer = {name: (head, get_dataset(name).options(args.transfer_options.get(name, {}))) for name, head in heads.items()}
+    results = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity,
+                           wiseft=wiseft, transfer=transfer)
+    return _evaluation_metrics(results)
+
+
+def _evaluation_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """MLflow metrics of an evaluation, per eval set: ``<set>.<metric>``, ``<set>.top1`` (also
+    beside macro-F1 or worst-region accuracy) and ``<set>.n``."""
+    out: dict[str, float] = {}
+    for name, result in results.items():
+        out[f"{name}.{result['metric']}"] = result["value"]
+        out[f"{name}.top1"] = result.get("average_accuracy", result["value"])
+        out[f"{name}.n"] = result["n"]
+    return out
 
 
 def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
@@ -327,19 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training processes (torch DDP through torchrun, one per GPU, the same global batch); "
                         "'auto': the GPUs of the SLURM job's allocation, else 1")
 
-    p = add("evaluate", cmd_evaluate, "evaluate a model on one evaluation split")
+    p = add("evaluate", cmd_evaluate, "evaluate a model on every evaluation split of a dataset and its transfer sets")
     p.add_argument("--model", required=True, help="classifier weights, or zero-shot CLIP weights with --head")
     p.add_argument("--head", default=None, help="zero-shot head (evaluates the zero-shot model)")
     _dataset_args(p)
-    p.add_argument("--split", required=True, help="evaluation split")
+    p.add_argument("--split", nargs="*", default=[], help="evaluation splits of --dataset, scored in this order")
+    p.add_argument("--transfer", nargs="*", default=[], metavar="DATASET=HEAD",
+                   help="transfer sets: DATASET's ID eval split scored through its zero-shot head HEAD, "
+                        "recorded under --dataset as eval set DATASET, role 'transfer'")
+    p.add_argument("--transfer-options", type=_json_arg, default={},
+                   help="the transfer sets' dataset options as JSON, {DATASET: options}")
     p.add_argument("--identity", type=_json_arg, default={}, help="JSON recorded in the result: study, model, method, seed")
     p.add_argument("--alpha", type=float, default=None, help="WiSE-FT: evaluate (1-alpha)*zero-shot + alpha*--model")
     p.add_argument("--zeroshot-model", default=None, help="WiSE-FT: zero-shot CLIP weights")
     p.add_argument("--zeroshot-head", default=None, help="WiSE-FT: the dataset's zero-shot head")
-    p.add_argument("--transfer-from", default=None,
-                   help="transfer evaluation: the dataset --model was fine-tuned on; --dataset is scored through --head")
     _config(p, "evaluation")
-    p.add_argument("--out", required=True, help="output result JSON")
+    p.add_argument("--out", required=True, help="output JSON: the run's identity and 'evals', a result record per eval set")
 
     p = add("check-data", cmd_check_data, "verify a dataset split's layout and image count under data_root")
     _dataset_args(p)

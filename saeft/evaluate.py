@@ -1,12 +1,17 @@
-"""Stage ``evaluate``: a model's metric on one evaluation split of a dataset.
+"""Stage ``evaluate``: a model's metric on every evaluation split of a dataset, in one job.
 
-One evaluator serves every dataset: it asks the registry for the split, computes the classifier's
+One evaluator serves every dataset: it asks the registry for each split, computes the classifier's
 logits, applies the eval set's hook (class sub-list or logit projection, :mod:`saeft.metrics`),
 and reports the eval set's metric with the sample count and per-class counts, so tables can be
-rebuilt and re-weighted from the JSON alone. A transfer evaluation scores a model fine-tuned on one
-dataset on another dataset's test split, through that dataset's zero-shot head (``head`` replaces
-the classifier's own). A WiSE-FT model is interpolated here, in memory, from the
-fine-tuned and zero-shot weights (:func:`load_wiseft`); it is never written to disk.
+rebuilt and re-weighted from the JSON alone. The model is loaded once (a WiSE-FT model is
+interpolated here, in memory, from the fine-tuned and zero-shot weights, :func:`load_wiseft`; it
+is never written to disk) and scored on the dataset's eval splits, then on its transfer sets: a
+transfer set is another dataset's ID eval split scored through that dataset's zero-shot head (in
+place of the classifier's own) and is named by that dataset.
+
+The job writes one bundle JSON (:func:`run`): the run's identity and ``evals``, one record per
+eval set keyed by its name (:func:`saeft.aggregate.eval_records` reads it), written
+atomically once every eval set is scored, so a job killed midway leaves no output.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +29,7 @@ import torch
 from saeft import metrics
 from saeft.config import StageConfig, require
 from saeft.data.registry import DatasetSpec, get_dataset
+from saeft.faults import maybe_kill
 from saeft.finetune import interpolate_weights
 from saeft.io import load_tensors, write_json
 from saeft.models import ImageClassifier, classifier_from_zeroshot, load_classifier, preprocess_for
@@ -107,33 +114,67 @@ def score(spec: DatasetSpec, split: str, predicted: np.ndarray, target: np.ndarr
     return {"value": worst, "average_accuracy": accuracy, "per_region": per_region}
 
 
-def run(
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """One eval set of a run: split ``split`` of ``dataset``, read with the loader ``options``.
+    A transfer set (``head``: that dataset's zero-shot head) is named by its dataset."""
+
+    name: str
+    dataset: str
+    split: str
+    options: Any
+    head: str | os.PathLike | None = None
+
+
+def eval_sets(
+    dataset: str,
+    splits: Sequence[str],
+    dataset_options: Any,
+    transfer: Mapping[str, tuple[str | os.PathLike, Any]] | None = None,
+) -> list[EvalSet]:
+    """The eval sets of a run, in order: ``splits`` of ``dataset``, then each transfer set
+    (``transfer``: dataset -> (its zero-shot head, its loader options)), read at its ID eval
+    split. Raises ``ValueError`` for a name given twice or a transfer set that is ``dataset``."""
+    sets = [EvalSet(split, dataset, split, dataset_options) for split in splits]
+    for name, (head, options) in (transfer or {}).items():
+        if name == dataset:
+            raise ValueError(f"transfer set {name!r} is the dataset the model was fine-tuned on")
+        sets.append(EvalSet(name, name, get_dataset(name).id_eval, options, head))
+    names = [evalset.name for evalset in sets]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"eval set names given twice: {', '.join(repeated)}")
+    if not sets:
+        raise ValueError("no eval set to evaluate: give splits or transfer sets")
+    return sets
+
+
+def load_run_model(
     model: str | os.PathLike,
     head: str | os.PathLike | None,
-    dataset: str,
-    split: str,
-    dataset_options: Any,
-    cfg: EvaluateConfig,
-    out: str | os.PathLike,
-    identity: dict[str, Any],
     wiseft: tuple[str | os.PathLike, str | os.PathLike, float] | None = None,
+) -> ImageClassifier:
+    """The evaluated classifier: ``model`` (with ``head``, see :func:`load_model`), or its WiSE-FT
+    interpolation with ``wiseft`` = (zero-shot model, zero-shot head, alpha)."""
+    return load_wiseft(model, *wiseft) if wiseft is not None else load_model(model, head)
+
+
+def score_split(
+    classifier: ImageClassifier,
+    evalset: EvalSet,
+    cfg: EvaluateConfig,
+    identity: dict[str, Any],
     transfer_from: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate and write the result JSON; ``identity`` holds study, model, method and seed.
-    ``wiseft``: (zero-shot model, zero-shot head, alpha) to evaluate the interpolation of
-    ``model`` with the zero-shot model instead of ``model`` itself. ``transfer_from``: the dataset
-    the model was fine-tuned on, when ``dataset`` is a transfer set scored through ``head`` (its
-    zero-shot head); the result is recorded under that dataset, eval set ``dataset``, role
-    'transfer'."""
-    setup_torch(0)
-    if wiseft is not None:
-        classifier = load_wiseft(model, *wiseft)
-        if transfer_from is not None and head is not None:
-            classifier = with_head(classifier, head)
-    else:
-        classifier = load_model(model, head)
+    """The result record of ``classifier`` on one eval set (a transfer set is scored through its
+    head): identity, dataset, eval set, role, metric and value, n, per-class counts, classnames.
+    ``transfer_from``: the dataset the model was fine-tuned on, when ``evalset`` is a transfer
+    set; the record is filed under that dataset, eval set ``evalset.dataset``, role 'transfer'."""
+    dataset, split = evalset.dataset, evalset.split
+    if evalset.head is not None:
+        classifier = with_head(classifier, evalset.head)
     spec = get_dataset(dataset)
-    data = spec.load(split, preprocess_for(classifier.visual), dataset_options)
+    data = spec.load(split, preprocess_for(classifier.visual), evalset.options)
     predicted, target = predict(classifier, data, cfg.batch_size, f"evaluate {dataset}/{split}", spec, split)
     classnames = spec.evalset_classnames(split)
     total = np.bincount(target, minlength=len(classnames))
@@ -152,6 +193,37 @@ def run(
     }
     if transfer_from:
         result["transfer"] = {"dataset": dataset, "split": split}
-    write_json(out, result)
     logger.info("%s/%s %s: %s = %.4f (n=%d)", dataset, split, identity.get("method"), result["metric"], result["value"], len(target))
     return result
+
+
+def run(
+    model: str | os.PathLike,
+    head: str | os.PathLike | None,
+    dataset: str,
+    splits: Sequence[str],
+    dataset_options: Any,
+    cfg: EvaluateConfig,
+    out: str | os.PathLike,
+    identity: dict[str, Any],
+    wiseft: tuple[str | os.PathLike, str | os.PathLike, float] | None = None,
+    transfer: Mapping[str, tuple[str | os.PathLike, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate one run on every eval set and write the bundle JSON ``out``; returns the records
+    by eval set name. ``identity`` holds study, model, method and seed (and alpha). ``splits``:
+    the eval splits of ``dataset``; ``transfer``: transfer set -> (its zero-shot head, its loader
+    options), each scored on its ID eval split through that head. ``wiseft``: (zero-shot model,
+    zero-shot head, alpha) to evaluate the interpolation of ``model`` with the zero-shot model
+    instead of ``model`` itself. The model is loaded once; the bundle is written once, after the
+    last eval set, as ``{**identity, "dataset": dataset, "evals": {name: record}}``."""
+    sets = eval_sets(dataset, splits, dataset_options, transfer)
+    setup_torch(0)
+    classifier = load_run_model(model, head, wiseft)
+    results = {}
+    for evalset in sets:
+        setup_torch(0)  # each eval set from the same seeds, as in a job of its own
+        transfer_from = dataset if evalset.head is not None else None
+        results[evalset.name] = score_split(classifier, evalset, cfg, identity, transfer_from)
+        maybe_kill("evalset")
+    write_json(out, {**identity, "dataset": dataset, "evals": results})
+    return results

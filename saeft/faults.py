@@ -2,9 +2,10 @@
 itself with SIGKILL the n-th time it passes ``point``, as a preempted or OOM-killed job would die.
 
 Points: ``checkpoint`` (just after a training checkpoint is saved), ``train_step`` (after an
-optimizer step of fine-tuning), ``cache_rows`` (after a batch of cached rows is flushed) and
-``rename`` (an output fully written to its temporary file, not yet moved into place). Unset, it
-costs one dictionary lookup.
+optimizer step of fine-tuning), ``cache_rows`` (after a batch of cached rows is flushed),
+``evalset`` (after evaluation scored an eval set, before the next) and ``rename`` (an output
+fully written to its temporary file, not yet moved into place). Unset, it costs one dictionary
+lookup.
 """
 
 from __future__ import annotations

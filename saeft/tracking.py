@@ -260,13 +260,14 @@ def _environment_tags() -> dict[str, str]:
 
 
 def comparison_tags(tags: Mapping[str, str]) -> dict[str, str]:
-    """Plain ``model``, ``dataset``, ``method``, ``seed``, ``alpha`` and ``evalset`` tags from a
-    job's wildcard tags (``wc.<name>``), so the MLflow UI can group one method's runs across
-    seeds: an evaluated run ``<method>/seed<N>[/alpha<a>]`` is split into its parts."""
+    """Plain ``model``, ``dataset``, ``method``, ``seed`` and ``alpha`` tags from a job's wildcard
+    tags (``wc.<name>``), so the MLflow UI can group one method's runs across seeds: an evaluated
+    run ``<method>/seed<N>[/alpha<a>]`` is split into its parts. (An evaluation's run covers every
+    eval set: its metrics are named ``<eval set>.<metric>``.)"""
     from saeft.aggregate import wiseft_name
 
     wildcards = {key[3:]: value for key, value in tags.items() if key.startswith("wc.")}
-    out = {key: wildcards[key] for key in ("model", "dataset", "method", "seed", "evalset") if key in wildcards}
+    out = {key: wildcards[key] for key in ("model", "dataset", "method", "seed") if key in wildcards}
     if "run" in wildcards:
         trained, _, alpha = wildcards["run"].partition("/alpha")
         method, _, seed = trained.partition("/seed")

@@ -191,6 +191,47 @@ def test_zeroshot_null_seed_duplicates_raise(tmp_path: Path) -> None:
         load_metrics([a, b])
 
 
+def _bundle(folder: Path, paths: list[Path]) -> list[Path]:
+    """The per-eval-set JSONs as evaluate writes them: one bundle per run, records by eval set."""
+    runs: dict[Path, list[dict]] = {}
+    for path in paths:
+        runs.setdefault(path.parent, []).append(json.loads(path.read_text()))
+    out = []
+    for run, records in runs.items():
+        bundle = folder / run.relative_to(run.parents[3]) / "evals.json"
+        bundle.parent.mkdir(parents=True, exist_ok=True)
+        identity = {k: records[0][k] for k in ("study", "model", "method", "seed")}
+        bundle.write_text(json.dumps({**identity, "dataset": records[0]["dataset"], "evals": {r["evalset"]: r for r in records},
+                                      "environment": {"torch": "x"}}))
+        out.append(bundle)
+    return out
+
+
+def test_bundles_give_the_same_rows_as_one_file_per_eval_set(eval_paths: list[Path], tmp_path: Path) -> None:
+    bundles = _bundle(tmp_path / "bundles", eval_paths)
+    assert len(bundles) == 3 + 1 + 3
+    pd.testing.assert_frame_equal(load_metrics(bundles), load_metrics(eval_paths))
+    [(label, record)] = [item for item in aggregate.eval_records(bundles[0]) if item[1]["evalset"] == "sketch"]
+    assert label == f"{bundles[0]}[sketch]" and record["environment"] == {"torch": "x"}
+
+
+def test_bundle_errors_name_the_file_and_eval_set(tmp_path: Path) -> None:
+    [bundle] = _bundle(tmp_path / "bundles", [_write_eval(tmp_path / "eval"), _write_eval(tmp_path / "eval", evalset="sketch",
+                                                                                          role="ood", value=1.5)])
+    with pytest.raises(ValueError, match=r"evals\.json\[sketch\].*'value'"):
+        load_metrics([bundle])
+    data = json.loads(bundle.read_text())
+    data["evals"]["sketch"]["evalset"] = "rendition"
+    bundle.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"\[sketch\]: the record is of eval set 'rendition'"):
+        load_metrics([bundle])
+    a = _bundle(tmp_path / "a", [_write_eval(tmp_path / "x")])[0]
+    b = _bundle(tmp_path / "b", [_write_eval(tmp_path / "x")])[0]
+    with pytest.raises(ValueError, match="duplicate") as info:
+        load_metrics([a, b])
+    assert f"{a}[test]" in str(info.value) and f"{b}[test]" in str(info.value)
+
+
 def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="decimals"):
         AggregateConfig(decimals=-1)

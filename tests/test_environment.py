@@ -120,12 +120,12 @@ def test_evaluate_records_the_environment_in_its_json_and_mlflow_run(tiny_world,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("SAEFT_THREADS", "1")  # restored after the test (cli sets it from --threads)
     assert tracking.init_store("study")
-    out = tmp_path / "eval" / "test.json"
-    track = {"experiment": "study", "run_name": "evaluate_model/test", "tags": {"rule": "evaluate_model"}}
+    out = tmp_path / "eval" / "evals.json"
+    track = {"experiment": "study", "run_name": "evaluate_model/zeroshot", "tags": {"rule": "evaluate_model"}}
     threads = torch.get_num_threads()
     try:
         code = cli.main(["evaluate", "--model", str(clip_file), "--head", str(head_file), "--dataset", "shapes",
-                         "--dataset-options", json.dumps(tiny_world.to_dict()), "--split", "test", "--out", str(out),
+                         "--dataset-options", json.dumps(tiny_world.to_dict()), "--split", "test", "sketch", "--out", str(out),
                          "--identity", json.dumps({"study": "s", "model": "m", "method": "zeroshot", "seed": None}),
                          "--threads", "1", "--track", json.dumps(track)])
     finally:
@@ -144,6 +144,10 @@ def test_evaluate_records_the_environment_in_its_json_and_mlflow_run(tiny_world,
         assert tags[f"env.{key}"] == str(env[key]), key
     assert tags["env.torch_threads"] == "1"  # the stage's thread count, set when the run ended
     assert not any(name.startswith("env.") for name in run.data.params)
+    # One job, one run: a record per eval set in the JSON, metrics per eval set in the run.
+    assert list(result["evals"]) == ["test", "sketch"]
+    for name, record in result["evals"].items():
+        assert run.data.metrics[f"{name}.top1"] == record["value"] and run.data.metrics[f"{name}.n"] == record["n"]
 
 
 def test_a_queued_run_gets_its_environment_tags_on_replay(tmp_path, monkeypatch):

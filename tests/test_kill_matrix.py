@@ -136,16 +136,23 @@ def test_finetune_killed_anywhere_ends_with_the_same_weights(inputs, finetuned, 
 
 
 def test_evaluate_and_aggregate_never_leave_a_partial_output(inputs, tmp_path):
-    evals = []
-    for split in ("test", "sketch"):
-        out = tmp_path / "eval" / f"{split}.json"
-        args = ("evaluate", "--model", str(inputs["clip"]), "--head", str(inputs["head"]), "--dataset", "shapes",
-                "--dataset-options", inputs["world"], "--split", split, "--out", str(out),
+    def evaluate_args(out: Path) -> tuple[str, ...]:
+        return ("evaluate", "--model", str(inputs["clip"]), "--head", str(inputs["head"]), "--dataset", "shapes",
+                "--dataset-options", inputs["world"], "--split", "test", "sketch", "--out", str(out),
                 "--identity", json.dumps({"study": "k", "model": "m", "method": "zeroshot", "seed": 0}))
-        saeft(*args, kill="rename:1")
+
+    whole = tmp_path / "whole" / "evals.json"
+    saeft(*evaluate_args(whole))
+    out = tmp_path / "eval" / "evals.json"
+    # Killed after scoring the first eval set, and with the bundle written but not yet in place:
+    # no output (no eval set's result alone); the rerun equals the uninterrupted run.
+    for kill in ("evalset:1", "rename:1"):
+        saeft(*evaluate_args(out), kill=kill)
         assert not out.exists()
-        saeft(*args)
-        evals.append(str(out))
+    saeft(*evaluate_args(out))
+    assert json.loads(out.read_text())["evals"] == json.loads(whole.read_text())["evals"]
+    no_temporaries(tmp_path / "eval")
+    evals = [str(out)]
     reference = tmp_path / "reference"
     saeft("aggregate", "--evals", *evals, "--tables", str(reference / "tables"), "--figures", str(reference / "figures"))
     killed = tmp_path / "killed"

@@ -428,9 +428,8 @@ def test_aggregate_run_logs_tables_and_figures_to_mlflow(paths, cfg, tmp_path, m
 
 
 def test_comparison_tags_split_an_evaluated_run():
-    tags = {"rule": "evaluate_model", "wc.model": "m", "wc.dataset": "shapes", "wc.run": "saeft/seed2/alpha0.5",
-            "wc.evalset": "sketch"}
-    assert tracking.comparison_tags(tags) == {"model": "m", "dataset": "shapes", "evalset": "sketch",
+    tags = {"rule": "evaluate_model", "wc.model": "m", "wc.dataset": "shapes", "wc.run": "saeft/seed2/alpha0.5"}
+    assert tracking.comparison_tags(tags) == {"model": "m", "dataset": "shapes",
                                               "method": "wiseft_saeft", "seed": "2", "alpha": "0.5"}
     assert tracking.comparison_tags({"wc.run": "zeroshot"}) == {"method": "zeroshot", "seed": "none", "alpha": "none"}
     assert tracking.comparison_tags({"wc.method": "ft", "wc.seed": "0"}) == {"method": "ft", "seed": "0"}

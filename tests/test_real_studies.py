@@ -3,6 +3,7 @@ a random tiny CLIP on a fixture ImageNet-R tree with the 200-class mask."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -45,11 +46,12 @@ def test_paper_configs_need_a_data_root():
 # methods x 3 seeds, WiSE-FT over 2 bases x 3 seeds x 11 alphas:
 #   heads: 3 + 5; checks: imagenet 7 splits + iwildcam 4 + fmow 4 + 5 transfer test splits;
 #   caches: train, held-out and every eval split of each dataset (imagenet 7, iwildcam 4, fmow 4);
-#   evaluations: (1 + 33 + 66) runs x (11 + 2 + 2) sets; feature analysis: (33 trained + 6 WiSE-FT
-#   at the reported alpha) runs x 3 datasets, one card job per dataset.
+#   evaluations: (1 + 33 + 66) runs x 3 datasets, one job each for all its eval sets (imagenet 6
+#   splits + 5 transfer sets, iwildcam 2, fmow 2); feature analysis: (33 trained + 6 WiSE-FT at the
+#   reported alpha) runs x 3 datasets, one card job per dataset.
 EXPECTED_JOBS = {
     "prepare_model": 1, "build_zeroshot_head": 8, "check_dataset": 20, "cache_activations": 15, "train_sae": 3,
-    "finetune": 99, "evaluate_model": 1500, "analyze_features": 117, "plot_feature_cards": 3, "aggregate_features": 1,
+    "finetune": 99, "evaluate_model": 300, "analyze_features": 117, "plot_feature_cards": 3, "aggregate_features": 1,
     "aggregate_tables": 1, "all": 1,
 }
 
@@ -68,7 +70,9 @@ def test_paper_config_dry_run_builds_the_full_dag(data_root, tmp_path, name):
     assert jobs == EXPECTED_JOBS
     assert total == sum(EXPECTED_JOBS.values())
     assert f"results/{name}/checks/imagenet/objectnet.json" in result.stdout
-    assert f"results/{name}/eval/{'ViT-B-16' if name.endswith('16') else 'ViT-B-32'}/imagenet/zeroshot/cifar100.json" in result.stdout
+    model = "ViT-B-16" if name.endswith("16") else "ViT-B-32"
+    assert f"results/{name}/eval/{model}/imagenet/zeroshot/evals.json" in result.stdout
+    assert f"results/{name}/eval/{model}/imagenet/ft/seed2/alpha0.5/evals.json" in result.stdout
 
 
 def test_evaluator_masks_imagenet_r_logits(data_root, tmp_path, clip_file):
@@ -85,10 +89,10 @@ def test_evaluator_masks_imagenet_r_logits(data_root, tmp_path, clip_file):
     dim = classifier_from_zeroshot_dim(clip_file)
     save_tensors(head, {"weight": torch.randn(1000, dim)}, {"kind": "zeroshot_head"})
     options = RealDataOptions(data_root=str(data_root))
-    out = tmp_path / "imagenet_r.json"
-    result = evaluate.run(clip_file, head, "imagenet", "imagenet_r", options, evaluate.EvaluateConfig(batch_size=64), out,
-                          {"study": "t", "model": "m", "method": "zeroshot", "seed": None})
-    written = read_json(out)
+    out = tmp_path / "evals.json"
+    result = evaluate.run(clip_file, head, "imagenet", ["imagenet_r"], options, evaluate.EvaluateConfig(batch_size=64), out,
+                          {"study": "t", "model": "m", "method": "zeroshot", "seed": None})["imagenet_r"]
+    written = read_json(out)["evals"]["imagenet_r"]
     assert written == result
     assert written["metric"] == "top1" and written["role"] == "ood" and written["n"] == 200
     assert len(written["classnames"]) == 200 and len(written["per_class"]["total"]) == 200
@@ -114,7 +118,7 @@ def classifier_from_zeroshot_dim(clip_file):
     return load_clip(clip_file)[0].visual.output_dim
 
 
-def test_transfer_evaluation_scores_through_the_transfer_head(data_root, tmp_path, clip_file):
+def test_transfer_evaluation_scores_through_the_transfer_head(data_root, tmp_path, clip_file, monkeypatch):
     import torch
 
     from saeft import evaluate
@@ -130,11 +134,26 @@ def test_transfer_evaluation_scores_through_the_transfer_head(data_root, tmp_pat
     tuned = tmp_path / "model.safetensors"
     save_classifier(tuned, classifier_from_zeroshot(clip_file, own_head)[0], "saeft-tiny-rn", {"method": "ft"})
     options = RealDataOptions(data_root=str(data_root))
-    result = evaluate.run(tuned, transfer_head, "stl10", "test", options, evaluate.EvaluateConfig(batch_size=16),
-                          tmp_path / "stl10.json", {"study": "t", "model": "m", "method": "ft", "seed": 0}, transfer_from="imagenet")
+    transfer = {"stl10": (transfer_head, options)}
+    result = evaluate.run(tuned, None, "imagenet", [], options, evaluate.EvaluateConfig(batch_size=16),
+                          tmp_path / "ft.json", {"study": "t", "model": "m", "method": "ft", "seed": 0}, transfer=transfer)["stl10"]
     assert (result["dataset"], result["evalset"], result["role"]) == ("imagenet", "stl10", "transfer")
+    assert result["transfer"] == {"dataset": "stl10", "split": "test"}
     assert result["n"] == 10 and len(result["per_class"]["total"]) == 10
-    # The zero-shot model through the same head gives the same predictions (same visual tower here).
-    zeroshot = evaluate.run(clip_file, transfer_head, "stl10", "test", options, evaluate.EvaluateConfig(batch_size=16),
-                            tmp_path / "zs.json", {"study": "t", "model": "m", "method": "zeroshot", "seed": None}, transfer_from="imagenet")
-    assert zeroshot["per_class"] == result["per_class"]
+    # The zero-shot model through the same head gives the same predictions (same visual tower here);
+    # by the command, as the workflow runs it: the transfer set beside an eval split of imagenet.
+    from saeft import cli
+    from saeft.io import read_json
+
+    zs = tmp_path / "zs.json"
+    monkeypatch.setenv("SAEFT_THREADS", "1")  # restored after the test (cli sets it from --threads)
+    code = cli.main(["evaluate", "--model", str(clip_file), "--head", str(own_head), "--dataset", "imagenet",
+                     "--dataset-options", json.dumps({"data_root": str(data_root)}), "--split", "imagenet_r",
+                     "--transfer", f"stl10={transfer_head}", "--transfer-options", json.dumps({"stl10": {"data_root": str(data_root)}}),
+                     "--identity", json.dumps({"study": "t", "model": "m", "method": "zeroshot", "seed": None}),
+                     "--config", '{"batch_size": 16}', "--out", str(zs), "--threads", "1"])
+    assert code == 0
+    bundle = read_json(zs)
+    assert list(bundle["evals"]) == ["imagenet_r", "stl10"] and bundle["method"] == "zeroshot"
+    assert bundle["evals"]["stl10"]["per_class"] == result["per_class"]
+    assert bundle["evals"]["imagenet_r"]["role"] == "ood"

@@ -50,15 +50,18 @@ def main(work: Path) -> None:
     print(f"check.py: finetune job {cancelled} cancelled; job {job_of_log[finetune_log]} resumed from epoch "
           f"{resumed.group(1)} of {resumed.group(2)}")
 
-    evals = sorted((local / "results" / STUDY / "eval").rglob("*.json"))
-    if len(evals) != 10:
-        fail(f"expected 10 evaluation results in the local run, found {len(evals)}")
-    for path in evals:
+    # One bundle per evaluated run (zero-shot, saeft seed 0), a record per eval set (5 each).
+    bundles = sorted((local / "results" / STUDY / "eval").rglob("evals.json"))
+    evals = [(path, name) for path in bundles for name in json.loads(path.read_text())["evals"]]
+    if len(bundles) != 2 or len(evals) != 10:
+        fail(f"expected 10 evaluation results in 2 files in the local run, found {len(evals)} in {len(bundles)}")
+    for path, name in evals:
         twin = slurm / path.relative_to(local)
-        a, b = json.loads(path.read_text()), json.loads(twin.read_text())
+        a = json.loads(path.read_text())["evals"][name]
+        b = json.loads(twin.read_text())["evals"].get(name, {})
         for key in ("value", "n", "per_class"):
             if a.get(key) != b.get(key):
-                fail(f"{twin.relative_to(slurm)}: {key} {b.get(key)!r} under SLURM, {a.get(key)!r} locally")
+                fail(f"{twin.relative_to(slurm)} [{name}]: {key} {b.get(key)!r} under SLURM, {a.get(key)!r} locally")
     for name in ("shifts.csv", "shifts.md", "shifts.tex"):
         if (local / "results" / STUDY / "tables" / name).read_text() != (slurm / "results" / STUDY / "tables" / name).read_text():
             fail(f"tables/{name} differs between the SLURM and the local run")

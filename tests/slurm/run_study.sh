@@ -74,10 +74,9 @@ watcher=$!
 
 started=$SECONDS
 cd "$ROOT"
-# The ten evaluations go as two SLURM jobs of five (a Snakemake job group): fewer jobs, less
-# per-job start-up, same outputs.
+# Each evaluated run (zero-shot, saeft seed 0) is one evaluate_model job for all five eval splits.
 run snakemake --cores all --profile slurm --directory "$WORK/slurm" --configfile "$STUDY" \
-    --slurm-init-seconds-before-status-checks 2 --groups evaluate_model=evaluate --group-components evaluate=5
+    --slurm-init-seconds-before-status-checks 2
 echo "run_study.sh: SLURM run took $((SECONDS - started))s"
 wait "$watcher" || true
 watcher=""

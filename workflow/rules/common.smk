@@ -28,7 +28,6 @@ wildcard_constraints:
     model=r"[A-Za-z0-9_.-]+",
     dataset=r"[a-z0-9_]+",
     split=r"[a-z0-9_]+",
-    evalset=r"[a-z0-9_]+",
     method=r"[a-z0-9_]+",
     seed=r"\d+",
     run=r"zeroshot|[a-z0-9_]+/seed\d+(/alpha[0-9.]+)?",
@@ -197,13 +196,9 @@ def evaluation_runs(curve=False):
 
 
 def eval_results(curve=False):
-    """Eval JSONs: every eval split of each dataset, then its transfer sets (named by dataset)."""
-    return [
-        f"{R}/eval/{MODEL}/{dataset}/{run}/{split}.json"
-        for dataset in DATASETS
-        for run in evaluation_runs(curve)
-        for split in (*get_dataset(dataset).eval_splits, *TRANSFER.get(dataset, []))
-    ]
+    """Eval bundles, one per dataset and evaluated run: each holds a record per eval split of the
+    dataset, then per transfer set (named by dataset)."""
+    return [f"{R}/eval/{MODEL}/{dataset}/{run}/evals.json" for dataset in DATASETS for run in evaluation_runs(curve)]
 
 
 def train_summaries():
