@@ -129,11 +129,11 @@ def test_teacher_cache_and_live_teacher_give_the_same_loss(clip_file, head_file,
     labels = torch.tensor([train[int(i)][1] for i in index])
     sae = TopKSAE(model.visual.output_dim, 2 * model.visual.output_dim, 8, generator=torch.Generator().manual_seed(0))
     for method in ("saeft", "feat_mse"):
-        # A fresh model each time: train-mode forwards move the BatchNorm running statistics.
+        # A fresh model each time (with finetune.batchnorm: train, forwards would move BatchNorm statistics).
         model = classifier_from_zeroshot(clip_file, head_file)[0]
         cfg = finetune.FinetuneConfig(method=method)
         live = finetune.build_context(cfg, model, model.visual, sae, live_teacher=True)
-        model.train()  # as in training: the tuned model's BatchNorm uses batch statistics
+        finetune._set_phase(cfg, model, model.visual, 0)  # as in training (BatchNorm frozen by default)
         loss_live, _ = finetune.method_loss(live, images, labels)
         stored = finetune.build_context(cfg, model, model.visual, sae, live_teacher=False)
         loss_cache, _ = finetune.method_loss(stored, images, labels, cached[index])

@@ -132,11 +132,11 @@ def test_a_teacher_cache_needs_a_bank_when_views_are_augmented():
 
 
 def test_k_larger_than_the_dictionary_fails_at_load():
-    config = default_config()  # saeft-tiny-rn: 128-dim embeddings
-    config["sae"].update(expansion=1, k=129)
-    with pytest.raises(ConfigError, match=r"sae.k: 129 is larger than the dictionary \(expansion 1 x 128-dim"):
+    config = default_config()  # saeft-vit-p4: 64-dim embeddings
+    config["sae"].update(expansion=1, k=65)
+    with pytest.raises(ConfigError, match=r"sae.k: 65 is larger than the dictionary \(expansion 1 x 64-dim"):
         validate_config(copy.deepcopy(config))
-    config["sae"]["k"] = 128
+    config["sae"]["k"] = 64
     config["sae"]["sweep"] = [{"name": "wide", "expansion": 4}, {"name": "dense", "k": 1000}]
     with pytest.raises(ConfigError, match="sae.sweep.1.k: 1000"):
         validate_config(copy.deepcopy(config))

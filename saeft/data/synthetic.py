@@ -255,10 +255,15 @@ def _photo_background(rng: np.random.Generator, size: int, hue: float, noise: fl
 
 
 def _shaded_object(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    colour = _hsv(rng.random(), rng.uniform(0.5, 1.0), rng.uniform(0.55, 1.0))
-    light = np.clip(1.0 + 0.25 * (u * rng.normal() + v * rng.normal()) / 2, 0.5, 1.3)
-    shaded = np.clip(colour * light[..., None], 0, 1)
-    return np.where(mask[..., None], shaded, image)
+    """A shaded object of random hue, either light on a darkened background or dark on a
+    lightened one: the shape always stands out by its value (as objects do in photos), which a
+    small ViT needs to learn shapes from photos in a few thousand contrastive steps."""
+    light = rng.random() < 0.5
+    colour = _hsv(rng.random(), rng.uniform(0.4, 1.0), rng.uniform(0.85, 1.0) if light else rng.uniform(0.05, 0.25))
+    shade = np.clip(1.0 + 0.25 * (u * rng.normal() + v * rng.normal()) / 2, 0.5, 1.3)
+    shaded = np.clip(colour * shade[..., None], 0, 1)
+    background = image * 0.55 if light else np.clip(image * 0.6 + 0.4, 0, 1)
+    return np.where(mask[..., None], shaded, background)
 
 
 def _outline(mask: np.ndarray, width: int) -> np.ndarray:
