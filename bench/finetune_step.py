@@ -1,6 +1,6 @@
 """Step time and peak memory of every fine-tuning method relative to ``ft``.
 
-Same model (the default study's ``saeft-tiny-rn``, random weights: nothing is downloaded), same
+Same model (the ResNet ``saeft-tiny-rn``, random weights: nothing is downloaded), same
 batch, same data, one process per method so that peak memory is that method's own. Each child
 times ``--steps`` full training steps (forward, loss, backward, clipping, AdamW, schedule) after
 ``--warmup`` untimed ones and reports the median step. Peak memory: on GPU the peak allocated by
