@@ -44,6 +44,7 @@ def fake_root(tmp_path_factory) -> Path:
 
 def small(root: Path, **overrides) -> fm.FashionMNISTConfig:
     values = dict(root=str(root), train_per_class=5, val_per_class=3, test_per_class=4, pretrain_per_class=2,
+                  sae_train_per_class=3, sae_heldout_per_class=2,
                   pretrain_corruptions=["gaussian_noise", "contrast"], heldout_corruptions=["shot_noise", "pixelate"])
     return fm.FashionMNISTConfig(**{**values, **overrides})
 

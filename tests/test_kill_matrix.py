@@ -65,7 +65,7 @@ def test_pretraining_resumes_from_its_step_checkpoint(tiny_world, tmp_path):
 
     def args(out: Path) -> tuple[str, ...]:
         return ("pretrain", "--arch", "saeft-tiny-rn", "--dataset-options", json.dumps(tiny_world.to_dict()),
-                "--config", config, "--out", str(out / "model.safetensors"))
+                "--config", config, "--out", str(out / "model.safetensors"), "--quality", str(out / "quality.json"))
 
     saeft(*args(tmp_path / "whole"))
     killed = tmp_path / "killed"
@@ -73,6 +73,7 @@ def test_pretraining_resumes_from_its_step_checkpoint(tiny_world, tmp_path):
     assert not (killed / "model.safetensors").exists() and (killed / "checkpoint.pt").exists()
     assert "resuming from" in saeft(*args(killed)).stderr
     assert same_tensors(killed / "model.safetensors", tmp_path / "whole" / "model.safetensors")
+    assert json.loads((killed / "quality.json").read_text())["zeroshot_top1"] == json.loads((tmp_path / "whole" / "quality.json").read_text())["zeroshot_top1"]
     no_temporaries(tmp_path)
 
 

@@ -270,8 +270,8 @@ def source_indices(cfg: FashionMNISTConfig, split: str, labels: np.ndarray) -> n
         short = [c for c, pool in enumerate(pools) if len(pool) < starts[c] + per_class]
     if short:
         c = short[0]
-        raise ValueError(f"{cfg.root}: class {CLASSNAMES[c]!r} has {len(pools[c])} images, too few for split {split}"
-                         f" beside the other splits ({cfg.split_size(split) // n_classes} per class)")
+        raise ValueError(f"{cfg.root}: class {CLASSNAMES[c]!r} has {len(pools[c])} images, too few: split {split}"
+                         f" needs {per_class} per class beside the other splits")
     return np.array([pools[i % n_classes][starts[i % n_classes] + i // n_classes] for i in range(per_class * n_classes)], dtype=np.int64)
 
 
