@@ -95,3 +95,31 @@ def test_sae_json_reports_metrics_per_eval_split(tmp_path):
         assert {"fvu", "l0", "dead_fraction"} <= set(metrics["splits"][split])
     assert metrics["splits"]["test"]["fvu"] < metrics["splits"]["shift"]["fvu"]
     assert metrics["n_heldout"] == 100
+
+
+def test_sae_data_pretrain_plans_the_sae_on_the_pretraining_corpus(tmp_path):
+    """`sae.data: pretrain` swaps the SAE's training cache for the pretraining split; the
+    held-out split stays the ID one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    config = yaml.safe_load((root / "tests" / "data" / "tiny_study.yaml").read_text())
+    plans = {}
+    for data in ("id", "pretrain"):
+        config.setdefault("sae", {})["data"] = data
+        (tmp_path / f"{data}.yaml").write_text(yaml.safe_dump(config))
+        result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "-d", str(tmp_path / data),
+                                 "--configfile", str(tmp_path / f"{data}.yaml"), "-n", "-p", "--until", "train_sae"],
+                                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        plans[data] = next(line for line in (result.stdout + result.stderr).splitlines() if "saeft train-sae " in line)
+    assert "--train results/tiny/cache/saeft-tiny-rn/shapes/sae_train.h5" in plans["id"]
+    assert "--train results/tiny/cache/saeft-tiny-rn/shapes/pretrain.h5" in plans["pretrain"]
+    for plan in plans.values():
+        assert "--heldout results/tiny/cache/saeft-tiny-rn/shapes/sae_heldout.h5" in plan
+        assert "sketch=results/tiny/cache/saeft-tiny-rn/shapes/sketch.h5" in plan
