@@ -63,10 +63,8 @@ def cmd_sync_tracking(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import pretrain
+    from saeft import pretrain, quality
     from saeft.data.registry import get_dataset
-
-    from saeft import quality
     from saeft.io import write_json
     from saeft.models import load_clip
 
