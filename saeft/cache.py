@@ -1,6 +1,6 @@
 """Stage ``cache_activations``: the zero-shot image embeddings of one dataset split, in HDF5.
 
-Layout (DESIGN section 2): ``/embeddings`` float32 (N, d) in ~1 MiB row chunks, uncompressed;
+Layout (docs/stages.md): ``/embeddings`` float32 (N, d) in ~1 MiB row chunks, uncompressed;
 ``/labels`` int64 (N,); ``/index`` int64 (N,), the row in the source dataset; root attributes
 record provenance. A views cache (the teacher of augmented training, :mod:`saeft.views`) holds V
 rows per image, row ``image * V + view``, and records its bank in the attributes. The file is filled under a ``.partial`` name beside the output, which records

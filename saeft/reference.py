@@ -1,7 +1,7 @@
 """Published numbers beside ours: the comparison table of the aggregate stage.
 
 The published cells live in ``saeft/assets/reference_results.csv`` (transcribed from
-``reference/FIGURES.md``): model, pretrained weights, dataset, method, eval set, a value or a range
+``docs/reference_results.md``): model, pretrained weights, dataset, method, eval set, a value or a range
 (``low``..``high``: values read off plots, or a best point whose alpha is not stated), metric and
 source. ``*`` as the model or the weights matches any (the source does not state them); ``*`` as
 the dataset matches the eval set as a transfer set of any dataset, or as the ID test set of the

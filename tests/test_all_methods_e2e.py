@@ -1,4 +1,4 @@
-"""Every method of DESIGN section 3 through the whole pipeline on a tiny one-seed study: each
+"""Every method of docs/methods.md through the whole pipeline on a tiny one-seed study: each
 gets a row of the summary table (slow: about 80 short jobs)."""
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def _hand_sae(normalize: str = "none") -> TopKSAE:
 
 
 def _reference(f_theta, f_0, sae, lambda_add, lambda_remove, lambda_l1, mu):
-    """Plain-Python loops over the definitions in DESIGN section 3 (no torch.topk)."""
+    """Plain-Python loops over the definitions in docs/methods.md (no torch.topk)."""
     W_enc, W_dec, b = sae.W_enc.tolist(), sae.W_dec.tolist(), sae.b_pre.tolist()
     d, n, k = sae.d, sae.n_features, sae.k
 

@@ -24,7 +24,7 @@ from saeft.sae import (
 
 
 def _write_cache(path, embeddings: np.ndarray) -> None:
-    """A minimal activation cache in the layout of DESIGN section 2."""
+    """A minimal activation cache in the layout of docs/stages.md."""
     with h5py.File(path, "w") as handle:
         handle.create_dataset("embeddings", data=embeddings.astype(np.float32))
         handle.create_dataset("labels", data=np.zeros(len(embeddings), dtype=np.int64))
