@@ -36,7 +36,7 @@ def main() -> None:
 
     from saeft import finetune
     from saeft.data.registry import get_dataset
-    from saeft.study import validate_config
+    from saeft.config.study import validate_config
 
     config = validate_config(yaml.safe_load(Path(args.config).read_text()))
     dataset = args.dataset or config["datasets"][0]

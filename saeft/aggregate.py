@@ -30,6 +30,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from saeft.config import StageConfig, require
+from saeft.config.stages import AggregateConfig
 from saeft.environment import ENVIRONMENT_KEY
 from saeft.io import atomic_path, read_json
 
@@ -60,100 +61,6 @@ UNIQUE_KEY = ("model", "dataset", "method", "seed", "alpha", "evalset")
 
 _STR_KEYS = ("study", "model", "dataset", "method", "evalset", "metric")
 
-DEFAULT_METHOD_ORDER = [
-    "zeroshot", "lp", "ft", "lpft", "wiseft", "l2sp", "feat_mse", "feat_l1", "ldifs", "flyp",
-    "sae_sparse", "sae_add", "saeft",
-]
-DEFAULT_METHOD_LABELS = {
-    "zeroshot": "Zero-shot",
-    "lp": "LP",
-    "ft": "FT",
-    "lpft": "LP-FT",
-    "wiseft": "WiSE-FT",
-    "l2sp": "L2-SP",
-    "feat_mse": "Feature MSE",
-    "feat_l1": "Feature L1",
-    "ldifs": "LDIFS",
-    "flyp": "FLYP",
-    "sae_sparse": "SAE sparse",
-    "sae_add": "SAE add",
-    "saeft": "SAE-FT",
-}
-DEFAULT_METRIC_LABELS = {
-    "top1": "top-1 accuracy",
-    "macro_f1": "macro-F1",
-    "worst_region_acc": "worst-region accuracy",
-}
-
-
-@dataclasses.dataclass
-class AggregateConfig(StageConfig):
-    """How results are ordered, labelled and formatted in tables and figures."""
-
-    method_order: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_METHOD_ORDER))
-    """Display order of methods; methods not listed come after these, alphabetically."""
-
-    method_labels: dict[str, str] = dataclasses.field(
-        default_factory=lambda: dict(DEFAULT_METHOD_LABELS)
-    )
-    """Display name per method, on top of the defaults; a method without any is shown by its name."""
-
-    metric_labels: dict[str, str] = dataclasses.field(
-        default_factory=lambda: dict(DEFAULT_METRIC_LABELS)
-    )
-    """Display name per metric (table header, axis labels), on top of the defaults."""
-
-    percent: bool = True
-    """Show values ×100 (tables, figure axes); the numeric summary columns stay fractions."""
-
-    decimals: int = 1
-    """Decimals shown for means and stds in formatted cells."""
-
-    wiseft_alpha: float | None = None
-    """The reported WiSE-FT alpha (the workflow sets it from ``methods.wiseft.alpha``): the tables
-    show WiSE-FT there; the other alphas are curve points, drawn in the figures. None: a method
-    may then carry one alpha only."""
-
-    pretrained: str | None = None
-    """The study's weights (the workflow sets it from ``model.pretrained``): the reference table
-    compares only with published cells of the same weights. None: with every cell."""
-
-    def __post_init__(self) -> None:
-        require(isinstance(self.decimals, int) and self.decimals >= 0, "decimals", "must be >= 0")
-        require(
-            self.wiseft_alpha is None or (isinstance(self.wiseft_alpha, (int, float)) and 0.0 <= self.wiseft_alpha <= 1.0),
-            "wiseft_alpha",
-            "must be in [0, 1]",
-        )
-        require(
-            len(set(self.method_order)) == len(self.method_order),
-            "method_order",
-            "must not list a method twice",
-        )
-        require(
-            all(isinstance(v, str) and v for v in self.method_labels.values()),
-            "method_labels",
-            "labels must be non-empty strings",
-        )
-
-    def label(self, method: str) -> str:
-        """Display name of ``method``."""
-        return self.method_labels.get(method, DEFAULT_METHOD_LABELS.get(method, method))
-
-    def metric_label(self, metric: str) -> str:
-        """Display name of ``metric`` (of each part of a ``/``-joined one, for mixed eval sets)."""
-        return "/".join(self.metric_labels.get(m, DEFAULT_METRIC_LABELS.get(m, m)) for m in str(metric).split("/"))
-
-    def scale_and_unit(self) -> tuple[float, str]:
-        """Factor from fractions to shown values, and the unit's name: (100, "%") or (1, "fraction")."""
-        return (100.0, "%") if self.percent else (1.0, "fraction")
-
-    def method_sort_key(self, method: str) -> tuple[int, str]:
-        """Sort key: listed methods in their order, then the others alphabetically."""
-        try:
-            return (self.method_order.index(method), "")
-        except ValueError:
-            return (len(self.method_order), method)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 import saeft
 from saeft.config import StageConfig, require
+from saeft.config.stages import CacheConfig
 from saeft.faults import maybe_kill
 from saeft.data.registry import get_dataset
 from saeft.environment import runtime_tags
@@ -35,20 +36,6 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 20
-
-
-@dataclasses.dataclass
-class CacheConfig(StageConfig):
-    """Embedding cache settings (config key ``cache``)."""
-
-    batch_size: int = 256
-    """Images per forward pass."""
-    workers: int = 0
-    """DataLoader worker processes (0: load in the main process)."""
-
-    def __post_init__(self) -> None:
-        require(self.batch_size >= 1, "cache.batch_size", "must be at least 1")
-        require(self.workers >= 0, "cache.workers", "must be non-negative")
 
 
 def run(

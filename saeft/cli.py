@@ -259,6 +259,21 @@ def cmd_aggregate_features(args: argparse.Namespace) -> dict[str, Any]:
     return headline
 
 
+def cmd_schema(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.config.study import SCHEMA_PATH, schema_text
+    from saeft.io import atomic_path
+
+    text = schema_text()
+    if not args.write:
+        sys.stdout.write(text)
+        return {}
+    with atomic_path(SCHEMA_PATH) as tmp:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+    logger.info("wrote %s", SCHEMA_PATH)
+    return {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
@@ -268,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         _common(p)
         return p
+
+    p = add("schema", cmd_schema, "print the study config's JSON schema, generated from the config dataclasses")
+    p.add_argument("--write", action="store_true", help="write it to workflow/schemas/config.schema.yaml instead")
 
     p = add("sync-tracking", cmd_sync_tracking, "replay the tracking calls that jobs queued while MLflow was unreachable")
     p.add_argument("--queue", default=None, help="queue folder (default: $SAEFT_MLFLOW_QUEUE or ./mlflow-queue)")

@@ -28,6 +28,7 @@ import torch
 
 from saeft import metrics
 from saeft.config import StageConfig, require
+from saeft.config.stages import EvaluateConfig
 from saeft.data.registry import DatasetSpec, get_dataset
 from saeft.faults import maybe_kill
 from saeft.finetune import interpolate_weights
@@ -36,17 +37,6 @@ from saeft.models import ImageClassifier, classifier_from_zeroshot, load_classif
 from saeft.training import Progress, setup_torch
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class EvaluateConfig(StageConfig):
-    """Evaluation settings (config key ``evaluate``)."""
-
-    batch_size: int = 256
-    """Images per forward pass."""
-
-    def __post_init__(self) -> None:
-        require(self.batch_size >= 1, "evaluate.batch_size", "must be at least 1")
 
 
 def load_model(model: str | os.PathLike, head: str | os.PathLike | None) -> ImageClassifier:

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saeft.config import ConfigError, StageConfig, require
+from saeft.config.stages import FinetuneConfig
 from saeft.data.registry import get_dataset
 from saeft.faults import maybe_kill
 from saeft.io import load_tensors, write_json
@@ -106,93 +107,6 @@ TEACHER_METHODS = SAE_METHODS | {"feat_mse", "feat_l1"}
 """Methods that compare with the zero-shot embedding f_0 (which the teacher cache can supply)."""
 BATCHNORM_MODES = ("frozen", "train")
 """Values of ``finetune.batchnorm``."""
-
-
-@dataclasses.dataclass
-class FinetuneConfig(StageConfig):
-    """Fine-tuning of one method (config keys ``finetune`` and ``methods.<method>``)."""
-
-    method: str = "ft"
-    """Method name; one of :data:`METHOD_PARAMS`."""
-    method_params: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The method's own hyper-parameters (``methods.<method>``); missing ones take defaults."""
-    epochs: int = 10
-    """Passes over the training split; the cosine schedule spans exactly these epochs (plus
-    ``lp_epochs`` for lpft)."""
-    batch_size: int = 32
-    """Images per step."""
-    lr: float = 1e-5
-    """Peak AdamW learning rate."""
-    weight_decay: float = 0.1
-    """AdamW weight decay."""
-    warmup_steps: int = 500
-    """Linear warm-up steps before the cosine decay."""
-    grad_clip: float = 1.0
-    """Gradient-norm clipping threshold (0 disables clipping)."""
-    label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy."""
-    seed: int = 0
-    """Seed of data order and any randomness in training."""
-    teacher: str = "auto"
-    """Where f_0 comes from: 'cache' (the HDF5 teacher cache, required), 'live' (a frozen copy of
-    the encoder each step) or 'auto' (the cache when one is given)."""
-    precision: str = "auto"
-    """Autocast dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16' (GPU only)."""
-    compile: bool = False
-    """Wrap the trained module in torch.compile."""
-    workers: int = 0
-    """Data loader worker processes."""
-    augment: str = "none"
-    """Training views: 'none' (the evaluation preprocessing) or 'crop_flip' (see
-    :class:`saeft.views.ViewConfig`)."""
-    views: int = 0
-    """Bank of views per image whose f_0 the views cache holds; 0: a fresh view every epoch."""
-    view_seed: int = 0
-    """Seed of the bank's crop and flip parameters (shared by every method and seed)."""
-    crop_scale: float = 0.5
-    """Smallest crop area of a view, as a fraction of the image."""
-    batchnorm: str = "frozen"
-    """BatchNorm layers of the trained module during training, for every method: 'frozen' keeps
-    them in eval mode (normalisation by the zero-shot running statistics, which never change), so
-    the tuned embedding equals the teacher's until a weight moves; their affine weight and bias
-    still train like every other weight (the regularisers see them through the embedding), only
-    the statistics are frozen. 'train': train mode (batch statistics, running statistics updated
-    from ID batches; SyncBatchNorm under DDP on GPU). No effect on towers without BatchNorm (ViT)."""
-
-    def __post_init__(self) -> None:
-        require(self.method in METHOD_PARAMS, "methods", f"unknown method {self.method!r}; known: {', '.join(METHOD_PARAMS)}")
-        allowed = METHOD_PARAMS[self.method]
-        for key, value in self.method_params.items():
-            where = f"methods.{self.method}.{key}"
-            require(key in allowed, where, f"not a hyper-parameter of {self.method} (allowed: {', '.join(allowed) or 'none'})")
-            valid, must = PARAM_RULES.get(key, WEIGHT_RULE)
-            require(valid(value), where, f"{must}, got {value!r}")
-        self.method_params = {**allowed, **self.method_params}
-        require(self.epochs >= 1, "finetune.epochs", "must be at least 1")
-        require(self.batch_size >= 1, "finetune.batch_size", "must be at least 1")
-        require(self.lr > 0, "finetune.lr", "must be positive")
-        require(self.weight_decay >= 0, "finetune.weight_decay", "must be non-negative")
-        require(self.warmup_steps >= 0, "finetune.warmup_steps", "must be non-negative")
-        require(self.grad_clip >= 0, "finetune.grad_clip", "must be non-negative")
-        require(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "must lie in [0, 1)")
-        require(self.teacher in ("auto", "cache", "live"), "finetune.teacher", f"must be auto, cache or live, got {self.teacher!r}")
-        require(self.precision in ("auto", "fp32", "bf16", "fp16"), "finetune.precision", f"must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        require(self.workers >= 0, "finetune.workers", "must be non-negative")
-        require(self.batchnorm in BATCHNORM_MODES, "finetune.batchnorm",
-                f"must be {' or '.join(BATCHNORM_MODES)}, got {self.batchnorm!r}")
-        views = self.view_config  # validates the view keys
-        require(not (self.teacher == "cache" and self.method in TEACHER_METHODS and not (views.deterministic or views.banked)),
-                "finetune.teacher", "'cache' needs views a cache can hold: finetune.views >= 1 when finetune.augment is on")
-
-    @property
-    def view_config(self) -> ViewConfig:
-        """The training views these keys define."""
-        return ViewConfig(augment=self.augment, views=self.views, view_seed=self.view_seed, crop_scale=self.crop_scale)
-
-    @property
-    def total_epochs(self) -> int:
-        """Epochs of the whole run (lpft adds its probing epochs)."""
-        return self.epochs + (self.method_params["lp_epochs"] if self.method == "lpft" else 0)
 
 
 # --- the regularisers on small tensors (hand-checkable) ------------------------------------------

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saeft.io import load_tensors, save_tensors
-from saeft.study import pretrained_kind
+from saeft.config.study import pretrained_kind
 
 logger = logging.getLogger(__name__)
 

@@ -20,47 +20,12 @@ import torch
 from PIL import Image
 
 from saeft.config import StageConfig, require
+from saeft.config.stages import PretrainConfig
 from saeft.data.registry import REGISTRY, get_dataset
 from saeft.models import create_clip, open_clip_module, preprocess_for, save_clip, tokenizer_for
 from saeft.training import CHECKPOINT_NAME, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class PretrainConfig(StageConfig):
-    """Contrastive pretraining (config key ``pretrain``)."""
-
-    steps: int = 600
-    """Optimizer steps. Each batch holds one image of every (class, domain) pair, so no two
-    captions in a batch say the same thing (duplicates would be false negatives)."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate."""
-    weight_decay: float = 0.1
-    """AdamW weight decay."""
-    warmup_steps: int = 50
-    """Linear warm-up steps before the cosine decay."""
-    seed: int = 0
-    """Seed of initialisation, batch composition and caption choice."""
-    checkpoint_every: int = 200
-    """Steps between resumable checkpoints (kept beside the output, removed at the end)."""
-    dataset: str = "shapes"
-    """Registered dataset whose pretraining corpus is used (its options are its config section)."""
-    min_zeroshot_acc: float = 0.5
-    """The gate: ``prepare_model`` refuses the pretrained model when its zero-shot top-1 on the
-    dataset's ID held-out split is below this (read from the quality record; not a training key,
-    so changing it never reruns the pretraining)."""
-
-    def __post_init__(self) -> None:
-        require(self.steps >= 1, "pretrain.steps", "must be at least 1")
-        require(self.lr > 0, "pretrain.lr", "must be positive")
-        require(self.weight_decay >= 0, "pretrain.weight_decay", "must be non-negative")
-        require(self.warmup_steps >= 0, "pretrain.warmup_steps", "must be non-negative")
-        require(self.checkpoint_every >= 1, "pretrain.checkpoint_every", "must be at least 1")
-        require(0.0 <= self.min_zeroshot_acc <= 1.0, "pretrain.min_zeroshot_acc", f"must lie in [0, 1], got {self.min_zeroshot_acc}")
-        corpora = sorted(name for name, spec in REGISTRY.items() if spec.pretrain_corpus is not None)
-        require(self.dataset in corpora, "pretrain.dataset",
-                f"{self.dataset!r} offers no pretraining corpus; datasets that do: {', '.join(corpora)}")
 
 
 def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,

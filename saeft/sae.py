@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from saeft.config import ConfigError, StageConfig, require
+from saeft.config.stages import SAETrainConfig
 from saeft.io import load_tensors, save_tensors, write_json
 from saeft.training import CHECKPOINT_NAME, resume_checkpoint, save_checkpoint, warmup_cosine
 
@@ -418,84 +419,6 @@ def load_sae(path: str | os.PathLike, *, trainable: bool = False) -> TopKSAE:
     return sae.eval()
 
 
-@dataclasses.dataclass
-class SAETrainConfig(StageConfig):
-    """Settings of the ``train_sae`` stage (config key ``sae``)."""
-
-    expansion: int = 4
-    """Dictionary size as a multiple of the embedding dim: ``n_features = expansion * d``."""
-    k: int = 32
-    """Number of active features per embedding (Top-K), or on average (Batch-Top-K)."""
-    architecture: str = "topk"
-    """``"topk"`` (k per sample) or ``"batchtopk"`` (k x batch over the batch; a learned
-    threshold at inference)."""
-    normalize: str = "l2"
-    """Input normalisation before the SAE: ``"l2"`` (unit-norm embeddings) or ``"none"``."""
-    relu: bool = False
-    """Apply a ReLU to the kept pre-activations (non-negative codes)."""
-    encoder_bias: bool = False
-    """Learn an encoder bias ``b_enc`` (otherwise it stays zero)."""
-    b_pre_init: str = "mean"
-    """Initial pre-encoder bias: ``"mean"`` or ``"median"`` (geometric) of the training
-    embeddings, or ``"zero"``."""
-    tied_init: bool = True
-    """Start the encoder as the transpose of the (random, unit-norm) decoder."""
-    epochs: int = 20
-    """Passes over the training embeddings."""
-    batch_size: int = 256
-    """Embeddings per optimiser step."""
-    lr: float = 1e-3
-    """AdamW peak learning rate."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    warmup_steps: int = 20
-    """Steps of linear learning-rate warm-up."""
-    lr_decay: str = "cosine"
-    """Learning rate after warm-up: ``"cosine"`` decay to zero at the last step, or ``"none"``."""
-    auxk_alpha: float = 1 / 32
-    """Weight of the AuxK loss on dead latents (0 disables it)."""
-    aux_k: int = 0
-    """Dead latents each sample uses in the AuxK loss; 0 means half the embedding dim."""
-    dead_after: int = 0
-    """A latent that has not fired on this many consecutive training samples counts as dead (and
-    feeds the AuxK loss); 0: one epoch of the training embeddings, so the threshold scales with
-    the samples seen and AuxK acts from the second epoch on."""
-    data: str = "id"
-    """What the SAE trains on: ``"id"`` (embeddings of the dataset's ID training distribution,
-    its SAE split) or ``"pretrain"`` (the pretraining corpus, which also covers the shifted
-    domains that ID data lacks; only datasets that offer one)."""
-    shuffle_buffer: int = 65536
-    """Rows read (whole HDF5 chunks, in random chunk order) and shuffled in memory at a time."""
-    seed: int = 0
-    """Seed for the initialisation and the shuffling (training is deterministic on CPU)."""
-
-    def __post_init__(self) -> None:
-        require(self.expansion >= 1, "sae.expansion", f"must be >= 1, got {self.expansion}")
-        require(self.k >= 1, "sae.k", f"must be >= 1, got {self.k}")
-        for key, value, allowed in (
-            ("architecture", self.architecture, ARCHITECTURES),
-            ("normalize", self.normalize, NORMALIZATIONS),
-            ("b_pre_init", self.b_pre_init, B_PRE_INITS),
-            ("lr_decay", self.lr_decay, LR_DECAYS),
-        ):
-            require(
-                value in allowed, f"sae.{key}", f"must be one of {', '.join(allowed)}, got {value!r}"
-            )
-        require(self.epochs >= 1, "sae.epochs", f"must be >= 1, got {self.epochs}")
-        require(self.batch_size >= 1, "sae.batch_size", f"must be >= 1, got {self.batch_size}")
-        require(
-            self.lr > 0 and self.lr != float("inf"), "sae.lr", f"must be > 0, got {self.lr}"
-        )
-        require(0 <= self.weight_decay < float("inf"), "sae.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        require(self.warmup_steps >= 0, "sae.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        require(0 <= self.auxk_alpha < float("inf"), "sae.auxk_alpha", f"must be >= 0, got {self.auxk_alpha}")
-        require(self.aux_k >= 0, "sae.aux_k", f"must be >= 0, got {self.aux_k}")
-        require(self.dead_after >= 0, "sae.dead_after", f"must be >= 0 (0: one epoch), got {self.dead_after}")
-        require(self.data in SAE_DATA, "sae.data", f"must be one of {', '.join(SAE_DATA)}, got {self.data!r}")
-        require(self.shuffle_buffer >= 1, "sae.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
-        require(self.seed >= 0, "sae.seed", f"must be >= 0, got {self.seed}")
-
-
 SAE_DATA = ("id", "pretrain")
 """Allowed values of ``sae.data``."""
 
@@ -509,29 +432,7 @@ _DATA_KEYS = ("epochs", "batch_size", "seed", "normalize", "shuffle_buffer")
 
 def sweep_configs(section: Mapping[str, Any]) -> dict[str, SAETrainConfig]:
     """The SAEs of ``sae.sweep``: each entry's overrides on the other ``sae`` keys, by name."""
-    base = {key: value for key, value in section.items() if key != "sweep"}
-    entries = section.get("sweep") or []
-    out: dict[str, SAETrainConfig] = {}
-    for i, entry in enumerate(entries):
-        where = f"sae.sweep[{i}]."
-        require(isinstance(entry, Mapping), f"sae.sweep[{i}]", "must be a mapping with a name")
-        name = entry.get("name")
-        require(
-            isinstance(name, str) and SWEEP_NAME.fullmatch(name) is not None,
-            f"{where}name", f"must match [a-z0-9_]+, got {name!r}",
-        )
-        require(name not in out, f"{where}name", f"duplicate sweep name {name!r}")
-        overrides = {key: value for key, value in entry.items() if key != "name"}
-        require("data" not in overrides, f"{where}data", "a sweep trains on the main SAE's data (sae.data); it cannot change it")
-        try:
-            out[name] = SAETrainConfig.from_dict({**base, **overrides}, where=where)
-        except ConfigError as exc:
-            # __post_init__ names keys as sae.<key>; point at the entry instead.
-            message = str(exc)
-            if message.startswith("sae.") and not message.startswith(where):
-                message = where + message[len("sae."):]
-            raise ConfigError(message) from exc
-    return out
+    return SAETrainConfig.from_dict(dict(section)).sweep_configs()
 
 
 def read_embeddings(path: str | os.PathLike) -> torch.Tensor:

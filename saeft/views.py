@@ -22,46 +22,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from saeft.config import StageConfig, require
+from saeft.config.stages import VIEW_KEYS, ViewConfig
 
 AUGMENTS = ("none", "crop_flip")
 VIEW_KEYS = ("augment", "views", "view_seed", "crop_scale")
 """The ``finetune`` keys that define the training views (and so the views cache)."""
-
-
-@dataclasses.dataclass
-class ViewConfig(StageConfig):
-    """Training views (config keys ``finetune.augment``, ``views``, ``view_seed``, ``crop_scale``)."""
-
-    augment: str = "none"
-    """'none' (the evaluation preprocessing, deterministic) or 'crop_flip' (random-resized crop
-    and horizontal flip, then the evaluation preprocessing)."""
-    views: int = 0
-    """Size of the bank of views per image, drawn once and shared by every method and seed; the
-    teacher cache holds f_0 of each. 0: a fresh view every epoch (the teacher must run live)."""
-    view_seed: int = 0
-    """Seed of the bank's crop and flip parameters."""
-    crop_scale: float = 0.5
-    """Smallest crop area, as a fraction of the image (the largest is the whole image)."""
-
-    def __post_init__(self) -> None:
-        require(self.augment in AUGMENTS, "finetune.augment", f"must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
-        require(self.views >= 0, "finetune.views", f"must be non-negative, got {self.views}")
-        require(0 < self.crop_scale <= 1, "finetune.crop_scale", f"must lie in (0, 1], got {self.crop_scale}")
-
-    @property
-    def deterministic(self) -> bool:
-        """Every epoch sees the same view of an image (the plain embedding cache is its teacher)."""
-        return self.augment == "none"
-
-    @property
-    def banked(self) -> bool:
-        """Views come from a finite bank that a views cache can hold."""
-        return self.augment != "none" and self.views >= 1
-
-    @classmethod
-    def of(cls, finetune: dict[str, Any]) -> ViewConfig:
-        """The view keys of a ``finetune`` mapping (other keys ignored)."""
-        return cls.from_dict({k: finetune[k] for k in VIEW_KEYS if k in finetune}, "finetune.")
 
 
 def _seed(key: Sequence[int]) -> int:

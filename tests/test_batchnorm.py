@@ -206,14 +206,14 @@ def test_sync_batchnorm_only_for_trained_statistics():
 
 
 def test_bad_batchnorm_names_the_key():
-    with pytest.raises(ConfigError, match=r"finetune\.batchnorm: must be frozen or train, got 'bogus'"):
+    with pytest.raises(ConfigError, match=r"finetune\.batchnorm: must be one of frozen, train, got 'bogus'"):
         finetune.FinetuneConfig(batchnorm="bogus")
     with pytest.raises(ConfigError, match=r"finetune\.batchnorm"):
         finetune.FinetuneConfig.from_dict({"batchnorm": "bogus"}, "finetune.")
 
 
 def test_schema_defaults_and_rejects_batchnorm():
-    from saeft.study import validate_config
+    from saeft.config.study import validate_config
 
     config = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()))
     assert config["finetune"]["batchnorm"] == "frozen"

@@ -150,22 +150,22 @@ def test_config_default_and_choices(method):
 
 
 def test_config_other_keys_keep_their_rules():
-    with pytest.raises(ConfigError, match=r"methods\.ft\.sae_inputs: not a hyper-parameter"):
+    with pytest.raises(ConfigError, match=r"methods\.ft\.sae_inputs: unknown key"):
         finetune.FinetuneConfig(method="ft", method_params={"sae_inputs": "raw"})
-    with pytest.raises(ConfigError, match=r"methods\.saeft\.mu: must be a non-negative number, got 'raw'"):
+    with pytest.raises(ConfigError, match=r"methods\.saeft\.mu: must be a number, got 'raw'"):
         finetune.FinetuneConfig(method="saeft", method_params={"mu": "raw"})
-    with pytest.raises(ConfigError, match=r"methods\.saeft\.lambda: must be a non-negative number"):
+    with pytest.raises(ConfigError, match=r"methods\.saeft\.lambda: must be a number, got True"):
         finetune.FinetuneConfig(method="saeft", method_params={"lambda": True})
-    with pytest.raises(ConfigError, match=r"methods\.lpft\.lp_epochs: must be an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"methods\.lpft\.lp_epochs: must be an integer, got 1.5"):
         finetune.FinetuneConfig(method="lpft", method_params={"lp_epochs": 1.5})
-    with pytest.raises(ConfigError, match=r"methods\.ldifs\.taps: must be null or a non-empty list"):
+    with pytest.raises(ConfigError, match=r"methods\.ldifs\.taps"):
         finetune.FinetuneConfig(method="ldifs", method_params={"taps": [""]})
     assert finetune.FinetuneConfig(method="ldifs", method_params={"taps": ["a"]}).method_params["taps"] == ["a"]
 
 
 @pytest.mark.parametrize("method", sorted(finetune.SAE_METHODS))
 def test_schema_accepts_the_choices_and_names_a_bad_value(method):
-    from saeft.study import validate_config
+    from saeft.config.study import validate_config
 
     for value in ("prepared", "raw"):
         config = validate_config({"methods": {method: {"sae_inputs": value, "datasets": {"shapes": {"sae_inputs": "prepared"}}}}})

@@ -215,7 +215,7 @@ def test_registry_is_consistent():
 def test_registry_import_stays_torch_free():
     import subprocess
 
-    code = "import sys, saeft.data.registry, saeft.study; print('torch' in sys.modules)"
+    code = "import sys, saeft.data.registry, saeft.config.study; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_data import build_data_root  # noqa: E402
 
 from saeft.config import ConfigError  # noqa: E402
-from saeft.study import validate_config  # noqa: E402
+from saeft.config.study import validate_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "workflow" / "configs"

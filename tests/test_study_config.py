@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from saeft.config import ConfigError
-from saeft.study import validate_config
+from saeft.config.study import validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def test_every_method_and_wiseft_defaults_validate():
         (("methods", "saeft", "datasets", "shapes", "lambda"), -5, "methods.saeft.datasets.shapes.lambda"),
         (("methods", "wiseft", "alpha"), 1.5, "methods.wiseft.alpha"),
         (("methods", "wiseft", "alphas"), [0.5, -0.1], "methods.wiseft.alphas.1"),
-        (("methods", "wiseft", "base"), ["magic"], "methods.wiseft.base.0"),
+        (("methods", "wiseft", "base"), ["magic"], "methods.wiseft.base"),
         (("methods", "wiseft", "base"), ["lp"], "methods.wiseft.base"),
         (("methods", "saeft", "datasets", "imagenet"), {}, "methods.saeft.datasets.imagenet"),
         (("finetune", "teacher"), "oracle", "finetune.teacher"),

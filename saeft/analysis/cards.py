@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from saeft.config import StageConfig, require
+from saeft.config.stages import CardsConfig
 from saeft.data.registry import get_dataset
 from saeft.io import atomic_path, load_tensors, write_json
 from saeft.sae import load_sae
@@ -39,23 +40,6 @@ logger = logging.getLogger(__name__)
 
 DIRECTIONS = {"added": "code", "removed": "code0"}
 """Direction of change -> the code (column prefix) whose activations pick the card's images."""
-
-
-@dataclasses.dataclass
-class CardsConfig(StageConfig):
-    """Feature card settings (config key ``analysis.cards``)."""
-
-    features: int = 3
-    """Cards per method and direction: the most often added and the most often removed features."""
-    images: int = 8
-    """Top-activating images shown per card."""
-    thumbnail: int = 64
-    """Side in pixels each image is resized to in the grid."""
-
-    def __post_init__(self) -> None:
-        require(self.features >= 1, "analysis.cards.features", "must be at least 1")
-        require(self.images >= 1, "analysis.cards.images", "must be at least 1")
-        require(self.thumbnail >= 8, "analysis.cards.thumbnail", "must be at least 8")
 
 
 def rank_changed(images: pd.DataFrame, direction: str) -> list[tuple[int, int]]:

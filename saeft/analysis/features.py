@@ -38,6 +38,7 @@ import torch
 from saeft.analysis import metrics
 from saeft.cache import read_cache
 from saeft.config import StageConfig, require
+from saeft.config.stages import AnalysisConfig
 from saeft.data.registry import get_dataset
 from saeft.evaluate import load_model, load_wiseft
 from saeft.io import atomic_path, write_json
@@ -58,20 +59,6 @@ IMAGE_COLUMNS = (
 """Columns of the per-image table: eval set, row in the split, label, the change measures, the
 added and removed feature ids, and both sparse codes (``code0_*``: zero-shot ``s_0``,
 ``code_*``: fine-tuned ``s_theta``; feature ids ascending)."""
-
-
-@dataclasses.dataclass
-class AnalysisConfig(StageConfig):
-    """Feature analysis settings (config keys ``analysis.batch_size``, ``analysis.top_features``)."""
-
-    batch_size: int = 256
-    """Images per forward pass of the fine-tuned model."""
-    top_features: int = 10
-    """Most often added and most often removed features listed per eval set and per class."""
-
-    def __post_init__(self) -> None:
-        require(self.batch_size >= 1, "analysis.batch_size", "must be at least 1")
-        require(self.top_features >= 1, "analysis.top_features", "must be at least 1")
 
 
 @torch.no_grad()

@@ -31,11 +31,11 @@ import logging
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 
-from saeft.config import StageConfig, require
+from saeft.config import NonNegInt, PositiveInt, Schema, StageConfig, require
 from saeft.data.corpus import PretrainCorpus
 
 if TYPE_CHECKING:
@@ -110,49 +110,51 @@ SPLITS: tuple[str, ...] = ("pretrain", *ID_SPLITS, *SHIFT_SPLITS, "sae_train", "
 TRAIN_FILE_SPLITS: tuple[str, ...] = ("pretrain", "train", "val", "sae_train", "sae_heldout")
 
 
+Severities = Annotated[list[Annotated[int, Schema(minimum=1, maximum=5)]], Schema(min_items=1, unique_items=True)]
+"""ImageNet-C severities, 1 to 5."""
+
+
 @dataclasses.dataclass
 class FashionMNISTConfig(StageConfig):
-    """Fashion-MNIST and its shifts (config key ``fashion_mnist``)."""
+    """Fashion-MNIST (Debian dataset-fashion-mnist) and its shifted test sets: dataset
+    'fashion_mnist'; pretrain.dataset fashion_mnist pretrains on its captioned corpus (config key
+    ``fashion_mnist``)."""
 
-    root: str = DEFAULT_ROOT
+    section = "fashion_mnist"
+    root: Annotated[str, Schema(min_length=1)] = DEFAULT_ROOT
     """Folder of the four gzipped idx files (Debian: ``apt-get install dataset-fashion-mnist``)."""
-    seed: int = 0
+    seed: NonNegInt = 0
     """Seed of the partition into splits and of every corruption."""
-    image_size: int = 32
+    image_size: Annotated[int, Schema(minimum=16)] = 32
     """Side of the RGB images the 28x28 grey originals are resized to (the model's input size)."""
-    train_per_class: int = 100
+    train_per_class: PositiveInt = 100
     """ID fine-tuning images per class (split ``train``, from the training file)."""
-    val_per_class: int = 30
+    val_per_class: PositiveInt = 30
     """Held-out ID images per class (split ``val``, from the training file)."""
-    test_per_class: int = 100
+    test_per_class: PositiveInt = 100
     """Test-file images per class; the ID test split and every shifted split use these images."""
-    pretrain_per_class: int = 100
+    pretrain_per_class: PositiveInt = 100
     """Pretraining images per class and pretraining domain (split ``pretrain``), disjoint from
     ``train`` and ``val``."""
-    sae_train_per_class: int = 2600
+    sae_train_per_class: PositiveInt = 2600
     """ID images per class the SAE trains on (split ``sae_train``, clean, from the training file,
     disjoint from every other split)."""
-    sae_heldout_per_class: int = 1000
+    sae_heldout_per_class: PositiveInt = 1000
     """ID images per class the SAE is measured on (split ``sae_heldout``)."""
     pretrain_corruptions: list[str] = dataclasses.field(
         default_factory=lambda: ["gaussian_noise", "defocus_blur", "contrast", "jpeg_compression"])
     """Corruption families seen in pretraining (each its own captioned domain)."""
-    pretrain_severities: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
+    pretrain_severities: Severities = dataclasses.field(default_factory=lambda: [1, 2, 3])
     """Severities a pretraining image's corruption is drawn from."""
-    pretrain_styles: list[str] = dataclasses.field(default_factory=lambda: list(STYLES))
+    pretrain_styles: Annotated[list[Literal["inverted", "sketch"]], Schema(unique_items=True)] = dataclasses.field(default_factory=lambda: list(STYLES))
     """Style changes seen in pretraining (``inverted``, ``sketch``); the others stay unseen."""
     heldout_corruptions: list[str] = dataclasses.field(
         default_factory=lambda: ["shot_noise", "motion_blur", "zoom_blur", "frost", "spatter", "elastic_transform", "pixelate"])
     """Corruption families of the ``corrupted`` test split, held out from pretraining."""
-    severities: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
+    severities: Severities = dataclasses.field(default_factory=lambda: [1, 2, 3])
     """Severities of the ``corrupted`` test split (1 to 5), cycled over its images."""
 
-    def __post_init__(self) -> None:
-        require(bool(self.root), "fashion_mnist.root", "must name a folder")
-        require(self.image_size >= 16, "fashion_mnist.image_size", "must be at least 16")
-        for name in ("train_per_class", "val_per_class", "test_per_class", "pretrain_per_class",
-                     "sae_train_per_class", "sae_heldout_per_class"):
-            require(getattr(self, name) >= 1, f"fashion_mnist.{name}", "must be at least 1")
+    def validate(self) -> None:
         for key in ("pretrain_corruptions", "heldout_corruptions"):
             families = getattr(self, key)
             for family in families:
@@ -165,12 +167,6 @@ class FashionMNISTConfig(StageConfig):
         seen = sorted(set(self.pretrain_corruptions) & set(self.heldout_corruptions))
         require(not seen, "fashion_mnist.heldout_corruptions",
                 f"{', '.join(seen)} also in fashion_mnist.pretrain_corruptions: held-out families must be unseen in pretraining")
-        for key in ("severities", "pretrain_severities"):
-            values = getattr(self, key)
-            require(len(values) >= 1 and all(1 <= s <= 5 for s in values), f"fashion_mnist.{key}",
-                    f"must list severities from 1 to 5, got {values}")
-        for style in self.pretrain_styles:
-            require(style in STYLES, "fashion_mnist.pretrain_styles", f"unknown style {style!r}; known: {', '.join(STYLES)}")
         needed = (self.train_per_class + self.val_per_class + self.pretrain_per_class * len(self.pretrain_domains)
                   + self.sae_train_per_class + self.sae_heldout_per_class)
         require(needed <= PER_CLASS["train"], "fashion_mnist",

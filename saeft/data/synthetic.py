@@ -29,7 +29,9 @@ from typing import Literal
 
 import numpy as np
 
-from saeft.config import StageConfig, require
+from typing import Annotated
+
+from saeft.config import Fraction, NonNegInt, PositiveInt, Schema, StageConfig
 from saeft.data.corpus import PretrainCorpus
 
 logger = logging.getLogger(__name__)
@@ -79,39 +81,32 @@ SPLITS: tuple[str, ...] = ("pretrain", *SPLIT_DOMAIN)
 
 @dataclasses.dataclass
 class WorldConfig(StageConfig):
-    """Parameters of the procedural shapes world (config key ``synthetic``)."""
+    """The procedural shapes world: dataset 'shapes' and pretrain_clip's corpus (config key
+    ``synthetic``)."""
 
-    seed: int = 0
+    section = "synthetic"
+    seed: NonNegInt = 0
     """Seed of the whole world; every image is a function of (seed, split, index)."""
-    image_size: int = 32
+    image_size: Annotated[int, Schema(minimum=16)] = 32
     """Side of the rendered square images in pixels."""
-    train_per_class: int = 100
+    train_per_class: PositiveInt = 100
     """ID training images per class (split ``train``)."""
-    val_per_class: int = 30
+    val_per_class: PositiveInt = 30
     """ID validation images per class (split ``val``), held out for SAE metrics."""
-    test_per_class: int = 50
+    test_per_class: PositiveInt = 50
     """Images per class in the ID test split and in each shifted test split."""
-    pretrain_per_class: int = 400
+    pretrain_per_class: PositiveInt = 400
     """Pretraining images per class and domain (split ``pretrain``: every domain but the
     resampled photos, no shortcut)."""
-    sae_train_per_class: int = 2600
+    sae_train_per_class: PositiveInt = 2600
     """ID photos per class the SAE trains on (split ``sae_train``: the training distribution,
     shortcut included, disjoint from every other split)."""
-    sae_heldout_per_class: int = 1000
+    sae_heldout_per_class: PositiveInt = 1000
     """ID photos per class the SAE is measured on (split ``sae_heldout``: FVU, dead latents)."""
-    spurious: float = 0.9
+    spurious: Fraction = 0.9
     """Probability that an ID photo's background hue is its class's hue (the shortcut)."""
-    spurious_resampled: float = 0.5
+    spurious_resampled: Fraction = 0.5
     """The same probability in the ``resampled`` shift (ImageNet-V2-like, weaker shortcut)."""
-
-    def __post_init__(self) -> None:
-        require(self.image_size >= 16, "synthetic.image_size", "must be at least 16")
-        for name in ("train_per_class", "val_per_class", "test_per_class", "pretrain_per_class",
-                     "sae_train_per_class", "sae_heldout_per_class"):
-            require(getattr(self, name) >= 1, f"synthetic.{name}", "must be at least 1")
-        for name in ("spurious", "spurious_resampled"):
-            value = getattr(self, name)
-            require(0.0 <= value <= 1.0, f"synthetic.{name}", f"must lie in [0, 1], got {value}")
 
     def split_size(self, split: str) -> int:
         """Number of images in ``split``."""

@@ -6,7 +6,7 @@ import subprocess
 
 from saeft.aggregate import output_names, wiseft_name
 from saeft.data.registry import get_dataset
-from saeft.study import pretrained_kind, validate_config
+from saeft.config.study import pretrained_kind, validate_config
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 if pretrained_kind(config["model"]["pretrained"]) == "file" and not os.path.isfile(config["model"]["pretrained"]):

@@ -1,0 +1,374 @@
+"""The config section of every stage: one dataclass each, the single definition of its keys,
+defaults and checks (field types carry the bounds; ``validate`` the checks across keys).
+
+Imports no torch: the workflow builds the study schema from these while it plans, and each stage
+module imports its own config from here."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any, Literal
+
+from saeft.config.base import (
+    Fraction,
+    NonNegFloat,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Schema,
+    StageConfig,
+    require,
+)
+
+Name = Annotated[str, Schema(pattern="^[A-Za-z0-9_.-]+$")]
+
+
+@dataclasses.dataclass
+class ModelConfig(StageConfig):
+    """The CLIP model (config key ``model``)."""
+
+    section = "model"
+    name: Name = "saeft-vit-p4"
+    """open_clip architecture (saeft registers its own from saeft/assets/*.json)."""
+    pretrained: str | None = "pretrain_clip"
+    """'pretrain_clip' (the pipeline pretrains the model itself on the corpus of pretrain.dataset),
+    an open_clip pretrained tag (e.g. openai), or a path to a local checkpoint (.safetensors, or
+    .pt/.pth/.bin read with weights_only=True)."""
+
+
+@dataclasses.dataclass
+class PretrainConfig(StageConfig):
+    """Contrastive pretraining by rule pretrain_clip (only when model.pretrained is
+    'pretrain_clip'; config key ``pretrain``)."""
+
+    section = "pretrain"
+    steps: PositiveInt = 600
+    """Optimizer steps. Each batch holds one image of every (class, domain) pair, so no two
+    captions in a batch say the same thing (duplicates would be false negatives)."""
+    lr: PositiveFloat = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: NonNegFloat = 0.1
+    """AdamW weight decay."""
+    warmup_steps: NonNegInt = 50
+    """Linear warm-up steps before the cosine decay."""
+    seed: NonNegInt = 0
+    """Seed of initialisation, batch composition and caption choice."""
+    checkpoint_every: PositiveInt = 200
+    """Steps between resumable checkpoints (kept beside the output, removed at the end)."""
+    dataset: str = "shapes"
+    """Registered dataset whose captioned pretraining corpus is used (its config section gives
+    its options)."""
+    min_zeroshot_acc: Fraction = 0.5
+    """The gate: prepare_model refuses the pretrained model when its zero-shot top-1 on the
+    dataset's ID held-out split (quality.json) is below this. Not a training key: changing it
+    never reruns the pretraining."""
+
+    def validate(self) -> None:
+        from saeft.data.registry import REGISTRY
+
+        corpora = sorted(name for name, spec in REGISTRY.items() if spec.pretrain_corpus is not None)
+        require(self.dataset in corpora, "pretrain.dataset",
+                f"{self.dataset!r} offers no pretraining corpus; datasets that do: {', '.join(corpora)}")
+
+
+@dataclasses.dataclass
+class CacheConfig(StageConfig):
+    """Embedding cache settings (config key ``cache``)."""
+
+    section = "cache"
+    batch_size: PositiveInt = 256
+    """Images per forward pass."""
+    workers: NonNegInt = 0
+    """DataLoader worker processes (0: load in the main process)."""
+
+
+SaeArchitecture = Literal["topk", "batchtopk"]
+SaeNormalize = Literal["l2", "none"]
+BPreInit = Literal["mean", "median", "zero"]
+LrDecay = Literal["cosine", "none"]
+SaeData = Literal["id", "pretrain"]
+
+
+def _sweep_schema() -> dict[str, Any]:
+    """``sae.sweep``: entries of overrides on the other ``sae`` keys, each with a name."""
+    from saeft.config.base import schema_of
+
+    entry = schema_of(SAETrainConfig, defaults=False, exclude=("sweep", "data"))  # a sweep trains on the main SAE's data
+    entry["properties"]["name"] = {"type": "string", "pattern": "^[a-z0-9_]+$", "description": "the SAE's name (methods pick it with 'sae')"}
+    entry["required"] = ["name"]
+    entry.pop("description", None)
+    return {"type": "array", "items": entry}
+
+
+@dataclasses.dataclass
+class SAETrainConfig(StageConfig):
+    """The sparse autoencoder trained per dataset (config key ``sae``); ``sweep`` entries train
+    further SAEs with some keys changed."""
+
+    section = "sae"
+    expansion: PositiveInt = 4
+    """Dictionary size as a multiple of the embedding dim: n_features = expansion * d."""
+    k: PositiveInt = 32
+    """Active features per embedding (Top-K), or on average (Batch-Top-K)."""
+    architecture: SaeArchitecture = "topk"
+    """topk (k per sample) or batchtopk (k x batch over the batch; a learned threshold at
+    inference)."""
+    normalize: SaeNormalize = "l2"
+    """Input normalisation before the SAE: l2 (unit-norm embeddings) or none."""
+    relu: bool = False
+    """Apply a ReLU to the kept pre-activations (non-negative codes)."""
+    encoder_bias: bool = False
+    """Learn an encoder bias b_enc (otherwise it stays zero)."""
+    b_pre_init: BPreInit = "mean"
+    """Initial pre-encoder bias: mean or median (geometric) of the training embeddings, or zero."""
+    tied_init: bool = True
+    """Start the encoder as the transpose of the (random, unit-norm) decoder."""
+    epochs: PositiveInt = 20
+    """Passes over the training embeddings."""
+    batch_size: PositiveInt = 256
+    """Embeddings per optimiser step."""
+    lr: PositiveFloat = 1e-3
+    """AdamW peak learning rate."""
+    weight_decay: NonNegFloat = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_steps: NonNegInt = 20
+    """Steps of linear learning-rate warm-up."""
+    lr_decay: LrDecay = "cosine"
+    """Learning rate after warm-up: cosine decay to zero at the last step, or none."""
+    auxk_alpha: NonNegFloat = 1 / 32
+    """Weight of the AuxK loss on dead latents (0 disables it)."""
+    aux_k: NonNegInt = 0
+    """Dead latents each sample uses in the AuxK loss; 0 means half the embedding dim."""
+    dead_after: NonNegInt = 0
+    """A latent that has not fired on this many consecutive training samples counts as dead (and
+    feeds the AuxK loss); 0: one epoch of the training embeddings."""
+    data: SaeData = "id"
+    """What the SAE trains on: id (embeddings of the dataset's ID training distribution, its SAE
+    split) or pretrain (the pretraining corpus, which also covers the shifted domains)."""
+    shuffle_buffer: PositiveInt = 65536
+    """Rows read (whole HDF5 chunks, in random chunk order) and shuffled in memory at a time."""
+    seed: NonNegInt = 0
+    """Seed of the initialisation and the shuffling (training is deterministic on CPU)."""
+    sweep: list[dict[str, Any]] = dataclasses.field(default_factory=list, metadata={"schema": _sweep_schema})
+    """Further SAEs per dataset, each a name and overrides of the keys above (rule train_sae_sweep)."""
+
+    def validate(self) -> None:
+        names = [entry.get("name") for entry in self.sweep]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        require(not duplicates, "sae.sweep", f"duplicate sweep name(s) {', '.join(map(str, duplicates))}")
+
+    def training_keys(self) -> dict[str, Any]:
+        """The keys that train this SAE (the sweep is its own rule's)."""
+        return {key: value for key, value in self.to_dict().items() if key != "sweep"}
+
+    def sweep_configs(self) -> dict[str, SAETrainConfig]:
+        """The SAEs of the sweep by name: each entry's overrides on the other keys."""
+        base = self.training_keys()
+        return {entry["name"]: SAETrainConfig.from_dict({**base, **{k: v for k, v in entry.items() if k != "name"}},
+                                                        f"sae.sweep.{i}.")
+                for i, entry in enumerate(self.sweep)}
+
+
+Augment = Literal["none", "crop_flip"]
+VIEW_KEYS = ("augment", "views", "view_seed", "crop_scale")
+"""The ``finetune`` keys that define the training views (and so the views cache)."""
+
+
+@dataclasses.dataclass
+class ViewConfig(StageConfig):
+    """Training views (config keys ``finetune.augment``, ``views``, ``view_seed``, ``crop_scale``)."""
+
+    section = "finetune"
+    augment: Augment = "none"
+    """Training views: none (the evaluation preprocessing, deterministic) or crop_flip (a seeded
+    random-resized crop and horizontal flip, then the evaluation preprocessing)."""
+    views: NonNegInt = 0
+    """With augment: a bank of this many views per image, drawn once and shared by every method
+    and seed, whose f_0 the rule cache_views embeds once; 0: a fresh view every epoch (the teacher
+    runs live)."""
+    view_seed: NonNegInt = 0
+    """Seed of the bank's crop and flip parameters."""
+    crop_scale: Annotated[float, Schema(exclusive_minimum=0, maximum=1)] = 0.5
+    """Smallest crop area of a view, as a fraction of the image."""
+
+    @property
+    def deterministic(self) -> bool:
+        """Every epoch sees the same view of an image (the plain embedding cache is its teacher)."""
+        return self.augment == "none"
+
+    @property
+    def banked(self) -> bool:
+        """Views come from a finite bank that a views cache can hold."""
+        return self.augment != "none" and self.views >= 1
+
+    @classmethod
+    def of(cls, finetune: dict[str, Any]) -> ViewConfig:
+        """The view keys of a ``finetune`` mapping (other keys ignored)."""
+        return cls.from_dict({k: finetune[k] for k in VIEW_KEYS if k in finetune}, "finetune.")
+
+
+@dataclasses.dataclass
+class FinetuneConfig(ViewConfig):
+    """Fine-tuning (config key ``finetune``; a job adds the method, its parameters and the seed)."""
+
+    section = "finetune"
+    epochs: PositiveInt = 10
+    """Passes over the training split; the cosine schedule spans exactly these epochs (plus
+    the probing epochs of lpft)."""
+    batch_size: PositiveInt = 32
+    """Images per step."""
+    lr: PositiveFloat = 1e-5
+    """Peak AdamW learning rate."""
+    weight_decay: NonNegFloat = 0.1
+    """AdamW weight decay."""
+    warmup_steps: NonNegInt = 500
+    """Linear warm-up steps before the cosine decay."""
+    grad_clip: NonNegFloat = 1.0
+    """Gradient-norm clipping threshold (0 disables clipping)."""
+    label_smoothing: Annotated[float, Schema(minimum=0, exclusive_maximum=1)] = 0.0
+    """Label smoothing of the cross-entropy."""
+    teacher: Literal["auto", "cache", "live"] = "auto"
+    """Where f_0 comes from: cache (the HDF5 teacher cache of the training views, required), live
+    (a frozen copy of the encoder each step) or auto (the cache when one is given)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast on GPU (auto: bf16); CPU always runs fp32."""
+    compile: bool = False
+    """torch.compile the loss computation."""
+    workers: NonNegInt = 0
+    """Data loader worker processes."""
+    batchnorm: Literal["frozen", "train"] = "frozen"
+    """BatchNorm layers (ResNet towers) while training, for every method: frozen keeps them in eval
+    mode (zero-shot running statistics, never updated; affine weights still train), so the tuned
+    embedding equals the teacher's at step 0; train uses batch statistics and updates the running
+    statistics (SyncBatchNorm under multi-GPU DDP). No effect on towers without BatchNorm (ViT)."""
+    method: str = dataclasses.field(default="ft", metadata={"config": False})
+    """The method a job trains (a name in the method registry)."""
+    method_params: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"config": False})
+    """The method's own hyper-parameters (``methods.<method>``); missing ones take defaults."""
+    seed: NonNegInt = dataclasses.field(default=0, metadata={"config": False})
+    """Seed of data order and any randomness in training."""
+
+    def validate(self) -> None:
+        from saeft.methods import get_method
+
+        method = get_method(self.method)
+        params = method.params.from_dict(self.method_params, f"methods.{self.method}.")
+        self.method_params = params.to_dict()
+        require(not (self.teacher == "cache" and not (self.deterministic or self.banked)), "finetune.teacher",
+                "'cache' needs views a cache can hold: set finetune.views >= 1 (a bank of views) or "
+                "finetune.augment: none, or use teacher: live")
+
+    @property
+    def params(self) -> Any:
+        """The method's hyper-parameters as its dataclass."""
+        from saeft.methods import get_method
+
+        return get_method(self.method).params.from_dict(self.method_params, f"methods.{self.method}.")
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the whole run (lpft adds its probing epochs)."""
+        return self.epochs + int(self.method_params.get("lp_epochs", 0))
+
+    @property
+    def view_config(self) -> ViewConfig:
+        """The training views these keys define."""
+        return ViewConfig(augment=self.augment, views=self.views, view_seed=self.view_seed, crop_scale=self.crop_scale)
+
+
+@dataclasses.dataclass
+class EvaluateConfig(StageConfig):
+    """Evaluation settings (config key ``evaluate``)."""
+
+    section = "evaluate"
+    batch_size: PositiveInt = 256
+    """Images per forward pass."""
+
+
+@dataclasses.dataclass
+class CardsConfig(StageConfig):
+    """Feature cards per dataset and method (config key ``analysis.cards``)."""
+
+    section = "analysis.cards"
+    features: PositiveInt = 3
+    """Cards per method and direction: the most often added and the most often removed features."""
+    images: PositiveInt = 8
+    """Top-activating eval images per card."""
+    thumbnail: Annotated[int, Schema(minimum=8)] = 64
+    """Side in pixels of each image in a card."""
+
+
+@dataclasses.dataclass
+class AnalysisConfig(StageConfig):
+    """What fine-tuning added to and removed from the embeddings, in zero-shot SAE features
+    (config key ``analysis``; rules analyze_features, plot_feature_cards, aggregate_features)."""
+
+    section = "analysis"
+    enabled: bool = True
+    """Run the feature analysis of every fine-tuned model (and WiSE-FT at the reported alpha)."""
+    batch_size: PositiveInt = 256
+    """Images per forward pass of the fine-tuned model."""
+    top_features: PositiveInt = 10
+    """Most often added and most often removed features listed per eval set, class and method."""
+    cards: CardsConfig = dataclasses.field(default_factory=CardsConfig)
+    """Feature cards per dataset and method."""
+
+
+def default_method_order() -> list[str]:
+    """Zero-shot, then every registered method in registration order."""
+    from saeft.methods import all_methods
+
+    return ["zeroshot", *all_methods()]
+
+
+def default_method_labels() -> dict[str, str]:
+    """Display names: Zero-shot and each registered method's label."""
+    from saeft.methods import all_methods
+
+    return {"zeroshot": "Zero-shot", **{name: method.label for name, method in all_methods().items()}}
+
+
+DEFAULT_METRIC_LABELS = {"top1": "top-1 accuracy", "macro_f1": "macro-F1", "worst_region_acc": "worst-region accuracy"}
+
+
+@dataclasses.dataclass
+class AggregateConfig(StageConfig):
+    """Display options of the tables and figures of aggregate_tables (config key ``aggregate``;
+    WiSE-FT rows use methods.wiseft.alpha)."""
+
+    section = "aggregate"
+    method_order: Annotated[list[str], Schema(unique_items=True)] = dataclasses.field(default_factory=default_method_order)
+    """Row order of methods; methods not listed follow, alphabetically."""
+    method_labels: dict[str, Annotated[str, Schema(min_length=1)]] = dataclasses.field(default_factory=default_method_labels)
+    """Display name per method, over the defaults (FT, WiSE-FT, SAE-FT, ...)."""
+    metric_labels: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_METRIC_LABELS))
+    """Display name per metric (top1, macro_f1, worst_region_acc), over the defaults."""
+    percent: bool = True
+    """Show values x100 (tables, figure axes); the CSV and Parquet keep fractions."""
+    decimals: NonNegInt = 1
+    """Decimals of means and stds in the tables."""
+    wiseft_alpha: Fraction | None = dataclasses.field(default=None, metadata={"config": False})
+    """The reported WiSE-FT alpha (the workflow sets it from methods.wiseft.alpha): the tables show
+    WiSE-FT there; the other alphas are curve points. None: a method may carry one alpha only."""
+    pretrained: str | None = dataclasses.field(default=None, metadata={"config": False})
+    """The study's weights (the workflow sets it from model.pretrained): the reference table
+    compares only with published cells of the same weights. None: with every cell."""
+
+    def label(self, method: str) -> str:
+        """Display name of ``method``."""
+        return self.method_labels.get(method, default_method_labels().get(method, method))
+
+    def metric_label(self, metric: str) -> str:
+        """Display name of ``metric`` (of each part of a ``/``-joined one, for mixed eval sets)."""
+        return "/".join(self.metric_labels.get(m, DEFAULT_METRIC_LABELS.get(m, m)) for m in str(metric).split("/"))
+
+    def scale_and_unit(self) -> tuple[float, str]:
+        """Factor from fractions to shown values, and the unit's name: (100, "%") or (1, "fraction")."""
+        return (100.0, "%") if self.percent else (1.0, "fraction")
+
+    def method_sort_key(self, method: str) -> tuple[int, str]:
+        """Sort key: listed methods in their order, then the others alphabetically."""
+        try:
+            return (self.method_order.index(method), "")
+        except ValueError:
+            return (len(self.method_order), method)

@@ -1,0 +1,272 @@
+"""The study config (``config.yaml``, ``--configfile``, ``--config``): every section's dataclass
+composed into one, the schema generated from it, and the checks across sections.
+
+:func:`validate_config` is what the workflow runs before any job: command-line strings typed by
+the schema, every schema violation reported by key, Snakemake's own ``validate`` applying the
+generated schema (which fills the defaults), then the dataclasses' cross-key checks. The schema
+file ``workflow/schemas/config.schema.yaml`` is written by ``saeft schema`` (a test keeps it in
+step with the dataclasses). Imports no torch."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from saeft.config.base import ConfigError, NonNegInt, Schema, StageConfig, check_schema, require, schema_of
+from saeft.config.stages import (
+    AggregateConfig,
+    AnalysisConfig,
+    CacheConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    ModelConfig,
+    Name,
+    PretrainConfig,
+    SAETrainConfig,
+)
+from saeft.data.fashion_mnist import FashionMNISTConfig
+from saeft.data.samples import RealDataOptions
+from saeft.data.synthetic import WorldConfig
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+"""The generated schema file that the workflow validates with."""
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+PRETRAIN_SOURCE = "pretrain_clip"
+"""The ``model.pretrained`` value meaning: weights come from the pipeline's own pretrain_clip rule."""
+
+
+def pretrained_kind(pretrained: str | None) -> str:
+    """Classify a ``model.pretrained`` value: 'pipeline', 'file', 'tag' or 'none'."""
+    if pretrained is None:
+        return "none"
+    if pretrained == PRETRAIN_SOURCE:
+        return "pipeline"
+    if pretrained.endswith(CHECKPOINT_SUFFIXES) or os.sep in pretrained:
+        return "file"
+    return "tag"
+
+
+def _dataset_names(on_disk: bool | None = None) -> list[str]:
+    from saeft.data.registry import REGISTRY
+
+    return [name for name, spec in REGISTRY.items() if on_disk is None or spec.on_disk == on_disk]
+
+
+def _datasets_schema() -> dict[str, Any]:
+    return {"type": "array", "items": {"type": "string", "enum": _dataset_names()}, "minItems": 1, "uniqueItems": True}
+
+
+def _data_schema() -> dict[str, Any]:
+    options = schema_of(RealDataOptions)
+    options["properties"].pop("data_root")
+    options.pop("description", None)
+    return {"type": "object", "propertyNames": {"enum": _dataset_names(on_disk=True)}, "additionalProperties": options}
+
+
+def _transfer_schema() -> dict[str, Any]:
+    targets = {"type": "array", "items": {"type": "string", "enum": _dataset_names(on_disk=True)}, "uniqueItems": True}
+    return {"type": "object", "propertyNames": {"enum": _dataset_names()}, "additionalProperties": targets}
+
+
+def _methods_schema() -> dict[str, Any]:
+    """One property per registered method: its parameters, plus per-dataset overrides of them
+    (``datasets``) for trained methods."""
+    from saeft.methods import all_methods
+
+    properties = {}
+    for name, method in all_methods().items():
+        entry = schema_of(method.params)
+        if method.trained:
+            overrides = schema_of(method.params, defaults=False)
+            overrides.pop("description", None)
+            entry["properties"]["datasets"] = {"type": "object", "additionalProperties": overrides,
+                                               "description": "per-dataset overrides of these keys"}
+        entry["description"] = method.summary
+        properties[name] = entry
+    return {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": properties}
+
+
+@dataclasses.dataclass
+class StudyConfig(StageConfig):
+    """saeft study configuration. Every section is optional and takes the defaults shown; unknown
+    keys are errors."""
+
+    study: Name = "default"
+    """Name of the study; outputs go to results/<study>/ and MLflow experiment <study>."""
+    seeds: Annotated[list[NonNegInt], Schema(min_items=1, unique_items=True)] = dataclasses.field(default_factory=lambda: [0, 1])
+    """Fine-tuning seeds; tables report mean and std over them."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """The CLIP model."""
+    synthetic: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    """The procedural shapes world (dataset 'shapes' and pretrain_clip's corpus)."""
+    fashion_mnist: FashionMNISTConfig = dataclasses.field(default_factory=FashionMNISTConfig)
+    """Fashion-MNIST and its shifted test sets."""
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    """Contrastive pretraining (rule pretrain_clip)."""
+    datasets: list[str] = dataclasses.field(default_factory=lambda: ["shapes"], metadata={"schema": _datasets_schema})
+    """Datasets to fine-tune on; each brings its own evaluation splits (all but shapes and
+    fashion_mnist are read from data_root)."""
+    data_root: str | None = None
+    """Folder holding the real datasets in their documented layouts (README, 'Real datasets');
+    never downloaded by the pipeline; override with --config data_root=/path."""
+    data: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"schema": _data_schema})
+    """Per-dataset options of datasets read from data_root."""
+    transfer: dict[str, list[str]] = dataclasses.field(default_factory=dict, metadata={"schema": _transfer_schema})
+    """Per fine-tuned dataset, datasets whose test split every model of it is also evaluated on,
+    through the transfer set's zero-shot text head (role 'transfer', outside the OOD average)."""
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
+    """Embedding caches (rules cache_activations, cache_views)."""
+    sae: SAETrainConfig = dataclasses.field(default_factory=SAETrainConfig)
+    """The sparse autoencoder trained on each dataset's zero-shot embeddings (defaults of every
+    sweep entry)."""
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    """Fine-tuning settings shared by every method."""
+    methods: dict[str, Any] = dataclasses.field(default_factory=lambda: {"ft": {}, "saeft": {}},
+                                                metadata={"schema": _methods_schema})
+    """Methods to run, each with its own hyper-parameters (per-dataset overrides under
+    'datasets'); zero-shot is always evaluated; 'wiseft' adds evaluation-only interpolations."""
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    """Evaluation settings."""
+    aggregate: AggregateConfig = dataclasses.field(default_factory=AggregateConfig)
+    """Display options of the tables and figures."""
+    analysis: AnalysisConfig = dataclasses.field(default_factory=AnalysisConfig)
+    """The feature analysis."""
+
+    def validate(self) -> None:
+        _check_methods(self)
+        _check_sae_sizes(self)
+        _check_data(self)
+
+
+def study_schema() -> dict[str, Any]:
+    """The JSON schema of a study config (draft 2020-12), generated from :class:`StudyConfig`."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema_of(StudyConfig)}
+
+
+def schema_text() -> str:
+    """The schema file's text (YAML)."""
+    import yaml
+
+    header = "# Generated from the config dataclasses by `saeft schema --write`: do not edit by hand.\n"
+    return header + yaml.safe_dump(json.loads(json.dumps(study_schema())), sort_keys=False, width=120)
+
+
+def coerce_strings(config: Any, schema: dict[str, Any]) -> Any:
+    """``config`` with strings typed where the schema wants a number, an integer, a boolean or
+    null: Snakemake reads nested ``--config`` values (``finetune={lr: 0.01}``) as strings."""
+    import yaml
+
+    if isinstance(config, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        return {key: coerce_strings(value, props.get(key, extra if isinstance(extra, dict) else {}))
+                for key, value in config.items()}
+    if isinstance(config, list):
+        return [coerce_strings(value, schema.get("items", {})) for value in config]
+    if isinstance(config, str):
+        kinds = schema.get("type", [])
+        kinds = {kinds} if isinstance(kinds, str) else set(kinds)
+        for option in schema.get("anyOf", []):
+            kinds |= {option["type"]} if isinstance(option.get("type"), str) else set(option.get("type", []))
+        if kinds & {"number", "integer", "boolean", "null"}:
+            try:
+                value = yaml.safe_load(config)
+            except yaml.YAMLError:
+                return config
+            wanted = {"number": (int, float), "integer": (int,), "boolean": (bool,), "null": (type(None),)}
+            if any(isinstance(value, wanted[k]) and not (k != "boolean" and isinstance(value, bool))
+                   for k in kinds if k in wanted):
+                return value
+    return config
+
+
+def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Check ``config`` in place, fill its defaults and return it; a :class:`ConfigError` names
+    every bad key. Uses Snakemake's ``validate`` on the generated schema file."""
+    from snakemake.utils import validate
+
+    schema = study_schema()
+    config.update(coerce_strings(config, schema))
+    check_schema(config, schema)
+    try:
+        validate(config, str(schema_path or SCHEMA_PATH), set_default=True)
+    except Exception as exc:  # a stale schema file; the errors above come from the dataclasses
+        raise ConfigError(f"{schema_path or SCHEMA_PATH}: {exc} (regenerate it: saeft schema --write)") from exc
+    StudyConfig.from_dict(copy.deepcopy(config))
+    return config
+
+
+def _check_methods(cfg: StudyConfig) -> None:
+    """WiSE-FT interpolates methods the study trains; each trained method's parameters (and their
+    per-dataset overrides, on datasets of the study) pass its dataclass; ``sae`` names a sweep SAE."""
+    from saeft.methods import get_method
+
+    trained = [m for m in cfg.methods if get_method(m).trained]
+    require(bool(trained), "methods", "lists no trained method (wiseft alone interpolates nothing)")
+    sweep = [entry["name"] for entry in cfg.sae.sweep]
+    for name, entry in cfg.methods.items():
+        method = get_method(name)
+        overrides = entry.get("datasets", {}) if method.trained else {}
+        base = {k: v for k, v in entry.items() if k != "datasets"}
+        params = [(f"methods.{name}", base)] + [(f"methods.{name}.datasets.{d}", {**base, **o}) for d, o in overrides.items()]
+        for dataset in overrides:
+            require(dataset in cfg.datasets, f"methods.{name}.datasets.{dataset}", "not a dataset of this study")
+        for where, values in params:
+            method.params.from_dict(values, where + ".")
+            sae = values.get("sae")
+            require(sae is None or sae in sweep, f"{where}.sae", f"{sae!r} is not in sae.sweep (names: {', '.join(sweep) or 'none'})")
+    for base in cfg.methods.get("wiseft", {}).get("base", []):
+        require(base in trained, "methods.wiseft.base", f"{base!r} is not a trained method of this study (trained: {', '.join(trained)})")
+
+
+def embed_dim(model_name: str) -> int | None:
+    """The embedding width of an open_clip architecture, read from its JSON config without
+    importing open_clip; None when the name is not a known architecture."""
+    import importlib.util
+
+    assets = Path(__file__).resolve().parents[1] / "assets"
+    spec = importlib.util.find_spec("open_clip")
+    folders = [assets] + ([Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else [])
+    for folder in folders:
+        path = folder / f"{model_name}.json"
+        if path.is_file():
+            return int(json.loads(path.read_text())["embed_dim"])
+    return None
+
+
+def _check_sae_sizes(cfg: StudyConfig) -> None:
+    """Top-k must fit the dictionary: k <= expansion x the model's embedding width."""
+    dim = embed_dim(cfg.model.name)
+    if dim is None:
+        return
+    entries = [("sae", cfg.sae)] + [(f"sae.sweep.{i}", entry) for i, entry in enumerate(cfg.sae.sweep_configs().values())]
+    for where, entry in entries:
+        features = entry.expansion * dim
+        require(entry.k <= features, f"{where}.k", f"{entry.k} is larger than the dictionary "
+                f"(expansion {entry.expansion} x {dim}-dim embeddings = {features} features)")
+
+
+def _check_data(cfg: StudyConfig) -> None:
+    """Datasets on disk need ``data_root``; ``data`` and ``transfer`` name datasets of the study;
+    a transfer set's name must not shadow an eval split of the dataset it is evaluated from."""
+    from saeft.data.registry import get_dataset
+
+    on_disk = [d for d in cfg.datasets if get_dataset(d).on_disk]
+    for source, targets in cfg.transfer.items():
+        require(source in cfg.datasets, f"transfer.{source}", f"not a dataset of this study (datasets: {', '.join(cfg.datasets)})")
+        require(source not in targets, f"transfer.{source}", f"lists {source} itself (its own eval splits are evaluated anyway)")
+        shadowed = set(targets) & set(get_dataset(source).eval_splits)
+        require(not shadowed, f"transfer.{source}", f"{', '.join(sorted(shadowed))} is also an eval split of {source}")
+        on_disk += [t for t in targets if get_dataset(t).on_disk]
+    require(not on_disk or bool(cfg.data_root), "data_root",
+            f"not set, but {', '.join(sorted(set(on_disk)))} are read from it (--config data_root=/path)")
+    for name in cfg.data:
+        require(name in on_disk, f"data.{name}", "not a dataset (or transfer set) of this study read from data_root")
+
+
+__all__ = ["ConfigError", "PRETRAIN_SOURCE", "SCHEMA_PATH", "StudyConfig", "coerce_strings", "embed_dim",
+           "pretrained_kind", "schema_text", "study_schema", "validate_config"]
