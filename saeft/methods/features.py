@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from saeft.config import NonNegFloat
-from saeft.methods import register
+from saeft.methods.registry import register
 from saeft.methods.base import Method, MethodParams, penalty_weight
 
 

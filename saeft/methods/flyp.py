@@ -4,7 +4,7 @@ the tuned text tower."""
 
 from __future__ import annotations
 
-from saeft.methods import register
+from saeft.methods.registry import register
 from saeft.methods.base import Method
 
 METHOD = register(Method(name="flyp", label="FLYP", needs=frozenset({"text"}),

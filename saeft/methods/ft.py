@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from saeft.methods import register
+from saeft.methods.registry import register
 from saeft.methods.base import Method
 
 METHOD = register(Method(name="ft", label="FT", summary="end-to-end fine-tuning"))

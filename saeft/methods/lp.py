@@ -3,7 +3,7 @@ cross-entropy."""
 
 from __future__ import annotations
 
-from saeft.methods import register
+from saeft.methods.registry import register
 from saeft.methods.base import Method
 
 METHOD = register(Method(name="lp", label="LP", summary="linear probe: encoder frozen, head trained"))

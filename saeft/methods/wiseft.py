@@ -7,7 +7,7 @@ import dataclasses
 from typing import Annotated
 
 from saeft.config import Fraction, Schema
-from saeft.methods import register
+from saeft.methods.registry import register
 from saeft.methods.base import Method, MethodParams
 
 
