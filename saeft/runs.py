@@ -25,9 +25,10 @@ def wiseft_name(base: str) -> str:
 
 def wiseft_base(method: str) -> str | None:
     """The fine-tuned method a WiSE-FT row interpolates: 'ft' for 'wiseft', B for 'wiseft_B'."""
-    if method == "wiseft":
-        return "ft"
-    return method.removeprefix("wiseft_") if method.startswith("wiseft_") else None
+    prefix, _, base = method.partition("_")
+    if prefix != "wiseft":
+        return None
+    return base or "ft"
 
 
 def alpha_tag(alpha: float) -> str:
