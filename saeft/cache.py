@@ -60,6 +60,32 @@ def run(
     else:
         data, per_image = spec.load(split, preprocess_for(clip), dataset_options), 1
     n, dim = len(data), clip.visual.output_dim
+    identity = _identity(clip, arch, model_path, dataset, split, dataset_options, provenance, views, n, dim)
+    partial = out.with_name(out.name + ".partial")
+    done = _resumable_rows(partial, identity)
+    mode = "a" if done else "w"
+    with h5py.File(partial, mode) as handle:
+        if not done:
+            _create_layout(handle, n, dim, identity)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(data, range(done, n)), batch_size=cfg.batch_size, num_workers=cfg.workers
+        )
+        _embed_rows(clip, loader, handle, done, per_image, Progress(n, f"cache {dataset}/{split}"))
+        handle.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        for key, value in runtime_tags().items():  # env.torch, env.device...: who finished the cache
+            handle.attrs[key] = value
+        if "rows_done" in handle.attrs:
+            del handle.attrs["rows_done"]
+    maybe_kill("rename")
+    os.replace(partial, out)
+    logger.info("cached %d x %d embeddings of %s/%s to %s (%d resumed)", n, dim, dataset, split, out, done)
+    return {"count": n, "dim": dim, "resumed_rows": done}
+
+
+def _identity(clip: torch.nn.Module, arch: str, model_path: str | os.PathLike, dataset: str, split: str,
+              dataset_options: Any, provenance: dict[str, Any] | None, views: ViewConfig | None,
+              n: int, dim: int) -> dict[str, Any]:
+    """The attributes that say what a cache holds (a partial file resumes only if they match)."""
     identity = {
         "schema_version": SCHEMA_VERSION,
         "model": arch,
@@ -75,38 +101,24 @@ def run(
     }
     if views is not None and views.banked:
         identity.update(views=views.views, augment=views.augment, view_seed=views.view_seed, crop_scale=views.crop_scale)
-    partial = out.with_name(out.name + ".partial")
-    done = _resumable_rows(partial, identity)
-    mode = "a" if done else "w"
-    with h5py.File(partial, mode) as handle:
-        if not done:
-            _create_layout(handle, n, dim, identity)
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(data, range(done, n)), batch_size=cfg.batch_size, num_workers=cfg.workers
-        )
-        progress = Progress(n, f"cache {dataset}/{split}")
-        row = done
-        with torch.no_grad():
-            for images, labels in loader:
-                embeddings = clip.encode_image(images).float().numpy()
-                stop = row + len(labels)
-                handle["embeddings"][row:stop] = embeddings
-                handle["labels"][row:stop] = labels.numpy()
-                handle["index"][row:stop] = np.arange(row, stop) // per_image
-                row = stop
-                handle.attrs["rows_done"] = row
-                handle.flush()
-                progress.update(row)
-                maybe_kill("cache_rows")
-        handle.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat()
-        for key, value in runtime_tags().items():  # env.torch, env.device...: who finished the cache
-            handle.attrs[key] = value
-        if "rows_done" in handle.attrs:
-            del handle.attrs["rows_done"]
-    maybe_kill("rename")
-    os.replace(partial, out)
-    logger.info("cached %d x %d embeddings of %s/%s to %s (%d resumed)", n, dim, dataset, split, out, done)
-    return {"count": n, "dim": dim, "resumed_rows": done}
+    return identity
+
+
+@torch.no_grad()
+def _embed_rows(clip: torch.nn.Module, loader: torch.utils.data.DataLoader, handle: h5py.File, row: int,
+                per_image: int, progress: Progress) -> None:
+    """Embed the loader's images into the file from ``row`` on, recording progress after each batch."""
+    for images, labels in loader:
+        embeddings = clip.encode_image(images).float().numpy()
+        stop = row + len(labels)
+        handle["embeddings"][row:stop] = embeddings
+        handle["labels"][row:stop] = labels.numpy()
+        handle["index"][row:stop] = np.arange(row, stop) // per_image
+        row = stop
+        handle.attrs["rows_done"] = row
+        handle.flush()
+        progress.update(row)
+        maybe_kill("cache_rows")
 
 
 def _create_layout(handle: h5py.File, n: int, dim: int, identity: dict[str, Any]) -> None:
