@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from saeft.aggregate import OOD_AVG, AggregateConfig
+from saeft.config.stages import AggregateConfig
+from saeft.results import OOD_AVG
 from saeft.io import atomic_path
 
 logger = logging.getLogger(__name__)

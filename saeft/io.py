@@ -2,6 +2,8 @@
 
 Every declared output is written to a temporary file in the same folder and then moved into
 place with ``os.replace``, so a crash never leaves a truncated file under the final name.
+Imports no torch at module level (the workflow plans with the JSON helpers); the tensor
+functions import torch and safetensors when called.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from saeft.environment import ENVIRONMENT_KEY, runtime_record
 from saeft.faults import maybe_kill
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _read_umask() -> int:
@@ -80,6 +82,8 @@ def save_tensors(
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
     """Save tensors as safetensors, atomically; ``metadata`` values are stored as JSON strings."""
+    from safetensors.torch import save_file
+
     meta = {key: json.dumps(value) for key, value in (metadata or {}).items()}
     contiguous = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
     with atomic_path(path) as tmp:
@@ -92,6 +96,7 @@ def save_tensors(
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a safetensors file written by :func:`save_tensors`: (tensors, decoded metadata)."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():

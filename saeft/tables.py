@@ -30,14 +30,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saeft.aggregate import OOD_AVG, AggregateConfig, format_parts, reported_results, value_columns
+from saeft.config.stages import AggregateConfig
+from saeft.outputs import TABLE_FORMATS, WILDS_METRICS, table_names
+from saeft.results import OOD_AVG, format_parts, reported_results, value_columns
 
 logger = logging.getLogger(__name__)
-
-WILDS_METRICS = ("macro_f1", "worst_region_acc")
-"""Metrics that mark a WILDS dataset (its table has ID and OOD columns per dataset)."""
-
-TABLE_FORMATS = ("csv", "md", "tex", "html")
 
 ER_LINE_METHOD = "ft"
 """Effective robustness is measured above the line from zero-shot to this method's point."""
@@ -85,7 +82,7 @@ class Table:
 
 
 def build_tables(df: pd.DataFrame, summary: pd.DataFrame, cfg: AggregateConfig) -> list[Table]:
-    """The tables that apply to these results, in a fixed order (see :func:`table_names`)."""
+    """The tables that apply to these results, in a fixed order (the names of :func:`saeft.outputs.table_names`, re-exported here)."""
     tables = [shifts_table(summary, df, cfg)]
     wilds = [d for d, m in _dataset_metrics(df).items() if m in WILDS_METRICS]
     if wilds:
@@ -94,17 +91,6 @@ def build_tables(df: pd.DataFrame, summary: pd.DataFrame, cfg: AggregateConfig) 
         tables.append(transfer_table(summary, df, cfg))
     tables.append(robustness_table(df, cfg))
     return tables
-
-
-def table_names(dataset_metrics: dict[str, str], has_transfer: bool) -> list[str]:
-    """Names of the tables a study writes, from its datasets' metrics and whether it has
-    transfer sets: what :func:`build_tables` returns, known before any result exists."""
-    names = ["shifts"]
-    if any(m in WILDS_METRICS for m in dataset_metrics.values()):
-        names.append("wilds")
-    if has_transfer:
-        names.append("transfer")
-    return names + ["robustness"]
 
 
 def _dataset_metrics(df: pd.DataFrame) -> dict[str, str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from saeft.io import config_hash
+from saeft.runs import RunId
 
 logger = logging.getLogger(__name__)
 
@@ -264,14 +265,16 @@ def comparison_tags(tags: Mapping[str, str]) -> dict[str, str]:
     tags (``wc.<name>``), so the MLflow UI can group one method's runs across seeds: an evaluated
     run ``<method>/seed<N>[/alpha<a>]`` is split into its parts. (An evaluation's run covers every
     eval set: its metrics are named ``<eval set>.<metric>``.)"""
-    from saeft.aggregate import wiseft_name
-
     wildcards = {key[3:]: value for key, value in tags.items() if key.startswith("wc.")}
     out = {key: wildcards[key] for key in ("model", "dataset", "method", "seed") if key in wildcards}
     if "run" in wildcards:
-        trained, _, alpha = wildcards["run"].partition("/alpha")
-        method, _, seed = trained.partition("/seed")
-        out.update(method=wiseft_name(method) if alpha else method, seed=seed or "none", alpha=alpha or "none")
+        try:
+            run = RunId.parse(wildcards["run"])
+        except ValueError as exc:  # tracking must never fail a job
+            logger.warning("no comparison tags: %s", exc)
+            return out
+        seed = "none" if run.seed is None else str(run.seed)
+        out.update(method=run.row, seed=seed, alpha="none" if run.alpha is None else f"{run.alpha:g}")
     return out
 
 

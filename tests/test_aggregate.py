@@ -1,4 +1,4 @@
-"""Tests for saeft.aggregate: tidy table, summary statistics, input validation (the paper's
+"""Tests for saeft.results (under the aggregate stage): tidy table, summary statistics, input validation (the paper's
 tables, figures and run() are tested in test_paper_outputs.py)."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saeft import aggregate
-from saeft.aggregate import OOD_AVG, AggregateConfig, load_metrics, summarize
+from saeft import results
+from saeft.config.stages import AggregateConfig
+from saeft.results import OOD_AVG, load_metrics, summarize
 from saeft.tables import shifts_table, to_markdown
 from saeft.config import ConfigError
 
@@ -98,7 +99,7 @@ def test_tidy_table_columns_dtypes_rows(eval_paths: list[Path]) -> None:
 def test_summary_matches_hand_computation(eval_paths: list[Path], cfg: AggregateConfig) -> None:
     summary = summarize(load_metrics(eval_paths), cfg)
     assert len(summary) == 3
-    assert aggregate.value_columns(summary) == ["test", "sketch", "rendition", OOD_AVG]
+    assert results.value_columns(summary) == ["test", "sketch", "rendition", OOD_AVG]
     for col in ("test", "sketch", "rendition", OOD_AVG):
         for suffix in (" mean", " std", ""):
             assert col + suffix in summary.columns
@@ -211,7 +212,7 @@ def test_bundles_give_the_same_rows_as_one_file_per_eval_set(eval_paths: list[Pa
     bundles = _bundle(tmp_path / "bundles", eval_paths)
     assert len(bundles) == 3 + 1 + 3
     pd.testing.assert_frame_equal(load_metrics(bundles), load_metrics(eval_paths))
-    [(label, record)] = [item for item in aggregate.eval_records(bundles[0]) if item[1]["evalset"] == "sketch"]
+    [(label, record)] = [item for item in results.eval_records(bundles[0]) if item[1]["evalset"] == "sketch"]
     assert label == f"{bundles[0]}[sketch]" and record["environment"] == {"torch": "x"}
 
 
@@ -247,8 +248,8 @@ def test_transfer_sets_follow_the_ood_average_outside_it(tmp_path: Path, cfg: Ag
         _write_eval(tmp_path, evalset="rendition", role="ood", value=0.6),
         _write_eval(tmp_path, evalset="cifar100", role="transfer", value=0.1, metric="top1"),
     ]
-    summary = aggregate.summarize(aggregate.load_metrics(paths), cfg)
-    assert aggregate.value_columns(summary) == ["test", "sketch", "rendition", OOD_AVG, "cifar100"]
+    summary = results.summarize(results.load_metrics(paths), cfg)
+    assert results.value_columns(summary) == ["test", "sketch", "rendition", OOD_AVG, "cifar100"]
     row = summary.iloc[0]
     assert row[f"{OOD_AVG} mean"] == pytest.approx(0.5)  # the transfer set's 0.1 stays out
     assert row["cifar100 mean"] == pytest.approx(0.1)

@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 
 from saeft import aggregate, figures, reference, tables, tracking
-from saeft.aggregate import OOD_AVG, AggregateConfig, load_metrics, summarize, wiseft_curves
+from saeft.config.stages import AggregateConfig
+from saeft.outputs import output_names, table_names
+from saeft.results import OOD_AVG, load_metrics, summarize, wiseft_curves
 
 SEEDS = (0, 1, 2)
 SHIFTS = ("sketch", "rendition")
@@ -193,7 +195,7 @@ def test_wilds_table_groups_id_and_ood_per_dataset(tmp_path):
     df = load_metrics(paths)
     built = {t.name: t for t in tables.build_tables(df, summarize(df, cfg), cfg)}
     assert list(built) == ["shifts", "wilds", "robustness"]
-    assert tables.table_names({"iwildcam": "macro_f1", "fmow": "worst_region_acc"}, False) == list(built)
+    assert table_names({"iwildcam": "macro_f1", "fmow": "worst_region_acc"}, False) == list(built)
     wilds = built["wilds"]
     assert [c.key for c in wilds.columns] == ["iwildcam ID", "iwildcam OOD", "fmow ID", "fmow OOD"]
     ft = wilds.frame.set_index("method").loc["ft"]
@@ -372,7 +374,7 @@ def _train_json(folder: Path, method: str, seed: int) -> Path:
 def test_run_writes_every_declared_output(paths, cfg, tmp_path):
     train = [_train_json(tmp_path / "train", m, s) for m in ("ft", "saeft") for s in SEEDS]
     out = aggregate.run(paths, tmp_path / "tables", tmp_path / "figures", cfg, train_paths=train)
-    names_tables, names_figures = aggregate.output_names(["shapes"], {"shapes": "top1"}, False)
+    names_tables, names_figures = output_names(["shapes"], {"shapes": "top1"}, False)
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == sorted(names_tables)
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(names_figures)
     assert sorted(p.name for p in out.table_files) == sorted(names_tables)
@@ -440,7 +442,7 @@ def test_a_study_without_shifts_still_gets_every_output(tmp_path):
              for m, s, v in (("zeroshot", None, 0.4), ("ft", 0, 0.7), ("ft", 1, 0.72))]
     cfg = AggregateConfig()
     out = aggregate.run(paths, tmp_path / "tables", tmp_path / "figures", cfg)
-    names_tables, names_figures = aggregate.output_names(["dtd"], {"dtd": "top1"}, False)
+    names_tables, names_figures = output_names(["dtd"], {"dtd": "top1"}, False)
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == sorted(names_tables)
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(names_figures)
     assert out.tables["robustness"].empty

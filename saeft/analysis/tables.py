@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from saeft.aggregate import AggregateConfig, load_metrics
+from saeft.config.stages import AggregateConfig
+from saeft.results import load_metrics
 from saeft.io import atomic_path, read_json
 
 logger = logging.getLogger(__name__)

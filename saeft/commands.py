@@ -1,0 +1,262 @@
+"""The stage commands behind ``saeft <stage>``: each reads its parsed arguments, runs the stage
+and returns the metrics the job logs. :mod:`saeft.cli` parses the command line, opens the job's
+MLflow run (:data:`RUN` while a command runs) and calls them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+logger = logging.getLogger("saeft")
+
+
+class NoRun:
+    """The MLflow run of a job that is not tracked: every call does nothing."""
+
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_figure(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+RUN: Any = NoRun()
+"""The running job's MLflow run (:func:`saeft.tracking.job_run`), set by :func:`saeft.cli.main`."""
+
+
+def cmd_init_tracking(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.tracking import init_store
+
+    return {"ok": init_store(args.experiment)}
+
+
+def cmd_sync_tracking(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.tracking import replay_queue
+
+    counts = replay_queue(args.queue)
+    if counts["failed"]:
+        raise ValueError(f"{counts['failed']} queued run(s) could not be replayed (kept; see the warnings above)")
+    return counts
+
+
+def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import pretrain, quality
+    from saeft.data.registry import get_dataset
+    from saeft.io import write_json
+    from saeft.models import load_clip
+
+    cfg = pretrain.PretrainConfig.from_dict(args.config, "pretrain.")
+    options = get_dataset(cfg.dataset).options(args.dataset_options)
+    metrics = pretrain.run(args.arch, options, cfg, args.out)
+    record = quality.measure(load_clip(args.out)[0], args.arch, cfg.dataset, options)
+    write_json(args.quality, record)
+    return {**metrics, "quality": record}
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import prepare
+
+    if args.quality:
+        from saeft import quality
+
+        quality.check(args.quality, args.min_zeroshot_acc)
+    return prepare.run_model(args.arch, args.pretrained, args.out)
+
+
+def cmd_head(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import prepare
+
+    return prepare.run_head(args.model, args.dataset, args.out)
+
+
+def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import cache
+    from saeft.data.registry import get_dataset
+    from saeft.views import ViewConfig
+
+    options = get_dataset(args.dataset).options(args.dataset_options)
+    cfg = cache.CacheConfig.from_dict(args.config, "cache.")
+    views = ViewConfig.of(args.views) if args.views is not None else None
+    if views is not None and not views.banked:
+        raise ValueError("cache --views: needs a bank of views (finetune.augment != 'none', finetune.views >= 1)")
+    return cache.run(args.model, args.dataset, args.split, options, cfg, args.out, {"pretrained": args.pretrained or ""}, views)
+
+
+def cmd_train_sae(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import sae
+
+    cfg = sae.SAETrainConfig.from_dict(args.config, "sae.")
+    evals = _split_paths(args.eval, "--eval")
+    return sae.run(args.train, args.heldout, args.out_weights, args.out_json, cfg, head=args.head, evals=evals)
+
+
+def cmd_train_sae_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import sae
+
+    cfgs = sae.sweep_configs(args.config)
+    if not cfgs:
+        raise ValueError("train-sae-sweep: the config lists no sae.sweep entries")
+    return sae.run_sweep(args.train, args.heldout, args.out_dir, cfgs, head=args.head, evals=_split_paths(args.eval, "--eval"))
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import finetune
+    from saeft.data.registry import get_dataset
+
+    options = get_dataset(args.dataset).options(args.dataset_options)
+    cfg = finetune.FinetuneConfig.from_dict(args.config, "finetune.")
+    return finetune.run(args.model, args.head, args.dataset, options, cfg, args.out_model, args.out_json,
+                        sae_path=args.sae, teacher_cache=args.teacher_cache, on_epoch=lambda record: RUN.log_metrics(record, step=int(record["epoch"])))
+
+
+def _wiseft(args: argparse.Namespace, stage: str) -> tuple[str, str, float] | None:
+    """(zero-shot model, zero-shot head, alpha) of a WiSE-FT run, or None without --alpha."""
+    if args.alpha is None:
+        return None
+    if not (args.zeroshot_model and args.zeroshot_head):
+        raise SystemExit(f"{stage}: --alpha needs --zeroshot-model and --zeroshot-head")
+    return args.zeroshot_model, args.zeroshot_head, args.alpha
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import evaluate
+    from saeft.data.registry import get_dataset
+
+    options = get_dataset(args.dataset).options(args.dataset_options)
+    cfg = evaluate.EvaluateConfig.from_dict(args.config, "evaluate.")
+    wiseft = _wiseft(args, "evaluate")
+    heads = _split_paths(args.transfer, "--transfer")
+    unknown = sorted(set(args.transfer_options) - set(heads))
+    if unknown:
+        raise ValueError(f"--transfer-options: {', '.join(unknown)} not among the --transfer sets")
+    transfer = {name: (head, get_dataset(name).options(args.transfer_options.get(name, {}))) for name, head in heads.items()}
+    results = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity,
+                           wiseft=wiseft, transfer=transfer)
+    return _evaluation_metrics(results)
+
+
+def _evaluation_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """MLflow metrics of an evaluation, per eval set: ``<set>.<metric>``, ``<set>.top1`` (also
+    beside macro-F1 or worst-region accuracy) and ``<set>.n``."""
+    out: dict[str, float] = {}
+    for name, result in results.items():
+        out[f"{name}.{result['metric']}"] = result["value"]
+        out[f"{name}.top1"] = result.get("average_accuracy", result["value"])
+        out[f"{name}.n"] = result["n"]
+    return out
+
+
+def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.data.registry import get_dataset
+    from saeft.io import write_json
+
+    spec = get_dataset(args.dataset)
+    if not spec.on_disk:
+        raise ValueError(f"check-data: dataset {args.dataset!r} is not read from data_root; nothing to check")
+    found = spec.check(args.split, spec.options(args.dataset_options))
+    write_json(args.out, found)
+    logger.info("%s/%s: %d images in %s (%d of %d classes present)", args.dataset, args.split, found["images"],
+                found["source"], found["classes_present"], found["classes"])
+    return {"images": found["images"]}
+
+
+def cmd_aggregate(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import aggregate
+
+    cfg = aggregate.AggregateConfig.from_dict(args.config, "aggregate.")
+    outputs = aggregate.run(args.evals, args.tables, args.figures, cfg, train_paths=args.train)
+    for name, frame in outputs.tables.items():
+        RUN.log_table(frame, f"tables/{name}.json")
+    for path in outputs.table_files:  # the files as written: LaTeX, Markdown, HTML, Parquet
+        RUN.log_artifact(path, "tables")
+    for name, figure in outputs.figures.items():
+        RUN.log_figure(figure, f"figures/{name}.png")
+    return outputs.headline
+
+
+def _split_paths(items: Sequence[str], what: str) -> dict[str, str]:
+    """``SPLIT=PATH`` arguments as a mapping, each split once."""
+    out: dict[str, str] = {}
+    for item in items:
+        split, sep, path = item.partition("=")
+        if not sep or not split or not path:
+            raise ValueError(f"{what}: expected SPLIT=PATH, got {item!r}")
+        if split in out:
+            raise ValueError(f"{what}: split {split!r} given twice")
+        out[split] = path
+    return out
+
+
+def cmd_analyze_features(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.analysis import features
+    from saeft.data.registry import get_dataset
+
+    options = get_dataset(args.dataset).options(args.dataset_options)
+    cfg = features.AnalysisConfig.from_dict(args.config, "analysis.")
+    wiseft = _wiseft(args, "analyze-features")
+    caches = _split_paths(args.cache, "--cache")
+    return features.run(args.model, args.dataset, options, caches, args.sae, cfg, args.out_json, args.out_images,
+                        args.identity, head=args.head, wiseft=wiseft)
+
+
+def cmd_feature_cards(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.analysis import cards
+    from saeft.data.registry import get_dataset
+
+    options = get_dataset(args.dataset).options(args.dataset_options)
+    cfg = cards.CardsConfig.from_dict(args.config, "analysis.cards.")
+    tables: dict[str, list[str]] = {}
+    for method, path in _split_paths_multi(args.images):
+        tables.setdefault(method, []).append(path)
+    return cards.run(tables, args.sae, args.head, args.dataset, options, cfg, args.out_dir)
+
+
+def _split_paths_multi(items: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        method, sep, path = item.partition("=")
+        if not sep or not method or not path:
+            raise ValueError(f"--images: expected METHOD=PATH, got {item!r}")
+        pairs.append((method, path))
+    return pairs
+
+
+def cmd_aggregate_features(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import aggregate
+    from saeft.analysis import tables
+
+    cfg = aggregate.AggregateConfig.from_dict(args.config, "aggregate.")
+    if args.top < 1:
+        raise ValueError(f"analysis.top_features: must be at least 1, got {args.top}")
+    headline = tables.run(args.analyses, args.images, args.evals, args.tables, args.figures, cfg, args.top)
+    for name in tables.TABLE_FILES:
+        RUN.log_artifact(os.path.join(args.tables, name))
+    for name in tables.FIGURE_FILES:
+        RUN.log_artifact(os.path.join(args.figures, name))
+    return headline
+
+
+def cmd_schema(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft.config.study import SCHEMA_PATH, schema_text
+    from saeft.io import atomic_path
+
+    text = schema_text()
+    if not args.write:
+        sys.stdout.write(text)
+        return {}
+    with atomic_path(SCHEMA_PATH) as tmp:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+    logger.info("wrote %s", SCHEMA_PATH)
+    return {}
