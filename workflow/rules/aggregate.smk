@@ -2,6 +2,11 @@
 # every one of them is in `snakemake --report results/report.html`.
 
 
+def aggregate_tables_flags(wildcards, input, output):
+    return {"--evals": list(input.evals), "--train": list(input.train), "--tables": f"{R}/tables",
+            "--figures": f"{R}/figures", "--config": aggregate_config()}
+
+
 rule aggregate_tables:
     input:
         evals=eval_results(curve=True),
@@ -9,14 +14,8 @@ rule aggregate_tables:
     output:
         aggregate_outputs(),
     params:
-        tables=f"{R}/tables",
-        figures=f"{R}/figures",
-        cfg=as_json(aggregate_config()),
-        track=track("aggregate_tables"),
-    log:
-        f"logs/{STUDY}/aggregate_tables.log",
-    benchmark:
-        f"benchmarks/{STUDY}/aggregate_tables.tsv"
+        args=job_args("aggregate_tables", aggregate_tables_flags),
+    log: job_log("aggregate_tables"),
+    benchmark: job_benchmark("aggregate_tables"),
     shell:
-        "saeft aggregate --evals {input.evals} --train {input.train} --tables {params.tables}"
-        " --figures {params.figures} --config {params.cfg:q} --track {params.track:q} > {log} 2>&1"
+        "saeft aggregate {params.args} > {log} 2>&1"

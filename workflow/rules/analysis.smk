@@ -14,6 +14,13 @@ def analysis_inputs(wildcards):
     }
 
 
+def analysis_flags(wildcards, input, output):
+    caches = [f"{split}={path}" for split, path in zip(get_dataset(wildcards.dataset).eval_splits, input.caches)]
+    return {**run_model_flags(wildcards, input), "--dataset-options": dataset_options(wildcards.dataset),
+            "--cache": caches, "--sae": input.sae, "--identity": evaluation_identity(wildcards),
+            "--config": analysis_config(), "--out-json": output.summary, "--out-images": output.images}
+
+
 rule analyze_features:
     input:
         unpack(analysis_inputs),
@@ -21,73 +28,62 @@ rule analyze_features:
         summary=f"{R}/analysis/{{model}}/{{dataset}}/{{run}}/features.json",
         images=f"{R}/analysis/{{model}}/{{dataset}}/{{run}}/images.parquet",
     params:
-        options=lambda wildcards: as_json(dataset_options(wildcards.dataset)),
-        identity=evaluation_identity,
-        head=lambda wildcards, input: f"--head {input.head}" if "head" in input.keys() else "",
-        wiseft=wiseft_args,
-        caches=lambda wildcards, input: " ".join(
-            f"{split}={path}" for split, path in zip(get_dataset(wildcards.dataset).eval_splits, input.caches)
-        ),
-        cfg=as_json(analysis_config()),
-        track=track("analyze_features"),
-    log:
-        f"logs/{STUDY}/analyze_features/{{model}}/{{dataset}}/{{run}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/analyze_features/{{model}}/{{dataset}}/{{run}}.tsv"
+        args=job_args("analyze_features", analysis_flags),
+    log: job_log("analyze_features", "{model}/{dataset}/{run}"),
+    benchmark: job_benchmark("analyze_features", "{model}/{dataset}/{run}"),
     shell:
-        "saeft analyze-features --model {input.model} {params.head} {params.wiseft} --dataset {wildcards.dataset}"
-        " --dataset-options {params.options:q} --cache {params.caches} --sae {input.sae}"
-        " --identity {params.identity:q} --config {params.cfg:q} --out-json {output.summary}"
-        " --out-images {output.images} --threads {threads} --track {params.track:q} > {log} 2>&1"
+        "saeft analyze-features {params.args} --threads {threads} > {log} 2>&1"
+
+
+def card_inputs(wildcards):
+    """The images.parquet of every analysed run, the dataset's main SAE and zero-shot head."""
+    return {"images": [analysis_path(wildcards.dataset, run, "images.parquet") for run in analysis_runs()],
+            "sae": sae_path(wildcards.model, wildcards.dataset), "head": zeroshot_head(wildcards.dataset)}
+
+
+def card_outputs():
+    """The cards of every table row, in the report (the figures), and their index."""
+    paths = [f"{R}/analysis/{{model}}/{{dataset}}/cards/{name}" for name in card_files()]
+    return [in_report(path, "figure_cards", "{dataset}") if path.endswith(".png") else path for path in paths]
+
+
+def card_flags(wildcards, input, output):
+    images = [f"{RunId.parse(run).row}={path}" for run, path in zip(analysis_runs(), input.images)]
+    return {"--images": images, "--sae": input.sae, "--head": input.head, "--dataset": wildcards.dataset,
+            "--dataset-options": dataset_options(wildcards.dataset), "--config": config["analysis"]["cards"],
+            "--out-dir": f"{R}/analysis/{wildcards.model}/{wildcards.dataset}/cards"}
 
 
 rule plot_feature_cards:
     input:
-        images=lambda wildcards: [analysis_path(wildcards.dataset, run, "images.parquet") for run in analysis_runs()],
-        sae=lambda wildcards: sae_path(wildcards.model, wildcards.dataset),
-        head=lambda wildcards: zeroshot_head(wildcards.dataset),
+        unpack(card_inputs),
     output:
-        [
-            in_report(path, "figure_cards", "{dataset}") if path.endswith(".png") else path
-            for path in (f"{R}/analysis/{{model}}/{{dataset}}/cards/{name}" for name in card_files())
-        ],
+        card_outputs(),
     params:
-        images=lambda wildcards, input: " ".join(
-            f"{run_method(run)}={path}" for run, path in zip(analysis_runs(), input.images)
-        ),
-        options=lambda wildcards: as_json(dataset_options(wildcards.dataset)),
-        out_dir=lambda wildcards: f"{R}/analysis/{wildcards.model}/{wildcards.dataset}/cards",
-        cfg=as_json(config["analysis"]["cards"]),
-        track=track("plot_feature_cards"),
-    log:
-        f"logs/{STUDY}/plot_feature_cards/{{model}}/{{dataset}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/plot_feature_cards/{{model}}/{{dataset}}.tsv"
+        args=job_args("plot_feature_cards", card_flags),
+    log: job_log("plot_feature_cards", "{model}/{dataset}"),
+    benchmark: job_benchmark("plot_feature_cards", "{model}/{dataset}"),
     shell:
-        "saeft feature-cards --images {params.images} --sae {input.sae} --head {input.head}"
-        " --dataset {wildcards.dataset} --dataset-options {params.options:q} --config {params.cfg:q}"
-        " --out-dir {params.out_dir} --threads {threads} --track {params.track:q} > {log} 2>&1"
+        "saeft feature-cards {params.args} --threads {threads} > {log} 2>&1"
+
+
+def aggregate_features_flags(wildcards, input, output):
+    return {"--analyses": list(input.analyses), "--images": list(input.images), "--evals": list(input.evals),
+            "--top": config["analysis"]["top_features"], "--tables": f"{R}/tables", "--figures": f"{R}/figures",
+            "--config": config["aggregate"]}
 
 
 rule aggregate_features:
     input:
-        analyses=[analysis_path(d, run, "features.json") for d in DATASETS for run in analysis_runs()],
-        images=[analysis_path(d, run, "images.parquet") for d in DATASETS for run in analysis_runs()],
+        analyses=analysis_files("features.json"),
+        images=analysis_files("images.parquet"),
         evals=eval_results(),
     output:
         tables=[path if path.endswith(".md") else in_report(path, "table_features") for path in FEATURE_TABLES],
         figures=[in_report(path, "figure_features") for path in FEATURE_FIGURES],
     params:
-        tables=f"{R}/tables",
-        figures=f"{R}/figures",
-        top=config["analysis"]["top_features"],
-        cfg=as_json(config["aggregate"]),
-        track=track("aggregate_features"),
-    log:
-        f"logs/{STUDY}/aggregate_features.log",
-    benchmark:
-        f"benchmarks/{STUDY}/aggregate_features.tsv"
+        args=job_args("aggregate_features", aggregate_features_flags),
+    log: job_log("aggregate_features"),
+    benchmark: job_benchmark("aggregate_features"),
     shell:
-        "saeft aggregate-features --analyses {input.analyses} --images {input.images} --evals {input.evals}"
-        " --top {params.top} --tables {params.tables} --figures {params.figures}"
-        " --config {params.cfg:q} --track {params.track:q} > {log} 2>&1"
+        "saeft aggregate-features {params.args} > {log} 2>&1"

@@ -2,46 +2,45 @@
 # training bank when fine-tuning augments (the teacher cache of the feature and SAE methods).
 
 
+def cache_inputs(wildcards):
+    """The zero-shot model, and the split's check marker when it is read from data_root."""
+    return {"model": f"{R}/models/{wildcards.model}/zeroshot/model.safetensors",
+            "check": check_marker(wildcards.dataset, wildcards.split)}
+
+
+def cache_flags(wildcards, input, output):
+    return {"--model": input.model, "--pretrained": pretrained_source() or "", "--dataset": wildcards.dataset,
+            "--dataset-options": dataset_options(wildcards.dataset), "--split": wildcards.split,
+            "--config": config["cache"], "--out": output[0]}
+
+
+def cache_views_flags(wildcards, input, output):
+    return {**cache_flags(wildcards, input, output), "--views": view_config()}
+
+
 rule cache_activations:
     input:
-        model=f"{R}/models/{{model}}/zeroshot/model.safetensors",
-        check=lambda wildcards: check_marker(wildcards.dataset, wildcards.split),
+        unpack(cache_inputs),
     output:
         f"{R}/cache/{{model}}/{{dataset}}/{{split}}.h5",
     params:
-        options=lambda wildcards: as_json(dataset_options(wildcards.dataset)),
-        cfg=as_json(config["cache"]),
-        source=pretrained_source() or "",
-        track=track("cache_activations"),
-    log:
-        f"logs/{STUDY}/cache_activations/{{model}}/{{dataset}}/{{split}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/cache_activations/{{model}}/{{dataset}}/{{split}}.tsv"
+        args=job_args("cache_activations", cache_flags),
+    log: job_log("cache_activations", "{model}/{dataset}/{split}"),
+    benchmark: job_benchmark("cache_activations", "{model}/{dataset}/{split}"),
     resources:
         gpu=1,
     shell:
-        "saeft cache --model {input.model} --pretrained {params.source:q} --dataset {wildcards.dataset}"
-        " --dataset-options {params.options:q} --split {wildcards.split} --config {params.cfg:q}"
-        " --out {output} --threads {threads} --track {params.track:q} > {log} 2>&1"
+        "saeft cache {params.args} --threads {threads} > {log} 2>&1"
 
 
 rule cache_views:
     input:
-        model=f"{R}/models/{{model}}/zeroshot/model.safetensors",
-        check=lambda wildcards: check_marker(wildcards.dataset, wildcards.split),
+        unpack(cache_inputs),
     output:
         f"{R}/cache/{{model}}/{{dataset}}/{{split}}.views.h5",
     params:
-        options=lambda wildcards: as_json(dataset_options(wildcards.dataset)),
-        cfg=as_json(config["cache"]),
-        views=as_json(view_config()),
-        source=pretrained_source() or "",
-        track=track("cache_views"),
-    log:
-        f"logs/{STUDY}/cache_views/{{model}}/{{dataset}}/{{split}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/cache_views/{{model}}/{{dataset}}/{{split}}.tsv"
+        args=job_args("cache_views", cache_views_flags),
+    log: job_log("cache_views", "{model}/{dataset}/{split}"),
+    benchmark: job_benchmark("cache_views", "{model}/{dataset}/{split}"),
     shell:
-        "saeft cache --model {input.model} --pretrained {params.source:q} --dataset {wildcards.dataset}"
-        " --dataset-options {params.options:q} --split {wildcards.split} --config {params.cfg:q}"
-        " --views {params.views:q} --out {output} --threads {threads} --track {params.track:q} > {log} 2>&1"
+        "saeft cache {params.args} --threads {threads} > {log} 2>&1"

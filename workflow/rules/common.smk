@@ -1,12 +1,18 @@
-# Config validation, wildcard constraints, and the target and input functions of every rule.
+# Config validation, wildcard constraints, each job's log, benchmark and command line, and the
+# target and input functions of every rule. Planning imports nothing heavy (no torch, pandas or
+# matplotlib; tests/test_planning.py checks): the config, dataset and method registries, run ids
+# and the aggregate's output names are plain-Python modules.
 import json
 import mimetypes
 import os
+import shlex
 import subprocess
 
-from saeft.aggregate import output_names, wiseft_name
-from saeft.data.registry import get_dataset
 from saeft.config.study import pretrained_kind, validate_config
+from saeft.data.registry import get_dataset
+from saeft.methods import get_method
+from saeft.outputs import output_names
+from saeft.runs import PATTERN as RUN_PATTERN, RunId
 
 validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 if pretrained_kind(config["model"]["pretrained"]) == "file" and not os.path.isfile(config["model"]["pretrained"]):
@@ -16,12 +22,16 @@ STUDY = config["study"]
 R = f"results/{STUDY}"
 MODEL = config["model"]["name"]
 SEEDS = config["seeds"]
-METHODS = [m for m in config["methods"] if m != "wiseft"]  # trained methods; wiseft is evaluation only
-WISEFT = config["methods"].get("wiseft")
+METHODS = [m for m in config["methods"] if get_method(m).trained]  # a finetune job per seed each
+# The evaluation-only method's section (WiSE-FT: base, alphas, alpha), if the study lists it.
+WISEFT = next((entry for m, entry in config["methods"].items() if not get_method(m).trained), None)
 DATASETS = config["datasets"]
-SAE_METHODS = {"sae_sparse", "sae_add", "saeft"}
 SAE_SWEEP = [entry["name"] for entry in config["sae"].get("sweep", [])]
-TEACHER_METHODS = SAE_METHODS | {"feat_mse", "feat_l1"}  # read f_0 from the teacher cache
+
+
+def needs(method, need):
+    """Whether ``method`` reads ``need`` (the registry's needs: teacher, sae, encoder_copy, text)."""
+    return need in get_method(method).needs
 
 
 wildcard_constraints:
@@ -30,7 +40,7 @@ wildcard_constraints:
     split=r"[a-z0-9_]+",
     method=r"[a-z0-9_]+",
     seed=r"\d+",
-    run=r"zeroshot|[a-z0-9_]+/seed\d+(/alpha[0-9.]+)?",
+    run=RUN_PATTERN,
 
 
 def _git_commit():
@@ -63,16 +73,60 @@ def as_json(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-def track(rule_name):
-    """The MLflow run of a job: experiment per study, run name rule/wildcards, tags. A rule param,
-    so its value must not change with code versions: every job would rerun. Tags computed from
-    these (method, seed, alpha...) are added by the job itself (saeft.tracking.comparison_tags)."""
-    def make(wildcards):
-        items = dict(wildcards.items())
-        tags = {"rule": rule_name, "study": STUDY, **{f"wc.{k}": v for k, v in items.items()}}
-        name = rule_name + ("/" + ",".join(f"{k}={v}" for k, v in items.items()) if items else "")
-        return as_json({"experiment": STUDY, "run_name": name, "tags": tags})
-    return make
+def track(rule_name, wildcards):
+    """--track of a job: its MLflow run (experiment per study, run name rule/wildcards, tags). Part
+    of the args param, so its value must not change with code versions: every job would rerun.
+    Tags computed from these (method, seed, alpha...) are added by the job itself
+    (saeft.tracking.comparison_tags)."""
+    items = dict(wildcards.items())
+    tags = {"rule": rule_name, "study": STUDY, **{f"wc.{k}": v for k, v in items.items()}}
+    name = rule_name + ("/" + ",".join(f"{k}={v}" for k, v in items.items()) if items else "")
+    return {"experiment": STUDY, "run_name": name, "tags": tags}
+
+
+# Every rule takes its log, benchmark and command-line flags from these: the log and benchmark
+# named by rule and wildcards, the flags from one named function per rule (a dict: flag -> value)
+# with the job's --track added. The flags are a single param, so a change of any of them reruns.
+
+
+def job_log(rule_name, wildcards=""):
+    """The log of a job: logs/<study>/<rule>[/<wildcards>].log (``wildcards`` a pattern such as
+    "{model}/{dataset}")."""
+    return _job_file("logs", rule_name, wildcards, "log")
+
+
+def job_benchmark(rule_name, wildcards=""):
+    """The benchmark of a job: benchmarks/<study>/<rule>[/<wildcards>].tsv."""
+    return _job_file("benchmarks", rule_name, wildcards, "tsv")
+
+
+def _job_file(folder, rule_name, wildcards, ext):
+    return f"{folder}/{STUDY}/{rule_name}{'/' + wildcards if wildcards else ''}.{ext}"
+
+
+def job_args(rule_name, flags):
+    """The ``args`` param of a rule: ``flags(wildcards, input, output)`` (a dict), then --track."""
+    def args(wildcards, input, output):
+        return command_line({**flags(wildcards, input, output), "--track": track(rule_name, wildcards)})
+    return args
+
+
+def command_line(flags):
+    """``{flag: value}`` as shell words, each quoted: a dict value is compact JSON, a list one
+    word per item, None leaves the flag out."""
+    words = []
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [as_json(value) if isinstance(value, dict) else value]
+        words += [flag, *(shlex.quote(str(v)) for v in values)]
+    return " ".join(words)
+
+
+def all_cores(wildcards):
+    """Threads of a job that takes the machine: the --cores of the run, read at job time (a
+    --report or a dry run gives none)."""
+    return workflow.cores
 
 
 TRANSFER = config["transfer"]
@@ -181,18 +235,14 @@ def method_config(method, seed, dataset):
     return as_json({**config["finetune"], "method": method, "method_params": params, "seed": int(seed)})
 
 
-def alpha_tag(alpha):
-    return f"alpha{float(alpha):g}"
-
-
 def evaluation_runs(curve=False):
-    """Every evaluated model: zero-shot once, each fine-tuned method per seed, WiSE-FT at the
-    reported alpha (and, with ``curve``, on the whole alpha grid)."""
-    runs = ["zeroshot"] + [f"{m}/seed{s}" for m in METHODS for s in SEEDS]
+    """Every evaluated model (run ids, saeft.runs): zero-shot once, each fine-tuned method per
+    seed, WiSE-FT at the reported alpha (and, with ``curve``, on the whole alpha grid)."""
+    runs = [RunId()] + [RunId(m, s) for m in METHODS for s in SEEDS]
     if WISEFT:
         alphas = sorted(set(WISEFT["alphas"]) | {WISEFT["alpha"]}) if curve else [WISEFT["alpha"]]
-        runs += [f"{b}/seed{s}/{alpha_tag(a)}" for b in WISEFT["base"] for s in SEEDS for a in alphas]
-    return runs
+        runs += [RunId(b, s, a) for b in WISEFT["base"] for s in SEEDS for a in alphas]
+    return [str(run) for run in runs]
 
 
 def eval_results(curve=False):
@@ -258,22 +308,20 @@ def analysis_config():
 
 def analysis_runs():
     """Every analysed run: each fine-tuned method per seed, and WiSE-FT at the reported alpha."""
-    return [run for run in evaluation_runs() if run != "zeroshot"]
-
-
-def run_method(run):
-    """The table name of a run: its method, or wiseft[_<base>] for an interpolation."""
-    trained, _, alpha = run.partition("/alpha")
-    method = trained.partition("/seed")[0]
-    return wiseft_name(method) if alpha else method
+    return [run for run in evaluation_runs() if not RunId.parse(run).zeroshot]
 
 
 def analysis_path(dataset, run, leaf):
     return f"{R}/analysis/{MODEL}/{dataset}/{run}/{leaf}"
 
 
+def analysis_files(leaf):
+    """``leaf`` of every analysed run of every dataset (aggregate_features' inputs)."""
+    return [analysis_path(d, run, leaf) for d in DATASETS for run in analysis_runs()]
+
+
 def card_files():
-    methods = list(dict.fromkeys(run_method(run) for run in analysis_runs()))
+    methods = list(dict.fromkeys(RunId.parse(run).row for run in analysis_runs()))
     return [f"{method}.{ext}" for method in methods for ext in ("png", "json")] + ["cards.md"]
 
 

@@ -2,16 +2,17 @@
 # count (saeft check-data); the marker JSON is an input of the rules that read the split's images.
 
 
+def check_dataset_flags(wildcards, input, output):
+    return {"--dataset": wildcards.dataset, "--dataset-options": check_options(wildcards.dataset),
+            "--split": wildcards.split, "--out": output[0]}
+
+
 rule check_dataset:
     output:
         f"{R}/checks/{{dataset}}/{{split}}.json",
     params:
-        options=lambda wildcards: as_json(check_options(wildcards.dataset)),
-        track=track("check_dataset"),
-    log:
-        f"logs/{STUDY}/check_dataset/{{dataset}}/{{split}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/check_dataset/{{dataset}}/{{split}}.tsv"
+        args=job_args("check_dataset", check_dataset_flags),
+    log: job_log("check_dataset", "{dataset}/{split}"),
+    benchmark: job_benchmark("check_dataset", "{dataset}/{split}"),
     shell:
-        "saeft check-data --dataset {wildcards.dataset} --dataset-options {params.options:q} --split {wildcards.split}"
-        " --out {output} --track {params.track:q} > {log} 2>&1"
+        "saeft check-data {params.args} > {log} 2>&1"

@@ -11,11 +11,11 @@
 def run_model_inputs(model, dataset, run):
     """The weights an evaluated run reads: the zero-shot model and its head, or a fine-tuned
     model (plus the zero-shot model and head a WiSE-FT interpolation mixes it with)."""
-    if run == "zeroshot":
+    run = RunId.parse(run)
+    if run.zeroshot:
         return {"model": zeroshot_model(), "head": zeroshot_head(dataset)}
-    trained, _, alpha = run.partition("/alpha")
-    inputs = {"model": f"{R}/finetune/{model}/{dataset}/{trained}/model.safetensors"}
-    if alpha:
+    inputs = {"model": f"{R}/finetune/{model}/{dataset}/{run.trained}/model.safetensors"}
+    if run.alpha is not None:
         inputs.update(zeroshot=zeroshot_model(), zeroshot_head=zeroshot_head(dataset))
     return inputs
 
@@ -34,29 +34,32 @@ def evaluate_inputs(wildcards):
             **run_model_inputs(wildcards.model, wildcards.dataset, wildcards.run)}
 
 
-def evaluation_source(wildcards):
-    """--split (the dataset's eval splits) and --transfer (each transfer set with its head)."""
-    source = "--split " + " ".join(get_dataset(wildcards.dataset).eval_splits)
-    transfer = TRANSFER.get(wildcards.dataset, [])
-    return source + (" --transfer " + " ".join(f"{name}={zeroshot_head(name)}" for name in transfer) if transfer else "")
-
-
 def evaluation_identity(wildcards):
-    trained, _, alpha = wildcards.run.partition("/alpha")
-    method, _, seed = trained.partition("/seed")
-    if alpha:
-        method = wiseft_name(method)
-    identity = {"study": STUDY, "model": wildcards.model, "method": method, "seed": int(seed) if seed else None}
-    if alpha:  # the WiSE-FT curve point; absent elsewhere, so results made before it was recorded stay valid
-        identity["alpha"] = float(alpha)
-    return as_json(identity)
+    """What the run's results are about: study, model, table row (its method, or WiSE-FT's
+    name), seed, and the alpha of a WiSE-FT curve point (absent elsewhere, so results made before
+    it was recorded stay valid)."""
+    run = RunId.parse(wildcards.run)
+    identity = {"study": STUDY, "model": wildcards.model, "method": run.row, "seed": run.seed}
+    return identity if run.alpha is None else {**identity, "alpha": run.alpha}
 
 
-def wiseft_args(wildcards, input):
-    alpha = wildcards.run.partition("/alpha")[2]
-    if not alpha:
-        return ""
-    return f"--alpha {alpha} --zeroshot-model {input.zeroshot} --zeroshot-head {input.zeroshot_head}"
+def run_model_flags(wildcards, input):
+    """The evaluated model: --model, the zero-shot head (--head) or, for WiSE-FT, --alpha and the
+    zero-shot model and head to mix with."""
+    alpha = RunId.parse(wildcards.run).alpha
+    wiseft = {} if alpha is None else {"--alpha": f"{alpha:g}", "--zeroshot-model": input.zeroshot,
+                                       "--zeroshot-head": input.zeroshot_head}
+    return {"--model": input.model, "--head": input.get("head"), **wiseft, "--dataset": wildcards.dataset}
+
+
+def evaluate_flags(wildcards, input, output):
+    """--split (the dataset's eval splits) and --transfer (each transfer set with its head)."""
+    transfer = TRANSFER.get(wildcards.dataset, [])
+    return {**run_model_flags(wildcards, input), "--split": list(get_dataset(wildcards.dataset).eval_splits),
+            "--transfer": [f"{name}={zeroshot_head(name)}" for name in transfer] or None,
+            "--dataset-options": dataset_options(wildcards.dataset),
+            "--transfer-options": {name: dataset_options(name) for name in transfer},
+            "--identity": evaluation_identity(wildcards), "--config": config["evaluate"], "--out": output[0]}
 
 
 rule evaluate_model:
@@ -65,21 +68,10 @@ rule evaluate_model:
     output:
         f"{R}/eval/{{model}}/{{dataset}}/{{run}}/evals.json",
     params:
-        options=lambda wildcards: as_json(dataset_options(wildcards.dataset)),
-        source=evaluation_source,
-        transfer_options=lambda wildcards: as_json({name: dataset_options(name) for name in TRANSFER.get(wildcards.dataset, [])}),
-        identity=evaluation_identity,
-        head=lambda wildcards, input: f"--head {input.head}" if "head" in input.keys() else "",
-        wiseft=wiseft_args,
-        cfg=as_json(config["evaluate"]),
-        track=track("evaluate_model"),
-    log:
-        f"logs/{STUDY}/evaluate_model/{{model}}/{{dataset}}/{{run}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/evaluate_model/{{model}}/{{dataset}}/{{run}}.tsv"
+        args=job_args("evaluate_model", evaluate_flags),
+    log: job_log("evaluate_model", "{model}/{dataset}/{run}"),
+    benchmark: job_benchmark("evaluate_model", "{model}/{dataset}/{run}"),
     resources:
         gpu=1,
     shell:
-        "saeft evaluate --model {input.model} {params.head} {params.wiseft} --dataset {wildcards.dataset} {params.source}"
-        " --dataset-options {params.options:q} --transfer-options {params.transfer_options:q} --identity {params.identity:q}"
-        " --config {params.cfg:q} --out {output} --threads {threads} --track {params.track:q} > {log} 2>&1"
+        "saeft evaluate {params.args} --threads {threads} > {log} 2>&1"

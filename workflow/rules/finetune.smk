@@ -2,15 +2,24 @@
 
 
 def finetune_inputs(wildcards):
+    """The zero-shot model and head, the check markers of the splits it reads, and what the method
+    needs (registry): the SAE it names, the teacher cache of f_0 (unless the teacher runs live)."""
     spec = get_dataset(wildcards.dataset)
     inputs = {"model": zeroshot_model(), "head": zeroshot_head(wildcards.dataset),
               "checks": check_marker(wildcards.dataset, spec.train_split) + check_marker(wildcards.dataset, spec.heldout_split)}
-    if wildcards.method in SAE_METHODS:
+    if needs(wildcards.method, "sae"):
         inputs["sae"] = sae_path(wildcards.model, wildcards.dataset, method_params(wildcards.method, wildcards.dataset).get("sae"))
-    teacher = teacher_cache(wildcards.model, wildcards.dataset) if wildcards.method in TEACHER_METHODS else None
+    teacher = teacher_cache(wildcards.model, wildcards.dataset) if needs(wildcards.method, "teacher") else None
     if teacher:
         inputs["teacher"] = teacher
     return inputs
+
+
+def finetune_flags(wildcards, input, output):
+    return {"--model": input.model, "--head": input.head, "--sae": input.get("sae"), "--teacher-cache": input.get("teacher"),
+            "--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
+            "--config": method_config(wildcards.method, wildcards.seed, wildcards.dataset),
+            "--out-model": output.model, "--out-json": output.summary}
 
 
 rule finetune:
@@ -20,19 +29,10 @@ rule finetune:
         model=f"{R}/finetune/{{model}}/{{dataset}}/{{method}}/seed{{seed}}/model.safetensors",
         summary=f"{R}/finetune/{{model}}/{{dataset}}/{{method}}/seed{{seed}}/train.json",
     params:
-        options=lambda wildcards: as_json(dataset_options(wildcards.dataset)),
-        cfg=lambda wildcards: method_config(wildcards.method, wildcards.seed, wildcards.dataset),
-        sae=lambda wildcards, input: f"--sae {input.sae}" if "sae" in input.keys() else "",
-        teacher=lambda wildcards, input: f"--teacher-cache {input.teacher}" if "teacher" in input.keys() else "",
-        track=track("finetune"),
-    log:
-        f"logs/{STUDY}/finetune/{{model}}/{{dataset}}/{{method}}/seed{{seed}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/finetune/{{model}}/{{dataset}}/{{method}}/seed{{seed}}.tsv"
+        args=job_args("finetune", finetune_flags),
+    log: job_log("finetune", "{model}/{dataset}/{method}/seed{seed}"),
+    benchmark: job_benchmark("finetune", "{model}/{dataset}/{method}/seed{seed}"),
     resources:
         gpu=1,
     shell:
-        "saeft finetune --model {input.model} --head {input.head} {params.sae} {params.teacher}"
-        " --dataset {wildcards.dataset} --dataset-options {params.options:q} --config {params.cfg:q}"
-        " --out-model {output.model} --out-json {output.summary}"
-        " --threads {threads} --track {params.track:q} > {log} 2>&1"
+        "saeft finetune {params.args} --threads {threads} > {log} 2>&1"

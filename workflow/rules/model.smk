@@ -3,24 +3,24 @@
 # then materialised as one local safetensors file with a zero-shot head per dataset.
 
 
+def pretrain_flags(wildcards, input, output):
+    return {"--arch": wildcards.model, "--dataset-options": dataset_options(pretrain_dataset()),
+            "--config": pretrain_config(), "--out": output.weights, "--quality": output.quality}
+
+
 rule pretrain_clip:
     output:
         weights=f"{R}/pretrain/{{model}}/model.safetensors",
         quality=f"{R}/pretrain/{{model}}/quality.json",
     params:
-        options=as_json(dataset_options(pretrain_dataset())),
-        cfg=as_json(pretrain_config()),
-        track=track("pretrain_clip"),
-    log:
-        f"logs/{STUDY}/pretrain_clip/{{model}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/pretrain_clip/{{model}}.tsv"
-    threads: lambda wildcards: workflow.cores  # at job time: a --report or a dry run gives no --cores
+        args=job_args("pretrain_clip", pretrain_flags),
+    log: job_log("pretrain_clip", "{model}"),
+    benchmark: job_benchmark("pretrain_clip", "{model}"),
+    threads: all_cores
     resources:
         gpu=1,
     shell:
-        "saeft pretrain --arch {wildcards.model} --dataset-options {params.options:q} --config {params.cfg:q}"
-        " --out {output.weights} --quality {output.quality} --threads {threads} --track {params.track:q} > {log} 2>&1"
+        "saeft pretrain {params.args} --threads {threads} > {log} 2>&1"
 
 
 def prepare_model_input(wildcards):
@@ -35,19 +35,13 @@ def prepare_model_input(wildcards):
     return {}
 
 
-def pretrained_argument(wildcards, input):
-    """--pretrained for 'saeft prepare': the input file, the open_clip tag, or nothing."""
-    if "weights" in input.keys():
-        return f"--pretrained {input.weights}"
-    source = pretrained_source()
-    return f"--pretrained {source}" if source else ""
-
-
-def quality_gate(wildcards, input):
-    """The pretraining gate (pretrain.min_zeroshot_acc) on a pretrain_clip model's quality record."""
-    if "quality" not in input.keys():
-        return ""
-    return f"--quality {input.quality} --min-zeroshot-acc {config['pretrain']['min_zeroshot_acc']}"
+def prepare_flags(wildcards, input, output):
+    """--pretrained: the input file, the open_clip tag, or nothing; on a pretrain_clip model, the
+    pretraining gate (pretrain.min_zeroshot_acc) on its quality record."""
+    flags = {"--arch": wildcards.model, "--pretrained": input.get("weights", pretrained_source()) or None}
+    if "quality" in input.keys():
+        flags.update({"--quality": input.quality, "--min-zeroshot-acc": config["pretrain"]["min_zeroshot_acc"]})
+    return {**flags, "--out": output[0]}
 
 
 rule prepare_model:
@@ -57,16 +51,15 @@ rule prepare_model:
         f"{R}/models/{{model}}/zeroshot/model.safetensors",
     params:
         source=pretrained_source(),
-        pretrained=pretrained_argument,
-        gate=quality_gate,
-        track=track("prepare_model"),
-    log:
-        f"logs/{STUDY}/prepare_model/{{model}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/prepare_model/{{model}}.tsv"
+        args=job_args("prepare_model", prepare_flags),
+    log: job_log("prepare_model", "{model}"),
+    benchmark: job_benchmark("prepare_model", "{model}"),
     shell:
-        "saeft prepare --arch {wildcards.model} {params.pretrained} {params.gate} --out {output}"
-        " --track {params.track:q} > {log} 2>&1"
+        "saeft prepare {params.args} > {log} 2>&1"
+
+
+def head_flags(wildcards, input, output):
+    return {"--model": input.model, "--dataset": wildcards.dataset, "--out": output[0]}
 
 
 rule build_zeroshot_head:
@@ -75,11 +68,8 @@ rule build_zeroshot_head:
     output:
         f"{R}/models/{{model}}/zeroshot/heads/{{dataset}}.safetensors",
     params:
-        track=track("build_zeroshot_head"),
-    log:
-        f"logs/{STUDY}/build_zeroshot_head/{{model}}/{{dataset}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/build_zeroshot_head/{{model}}/{{dataset}}.tsv"
+        args=job_args("build_zeroshot_head", head_flags),
+    log: job_log("build_zeroshot_head", "{model}/{dataset}"),
+    benchmark: job_benchmark("build_zeroshot_head", "{model}/{dataset}"),
     shell:
-        "saeft head --model {input.model} --dataset {wildcards.dataset} --out {output}"
-        " --threads {threads} --track {params.track:q} > {log} 2>&1"
+        "saeft head {params.args} --threads {threads} > {log} 2>&1"

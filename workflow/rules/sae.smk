@@ -17,8 +17,20 @@ def sae_inputs(wildcards):
     }
 
 
-def sae_eval_args(wildcards, input):
-    return " ".join(f"{os.path.basename(path)[:-3]}={path}" for path in input.evals)
+def sae_data_flags(input):
+    """The SAE's data: training and held-out caches, the zero-shot head, each eval split's cache."""
+    evals = [f"{os.path.basename(path)[:-3]}={path}" for path in input.evals]
+    return {"--train": input.train, "--heldout": input.heldout, "--head": input.head, "--eval": evals}
+
+
+def train_sae_flags(wildcards, input, output):
+    return {**sae_data_flags(input), "--config": sae_config(), "--out-weights": output.weights,
+            "--out-json": output.metrics}
+
+
+def sae_sweep_flags(wildcards, input, output):
+    return {**sae_data_flags(input), "--config": config["sae"],
+            "--out-dir": f"{R}/sae/{wildcards.model}/{wildcards.dataset}"}
 
 
 rule train_sae:
@@ -28,19 +40,13 @@ rule train_sae:
         weights=f"{R}/sae/{{model}}/{{dataset}}/sae.safetensors",
         metrics=f"{R}/sae/{{model}}/{{dataset}}/sae.json",
     params:
-        cfg=as_json(sae_config()),
-        evals=sae_eval_args,
-        track=track("train_sae"),
-    log:
-        f"logs/{STUDY}/train_sae/{{model}}/{{dataset}}.log",
-    benchmark:
-        f"benchmarks/{STUDY}/train_sae/{{model}}/{{dataset}}.tsv"
+        args=job_args("train_sae", train_sae_flags),
+    log: job_log("train_sae", "{model}/{dataset}"),
+    benchmark: job_benchmark("train_sae", "{model}/{dataset}"),
     resources:
         gpu=1,
     shell:
-        "saeft train-sae --train {input.train} --heldout {input.heldout} --head {input.head}"
-        " --config {params.cfg:q} --out-weights {output.weights} --out-json {output.metrics} --eval {params.evals}"
-        " --threads {threads} --track {params.track:q} > {log} 2>&1"
+        "saeft train-sae {params.args} --threads {threads} > {log} 2>&1"
 
 
 if SAE_SWEEP:
@@ -51,17 +57,10 @@ if SAE_SWEEP:
         output:
             [f"{R}/sae/{{model}}/{{dataset}}/{name}/{leaf}" for name in SAE_SWEEP for leaf in ("sae.safetensors", "sae.json")],
         params:
-            cfg=as_json(config["sae"]),
-            evals=sae_eval_args,
-            out_dir=lambda wildcards: f"{R}/sae/{wildcards.model}/{wildcards.dataset}",
-            track=track("train_sae_sweep"),
-        log:
-            f"logs/{STUDY}/train_sae_sweep/{{model}}/{{dataset}}.log",
-        benchmark:
-            f"benchmarks/{STUDY}/train_sae_sweep/{{model}}/{{dataset}}.tsv"
+            args=job_args("train_sae_sweep", sae_sweep_flags),
+        log: job_log("train_sae_sweep", "{model}/{dataset}"),
+        benchmark: job_benchmark("train_sae_sweep", "{model}/{dataset}"),
         resources:
             gpu=1,
         shell:
-            "saeft train-sae-sweep --train {input.train} --heldout {input.heldout} --head {input.head}"
-            " --config {params.cfg:q} --out-dir {params.out_dir} --eval {params.evals}"
-            " --threads {threads} --track {params.track:q} > {log} 2>&1"
+            "saeft train-sae-sweep {params.args} --threads {threads} > {log} 2>&1"

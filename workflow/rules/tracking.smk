@@ -17,7 +17,6 @@ rule sync_mlflow:
     # No output: a target rule that runs whenever it is asked for.
     params:
         queue=tracking_queue(),
-    log:
-        f"logs/{STUDY}/sync_mlflow.log",
+    log: job_log("sync_mlflow"),
     shell:
         "saeft sync-tracking --queue {params.queue:q} > {log} 2>&1"
