@@ -1,4 +1,4 @@
-"""SAE-based regularizers for fine-tuning (DESIGN section 3).
+"""SAE-based regularizers for fine-tuning (docs/methods.md).
 
 The three SAE methods are :func:`sae_penalty` with some weights at zero:
 ``sae_sparse`` (lambda_l1, mu), ``sae_add`` (lambda_add, mu) and ``saeft``
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from saeft.sae import TopKSAE, sparse_decode, to_dense
+from saeft.sae import TopKSAE
 
 SAE_INPUTS = ("prepared", "raw")
 """What the SAE sees in :func:`sae_penalty`: ``prepared`` (``sae.prepare``, as in SAE training)
@@ -71,12 +71,31 @@ def sae_penalty(
     own encoder (bias, ReLU, Batch-Top-K threshold) selects the codes; ``W_dec`` terms are
     decoded from the kept entries only (a gather of decoder columns, not a dense matmul).
     """
-    weights = {
-        "lambda_add": lambda_add,
-        "lambda_remove": lambda_remove,
-        "lambda_l1": lambda_l1,
-        "mu": mu,
+    weights = {"lambda_add": lambda_add, "lambda_remove": lambda_remove, "lambda_l1": lambda_l1, "mu": mu}
+    _check_penalty_args(f_theta, f_0, sae, inputs, **weights)
+    # The SAE stays frozen even if the caller left requires_grad on (frozen=True detaches it);
+    # decoding goes through the k kept entries only (embedding_bag), never a dense matmul.
+    dtype = sae.W_dec.dtype
+    prepare = inputs == "prepared"
+    with torch.no_grad():
+        out_0 = sae(f_0.detach().to(dtype), prepare=prepare, frozen=True, dense=True)
+        m = (out_0.dense != 0).to(dtype)
+    out_theta = sae(f_theta.to(dtype), prepare=prepare, frozen=True, dense=True)
+    s_0, s_theta = out_0.dense, out_theta.dense
+    r = (out_theta.z - out_0.z) - (out_theta.decoded - out_0.decoded)
+    terms = {
+        "add": lambda_add * ((1 - m) * s_theta.abs()).mean(),
+        "remove": lambda_remove * (m * torch.relu(s_0 - s_theta)).mean(),
+        "l1": lambda_l1 * (s_theta - s_0).abs().mean(),
+        "align": mu * r.pow(2).mean(),
     }
+    terms["total"] = terms["add"] + terms["remove"] + terms["l1"] + terms["align"]
+    return terms
+
+
+def _check_penalty_args(f_theta, f_0, sae: TopKSAE, inputs: str, **weights: float) -> None:
+    """Raise ``ValueError`` for a weight that is not a finite number >= 0, an unknown
+    ``inputs``, embeddings of differing or wrong shapes, or an empty batch."""
     for name, value in weights.items():
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"sae_penalty: {name} must be a finite number >= 0, got {value!r}")
@@ -94,32 +113,6 @@ def sae_penalty(
         )
     if f_theta.numel() == 0:
         raise ValueError("sae_penalty: empty batch (the means would be NaN)")
-
-    # The SAE stays frozen even if the caller left requires_grad on (frozen=True detaches it);
-    # decoding goes through the k kept entries only (embedding_bag), never a dense matmul.
-    W_dec = sae.W_dec.detach()
-    dtype = W_dec.dtype
-    prepare = sae.prepare if inputs == "prepared" else (lambda z: z)
-    z_theta = prepare(f_theta.to(dtype)).reshape(-1, sae.d)
-    with torch.no_grad():
-        z_0 = prepare(f_0.detach().to(dtype)).reshape(-1, sae.d)
-        code_0 = sae.encode_sparse(z_0, frozen=True)
-        s_0 = to_dense(code_0, sae.n_features)
-        m = (s_0 != 0).to(dtype)
-        carried_0 = sparse_decode(code_0, W_dec)
-    code_theta = sae.encode_sparse(z_theta, frozen=True)
-    s_theta = to_dense(code_theta, sae.n_features)
-
-    delta_s = s_theta - s_0
-    r = (z_theta - z_0) - (sparse_decode(code_theta, W_dec) - carried_0)
-    terms = {
-        "add": lambda_add * ((1 - m) * s_theta.abs()).mean(),
-        "remove": lambda_remove * (m * torch.relu(s_0 - s_theta)).mean(),
-        "l1": lambda_l1 * delta_s.abs().mean(),
-        "align": mu * r.pow(2).mean(),
-    }
-    terms["total"] = terms["add"] + terms["remove"] + terms["l1"] + terms["align"]
-    return terms
 
 
 def convert_weights(weights: Mapping[str, Any], rho: float, to: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from saeft.sae import (
     read_embeddings,
     run,
     save_sae,
+    to_dense,
     train_sae,
 )
 
@@ -93,9 +94,47 @@ def test_decode_and_forward():
     s = torch.randn(4, 12)
     torch.testing.assert_close(sae.decode(s), s @ sae.W_dec.T + sae.b_pre)
     z = torch.randn(4, 6)
-    z_hat, code = sae(z)
-    torch.testing.assert_close(code, sae.encode(z))
-    torch.testing.assert_close(z_hat, sae.decode(code))
+    out = sae(z, dense=True)
+    torch.testing.assert_close(out.dense, sae.encode(z))
+    torch.testing.assert_close(out.recon, sae.decode(out.dense))
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_forward_contract(architecture):
+    """One pass gives the rows, the code (sparse and dense) and the reconstruction, consistent
+    with each other; raw and prepared inputs agree where the SAE does not normalise."""
+    g = torch.Generator().manual_seed(4)
+    sae = TopKSAE(6, 12, 3, normalize="none", architecture=architecture, relu=True, generator=g)
+    with torch.no_grad():
+        sae.b_pre.normal_(generator=g)
+        sae.b_enc.normal_(generator=g)
+        sae.threshold.fill_(0.1)
+    sae.eval()
+    x = torch.randn(2, 5, 6, generator=g)
+    out = sae(x, dense=True)
+    assert out.z.shape == (10, 6) and out.dense.shape == (10, 12) and out.recon.shape == (10, 6)
+    assert torch.equal(out.z, x.reshape(-1, 6))
+    torch.testing.assert_close(out.dense, to_dense(out.code, sae.n_features))
+    torch.testing.assert_close(out.decoded, out.dense @ sae.W_dec.T)
+    torch.testing.assert_close(out.recon, sae.decode(out.dense))
+    assert sae(x).dense is None
+    raw = sae(x, prepare=True, dense=True)
+    for name in ("z", "decoded", "recon", "dense"):
+        assert torch.equal(getattr(raw, name), getattr(out, name))
+
+
+def test_forward_contract_prepares_and_freezes():
+    g = torch.Generator().manual_seed(5)
+    sae = TopKSAE(6, 12, 3, normalize="l2", generator=g)
+    x = (3 * torch.randn(4, 6, generator=g)).requires_grad_(True)
+    out = sae(x, prepare=True, frozen=True, dense=True)
+    torch.testing.assert_close(out.z, sae.prepare(x))
+    torch.testing.assert_close(out.dense, sae.encode(sae.prepare(x)))
+    (out.recon.sum() + out.dense.sum()).backward()
+    assert x.grad is not None
+    assert all(p.grad is None for p in sae.parameters())
+    with pytest.raises(ValueError, match="expected"):
+        sae(torch.randn(4, 5))
 
 
 def test_init_and_prepare():
@@ -164,8 +203,8 @@ def test_save_load_round_trip(tmp_path, trained):
     assert (loaded.d, loaded.n_features, loaded.k, loaded.normalize) == (16, 64, 6, "l2")
     assert not any(p.requires_grad for p in loaded.parameters())
     z = sae.prepare(torch.randn(7, 16))
-    for a, b in zip(sae(z), loaded(z)):
-        assert torch.equal(a, b)
+    a, b = sae(z, dense=True), loaded(z, dense=True)
+    assert torch.equal(a.recon, b.recon) and torch.equal(a.dense, b.dense)
     with pytest.raises(ValueError, match="must not set"):
         save_sae(path, sae, {"k": 3})
 
