@@ -43,7 +43,7 @@ from saeft.data.registry import get_dataset
 from saeft.evaluate import load_model, load_wiseft
 from saeft.io import atomic_path, write_json
 from saeft.models import ImageClassifier, preprocess_for
-from saeft.sae import TopKSAE, load_sae, to_dense
+from saeft.sae import TopKSAE, load_sae
 from saeft.training import Progress, setup_torch
 
 logger = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ def embed(classifier: ImageClassifier, data: torch.utils.data.Dataset, batch_siz
 @torch.no_grad()
 def encode(sae: TopKSAE, prepared: torch.Tensor) -> torch.Tensor:
     """Dense codes of prepared embeddings with the frozen SAE's inference encoder: the
-    ``encode_sparse(..., frozen=True)`` of the regulariser."""
+    ``sae(..., frozen=True)`` of the regulariser."""
     parts = [
-        to_dense(sae.encode_sparse(prepared[start : start + _ENCODE_CHUNK], frozen=True), sae.n_features)
+        sae(prepared[start : start + _ENCODE_CHUNK], frozen=True, dense=True).dense
         for start in range(0, len(prepared), _ENCODE_CHUNK)
     ]
     return torch.cat(parts) if parts else prepared.new_zeros(0, sae.n_features)
