@@ -20,7 +20,6 @@ Tables (:func:`build_tables`):
 from __future__ import annotations
 
 import dataclasses
-import html
 import logging
 import math
 import re
@@ -280,7 +279,8 @@ def _frame(frame: pd.DataFrame, columns: Sequence[Column]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# Rendering
+# Rendering: the shown cells as a frame, written by pandas (tabulate for Markdown, Styler for
+# LaTeX and HTML)
 # --------------------------------------------------------------------------------------------
 
 
@@ -292,10 +292,6 @@ def shown(row: pd.Series, column: Column, cfg: AggregateConfig) -> tuple[str, st
     return format_parts(row[f"{column.key} mean"], row[f"{column.key} std"], cfg, column.signed)
 
 
-def _bold(table: Table, rows: pd.DataFrame, columns: Sequence[Column], cfg: AggregateConfig) -> dict[str, set[int]]:
-    return {c.key: best_rows(rows, c, cfg) if table.bold else set() for c in columns}
-
-
 def best_rows(rows: pd.DataFrame, column: Column, cfg: AggregateConfig) -> set[int]:
     """Positions of the rows holding the column's best mean, compared as shown (ties all bold)."""
     shown = [format_parts(m, np.nan, cfg)[0] for m in rows[f"{column.key} mean"]]
@@ -304,99 +300,120 @@ def best_rows(rows: pd.DataFrame, column: Column, cfg: AggregateConfig) -> set[i
     return set() if top == -math.inf else {i for i, v in enumerate(values) if v == top}
 
 
+def _header(column: Column) -> str:
+    return f"{column.group} {column.header}" if column.group else column.header
+
+
+def display_cells(table: Table, rows: pd.DataFrame, columns: Sequence[Column], cfg: AggregateConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cells ``rows`` show, one column per value column (``"mean ± std"``, the mean alone, or
+    ``–`` when empty; positional index), and a same-shaped frame of booleans: bold (the best
+    mean per column of these rows, when the table bolds)."""
+    cells = pd.DataFrame(index=range(len(rows)), columns=[c.key for c in columns], dtype=object)
+    bold = pd.DataFrame(False, index=cells.index, columns=cells.columns)
+    for c in columns:
+        parts = [shown(row, c, cfg) for _, row in rows.iterrows()]
+        cells[c.key] = [f"{mean} ± {std}" if std else (mean or "–") for mean, std in parts]
+        for i in best_rows(rows, c, cfg) if table.bold else ():
+            bold.loc[i, c.key] = True
+    return cells, bold
+
+
 def to_markdown(table: Table, cfg: AggregateConfig) -> str:
-    """Markdown: a ``###`` heading per section when there are several, best per column in bold."""
+    """Markdown (``DataFrame.to_markdown``): a ``###`` heading per section when there are several,
+    best per column in bold, then the caption."""
     parts = []
     sections = table.sections()
     for title, rows in sections:
         present = [c for c in table.columns if rows[f"{c.key} mean"].notna().any()]
-        header = [table.row_header] + [f"{c.group} {c.header}" if c.group else c.header for c in present]
-        lines = [f"### {title}", ""] if len(sections) > 1 and title else []
-        lines.append(_md_row(header))
-        lines.append("|" + "|".join([":---"] + ["---:"] * len(present)) + "|")
-        bold = _bold(table, rows, present, cfg)
-        for i, (_, row) in enumerate(rows.iterrows()):
-            cells = [row["label"]]
-            for c in present:
-                mean, std = shown(row, c, cfg)
-                text = f"{mean} ± {std}" if std else (mean or "–")
-                cells.append(f"**{text}**" if i in bold[c.key] else text)
-            lines.append(_md_row(cells))
-        parts.append("\n".join(lines))
+        cells, bold = display_cells(table, rows, present, cfg)
+        cells = cells.where(~bold, "**" + cells + "**")
+        cells.columns = [_header(c) for c in present]
+        cells.insert(0, table.row_header, list(rows["label"]))
+        cells = cells.map(lambda v: str(v).replace("|", "\\|"))
+        text = cells.to_markdown(index=False, colalign=("left",) + ("right",) * len(present), disable_numparse=True)
+        parts.append((f"### {title}\n\n" if len(sections) > 1 and title else "") + text)
     return "\n\n".join(parts) + "\n\n" + table.caption + "\n"
 
 
-def _md_row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+def _shown_frame(table: Table, cfg: AggregateConfig) -> tuple[pd.DataFrame, pd.DataFrame, list[Column]]:
+    """One frame of every section (LaTeX and HTML): the row label then the shown cells, a title
+    row before each section when there are several (or a 'no rows' row); and its CSS per cell
+    (bold best, italic titles)."""
+    cols = [c for c in table.columns if table.frame[f"{c.key} mean"].notna().any()] or list(table.columns)
+    sections = table.sections() or [("", table.frame)]
+    frames, styles = [], []
+    for title, rows in sections:
+        if len(sections) > 1 and title or rows.empty:
+            frames.append(pd.DataFrame([[title or "no rows"] + [""] * len(cols)]))
+            styles.append(pd.DataFrame([["font-style: italic;"] + [""] * len(cols)]))
+        if rows.empty:
+            continue
+        cells, bold = display_cells(table, rows, cols, cfg)
+        cells.insert(0, "label", list(rows["label"]))
+        css = bold.map(lambda b: "font-weight: bold;" if b else "")
+        css.insert(0, "label", "")
+        frames.append(cells.set_axis(range(len(cols) + 1), axis=1))
+        styles.append(css.set_axis(range(len(cols) + 1), axis=1))
+    frame = pd.concat(frames, ignore_index=True)
+    style = pd.concat(styles, ignore_index=True)
+    headers = [(None, table.row_header)] + [(c.group, c.header) for c in cols]
+    if any(group for group, _ in headers):
+        frame.columns = style.columns = pd.MultiIndex.from_tuples([(g or "", h) for g, h in headers])
+    else:
+        frame.columns = style.columns = [h for _, h in headers]
+    return frame, style, cols
+
+
+_LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "–": "--", "−": "$-$"}
+
+
+def _latex_symbols(text: Any) -> str:
+    """Escaped ``text`` with ±, Δ and dashes as LaTeX (applied after the Styler's escaping)."""
+    text = str(text)
+    for symbol, latex in _LATEX_SYMBOLS.items():
+        text = text.replace(symbol, latex)
+    return text
 
 
 _LATEX_SPECIALS = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "±": r"$\pm$", "Δ": r"$\Delta$", "–": "--",
 }
 _LATEX_RE = re.compile("|".join(re.escape(k) for k in _LATEX_SPECIALS))
 
 
 def latex_escape(text: str) -> str:
-    """``text`` with LaTeX's special characters escaped (and ±, Δ, – as LaTeX)."""
-    return _LATEX_RE.sub(lambda m: _LATEX_SPECIALS[m.group(0)], str(text))
+    """``text`` with LaTeX's special characters escaped, for the caption (the Styler escapes the
+    cells), and ±, Δ and dashes as LaTeX."""
+    return _latex_symbols(_LATEX_RE.sub(lambda m: _LATEX_SPECIALS[m.group(0)], str(text)))
 
 
 def to_latex(table: Table, cfg: AggregateConfig) -> str:
-    """A ``table`` float with a ``booktabs`` ``tabular``: group headers as ``\\multicolumn`` with
-    ``\\cmidrule``, a ``\\midrule`` and a bold-less section row between sections, the best mean per
-    column and section in bold. Needs ``\\usepackage{booktabs}``."""
-    cols = [c for c in table.columns if table.frame[f"{c.key} mean"].notna().any()] or list(table.columns)
-    spec = "l" + "r" * len(cols)
-    lines = [
-        "% Generated by saeft (tables.to_latex); needs \\usepackage{booktabs}.",
-        "\\begin{table}[t]",
-        "\\centering",
-        "\\small",
-        f"\\begin{{tabular}}{{{spec}}}",
-        "\\toprule",
-    ]
-    groups = _groups(cols)
-    if any(g for g, _ in groups):
-        cells, rules, start = [""], [], 2
-        for group, n in groups:
-            cells.append(f"\\multicolumn{{{n}}}{{c}}{{{latex_escape(group)}}}" if group else " & ".join([""] * n).strip())
-            if group:
-                rules.append(f"\\cmidrule(lr){{{start}-{start + n - 1}}}")
-            start += n
-        lines.append(" & ".join(cells) + " \\\\")
-        lines.append(" ".join(rules))
-    lines.append(" & ".join([latex_escape(table.row_header)] + [latex_escape(c.header) for c in cols]) + " \\\\")
-    lines.append("\\midrule")
-    sections = table.sections()
-    for k, (title, rows) in enumerate(sections):
-        if len(sections) > 1 and title:
-            if k:
-                lines.append("\\midrule")
-            lines.append(f"\\multicolumn{{{len(cols) + 1}}}{{l}}{{\\emph{{{latex_escape(title)}}}}} \\\\")
-        bold = _bold(table, rows, cols, cfg)
-        for i, (_, row) in enumerate(rows.iterrows()):
-            cells = [latex_escape(row["label"])]
-            for c in cols:
-                mean, std = shown(row, c, cfg)
-                if not mean:
-                    cells.append("--")
-                    continue
-                mean = latex_escape(mean)
-                text = f"\\textbf{{{mean}}}" if i in bold[c.key] else mean
-                cells.append(text + (f" {{\\scriptsize $\\pm$ {std}}}" if std else ""))
-            lines.append(" & ".join(cells) + " \\\\")
-    if table.frame.empty:
-        lines.append(f"\\multicolumn{{{len(cols) + 1}}}{{c}}{{\\emph{{no rows}}}} \\\\")
-    lines += [
-        "\\bottomrule",
-        "\\end{tabular}",
-        f"\\caption{{{latex_escape(table.caption)}}}",
-        f"\\label{{tab:{table.name}}}",
-        "\\end{table}",
-    ]
-    return "\n".join(lines) + "\n"
+    """A ``table`` float with a ``booktabs`` ``tabular`` (``Styler.to_latex``): group headers as
+    ``\\multicolumn`` with a ``\\cmidrule`` under each, an italic title row per section when
+    there are several, the best mean per column and section in bold. Needs
+    ``\\usepackage{booktabs}``."""
+    frame, style, cols = _shown_frame(table, cfg)
+    styler = (
+        frame.style.hide(axis="index")
+        .format(escape="latex", formatter=_latex_symbols)
+        .format_index(escape="latex", formatter=_latex_symbols, axis="columns")
+        .apply(lambda _: style, axis=None)
+    )
+    tex = styler.to_latex(
+        hrules=True, environment="table", position="t", position_float="centering", label=f"tab:{table.name}",
+        caption=latex_escape(table.caption), column_format="l" + "r" * len(cols), multicol_align="c", convert_css=True,
+    )
+    rules, start = [], 2
+    for group, n in _groups(cols):
+        if group:
+            rules.append(f"\\cmidrule(lr){{{start}-{start + n - 1}}}")
+        start += n
+    if rules:  # booktabs rules under the group headers (Styler draws none)
+        lines = tex.splitlines()
+        at = next(i for i, line in enumerate(lines) if "\\multicolumn" in line) + 1
+        tex = "\n".join([*lines[:at], " ".join(rules), *lines[at:]]) + "\n"
+    return "% Generated by saeft (tables.to_latex); needs \\usepackage{booktabs}.\n" + tex
 
 
 def _groups(cols: Sequence[Column]) -> list[tuple[str | None, int]]:
@@ -411,30 +428,19 @@ def _groups(cols: Sequence[Column]) -> list[tuple[str | None, int]]:
 
 
 def to_html(table: Table, cfg: AggregateConfig) -> str:
-    """A standalone HTML page (the Snakemake report's view of the table)."""
-    body = []
-    for title, rows in table.sections():
-        present = [c for c in table.columns if rows[f"{c.key} mean"].notna().any()]
-        if title:
-            body.append(f"<h3>{html.escape(title)}</h3>")
-        head = "".join(f"<th>{html.escape(f'{c.group} {c.header}' if c.group else c.header)}</th>" for c in present)
-        body.append(f"<table><thead><tr><th>{html.escape(table.row_header)}</th>{head}</tr></thead><tbody>")
-        bold = _bold(table, rows, present, cfg)
-        for i, (_, row) in enumerate(rows.iterrows()):
-            cells = []
-            for c in present:
-                mean, std = shown(row, c, cfg)
-                text = html.escape(f"{mean} ± {std}" if std else (mean or "–"))
-                cells.append(f"<td><b>{text}</b></td>" if i in bold[c.key] else f"<td>{text}</td>")
-            body.append(f"<tr><th>{html.escape(str(row['label']))}</th>{''.join(cells)}</tr>")
-        body.append("</tbody></table>")
-    style = (
-        "body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
-        "th,td{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}"
-        "th:first-child{text-align:left}thead th{border-bottom:2px solid #333}"
+    """A standalone HTML page (``Styler.to_html``; the Snakemake report's view of the table)."""
+    frame, style, _ = _shown_frame(table, cfg)
+    styler = (
+        frame.style.hide(axis="index")
+        .format(escape="html")
+        .format_index(escape="html", axis="columns")
+        .apply(lambda _: style, axis=None)
+        .set_caption(table.caption)
+        .set_table_styles([
+            {"selector": "", "props": "border-collapse: collapse; margin: 0.5em 0 1.5em; font-family: sans-serif; font-size: 14px;"},
+            {"selector": "th, td", "props": "padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right;"},
+            {"selector": "td.col0, th.col0", "props": "text-align: left;"},
+            {"selector": "caption", "props": "caption-side: bottom; text-align: left;"},
+        ])
     )
-    return (
-        f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(table.name)}</title>"
-        f"<style>{style}</style></head><body>\n" + "\n".join(body)
-        + f"\n<p>{html.escape(table.caption)}</p>\n</body></html>\n"
-    )
+    return styler.to_html(doctype_html=True, encoding="utf-8")

@@ -120,37 +120,32 @@ def _cell(mean: float, std: float, scale: float = 1.0, decimals: int = 2) -> str
 
 
 def to_markdown(summary: pd.DataFrame, top: pd.DataFrame, cfg: AggregateConfig) -> str:
-    """The summary as Markdown, one table per (model, dataset), then the most changed features."""
+    """The summary as Markdown (``DataFrame.to_markdown``), one table per (model, dataset), then
+    the most changed features."""
     parts = []
     several = summary[["model", "dataset"]].drop_duplicates().shape[0] > 1
+    scale = cfg.scale_and_unit()[0]
     for (model, dataset), sec in summary.groupby(["model", "dataset"], sort=False):
         if several:
             parts += [f"### {model} / {dataset}", ""]
-        header = ["Method"] + [f"{MEASURES[m]} {r}" for m in SUMMARY_MEASURES for r in ("ID", "OOD")] + ["acc ID", "acc OOD"]
-        parts.append("| " + " | ".join(header) + " |")
-        parts.append("|:---|" + "---:|" * (len(header) - 1))
-        for _, row in sec.iterrows():
-            cells = [row["label"]]
-            for m in SUMMARY_MEASURES:
-                for r in ("ID", "OOD"):
-                    cells.append(_cell(row[f"{m} {r} mean"], row[f"{m} {r} std"]))
-            scale = cfg.scale_and_unit()[0]
+        shown = pd.DataFrame({"Method": list(sec["label"])})
+        for m in SUMMARY_MEASURES:
             for r in ("ID", "OOD"):
-                cells.append(_cell(row[f"value {r} mean"], row[f"value {r} std"], scale, cfg.decimals))
-            parts.append("| " + " | ".join(cells) + " |")
-        parts.append("")
+                shown[f"{MEASURES[m]} {r}"] = [_cell(a, b) for a, b in zip(sec[f"{m} {r} mean"], sec[f"{m} {r} std"])]
+        for r in ("ID", "OOD"):
+            shown[f"acc {r}"] = [_cell(a, b, scale, cfg.decimals) for a, b in zip(sec[f"value {r} mean"], sec[f"value {r} std"])]
+        parts += [_markdown(shown, ("left",) + ("right",) * (shown.shape[1] - 1)), ""]
         sub = top[(top["model"] == model) & (top["dataset"] == dataset)]
         if len(sub):
             parts += ["Most often changed features (share of images, pooled over seeds and eval sets):", ""]
-            parts += ["| Method | role | added | removed |", "|:---|:---|:---|:---|"]
-            for (method, role), rows in sub.groupby(["method", "role"], sort=False):
-                lists = {
-                    d: ", ".join(f"{int(r.feature)} ({r.fraction:.0%})" for r in rows[rows["direction"] == d].itertuples())
-                    or "–"
+            changed = [
+                {"Method": cfg.label(method), "role": role.upper(), **{
+                    d: ", ".join(f"{int(r.feature)} ({r.fraction:.0%})" for r in rows[rows["direction"] == d].itertuples()) or "–"
                     for d in ("added", "removed")
-                }
-                parts.append(f"| {cfg.label(method)} | {role.upper()} | {lists['added']} | {lists['removed']} |")
-            parts.append("")
+                }}
+                for (method, role), rows in sub.groupby(["method", "role"], sort=False)
+            ]
+            parts += [_markdown(pd.DataFrame(changed), ("left",) * 4), ""]
     note = (
         "Per image, features added (active after fine-tuning only) and removed (active zero-shot "
         "only) under the zero-shot SAE; CKA (linear) between zero-shot and fine-tuned embeddings; "
@@ -160,6 +155,11 @@ def to_markdown(summary: pd.DataFrame, top: pd.DataFrame, cfg: AggregateConfig) 
         "ID: the ID eval set; OOD: the mean over the shifts; mean ± std over seeds."
     )
     return "\n".join(parts) + "\n" + note + "\n"
+
+
+def _markdown(frame: pd.DataFrame, align: Sequence[str]) -> str:
+    """``frame`` as a Markdown pipe table, cells as given (no number parsing)."""
+    return frame.map(lambda v: str(v).replace("|", "\\|")).to_markdown(index=False, colalign=tuple(align), disable_numparse=True)
 
 
 def top_changed(image_tables: Sequence[tuple[dict[str, Any], pd.DataFrame]], roles: dict[tuple[str, str], str], top: int) -> pd.DataFrame:
