@@ -75,7 +75,7 @@ def test_dead_after_zero_means_one_epoch_of_the_training_data():
     assert Trainer("b", SAETrainConfig(expansion=2, k=2, dead_after=50), 8, total_steps=10, n_train=1234).dead_after == 50
     with pytest.raises(ConfigError, match="sae.data"):
         SAETrainConfig(data="test")
-    with pytest.raises(ConfigError, match=r"sae.sweep\[0\].data"):
+    with pytest.raises(ConfigError, match=r"sae.sweep.0.data: unknown key"):
         sweep_configs({"sweep": [{"name": "x", "data": "pretrain"}]})
 
 

@@ -248,8 +248,8 @@ def test_sweep_writes_one_sae_per_entry(tmp_path, caches):
 
 @pytest.mark.parametrize(
     "entry, key",
-    [({"k": 2}, r"sae\.sweep\[0\]\.name"), ({"name": "A b"}, r"sae\.sweep\[0\]\.name"),
-     ({"name": "a", "k": 0}, r"sae\.sweep\[0\]\.k")],
+    [({"k": 2}, r"sae\.sweep\.0\.name"), ({"name": "A b"}, r"sae\.sweep\.0\.name"),
+     ({"name": "a", "k": 0}, r"sae\.sweep\.0\.k")],
 )
 def test_sweep_entries_are_validated(entry, key):
     with pytest.raises(ConfigError, match=key):

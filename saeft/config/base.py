@@ -202,6 +202,10 @@ def _error_key(error: Any, where: str) -> str:
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         key = extra[0] if len(extra) == 1 else "{" + ",".join(extra) + "}"
         return f"{path}.{key}" if path and not path.endswith(".") else path + key
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        key = missing[0] if len(missing) == 1 else "{" + ",".join(missing) + "}"
+        return f"{path}.{key}" if path and not path.endswith(".") else path + key
     return path.rstrip(".") or "(top level)"
 
 
@@ -222,6 +226,8 @@ def _error_reason(error: Any) -> str:
     bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
     if kind in bounds:
         return f"must be {bounds[kind]} {error.validator_value}, {got}"
+    if kind == "required":
+        return "missing (required)"
     if kind == "minItems":
         return f"must list at least {error.validator_value} item(s), {got}"
     return error.message
