@@ -31,10 +31,10 @@ TINY = ROOT / "tests" / "data" / "tiny_study.yaml"
 
 def stand_in_config(folder: Path) -> Path:
     """The default study at paper scale: every trained method x 3 seeds, WiSE-FT of each on a grid."""
-    from saeft.finetune import METHOD_PARAMS
+    from saeft.methods import trained_methods
 
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    methods = list(METHOD_PARAMS)
+    methods = list(trained_methods())
     config["study"] = "paper_scale_standin"
     config["seeds"] = [0, 1, 2]
     config["methods"] = {m: {} for m in methods}
@@ -77,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="saeft-dag-") as tmp:
         tmp = Path(tmp)
-        configs = [(c, str(c.relative_to(ROOT) if c.resolve().is_relative_to(ROOT) else c)) for c in args.configs if c.is_file()]
+        configs = [(c.resolve(), str(c.resolve().relative_to(ROOT) if c.resolve().is_relative_to(ROOT) else c))
+                   for c in args.configs if c.is_file()]
         missing = [c.name for c in args.configs if not c.is_file()]
         if missing:
             configs.append((stand_in_config(tmp), f"{', '.join(missing)} missing -> stand-in (default study, "

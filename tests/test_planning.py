@@ -1,0 +1,179 @@
+"""Planning the workflow: thin rules, no heavy import while Snakemake builds the DAG, and typed
+nested overrides from the command line (``--config "finetune={lr: 0.005}"``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RULE_FILES = [ROOT / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]
+MAX_RULE_LINES = 15
+HEAVY = ("torch", "pandas", "matplotlib")
+
+
+def rule_lengths() -> dict[str, int]:
+    """Every rule's length in lines: from its ``rule`` line to its last indented non-empty line."""
+    lengths = {}
+    for path in RULE_FILES:
+        lines = path.read_text().splitlines()
+        for start, line in enumerate(lines):
+            match = re.match(r"(\s*)rule (\w+):", line)
+            if not match:
+                continue
+            end = start
+            for number in range(start + 1, len(lines)):
+                text = lines[number]
+                if text.strip() and len(text) - len(text.lstrip()) <= len(match[1]):
+                    break
+                if text.strip():
+                    end = number
+            lengths[f"{path.name}:{match[2]}"] = end - start + 1
+    return lengths
+
+
+def test_every_rule_is_at_most_15_lines():
+    lengths = rule_lengths()
+    assert {"finetune", "evaluate_model", "aggregate_tables", "all"} <= {name.split(":")[1] for name in lengths}
+    thick = {rule: n for rule, n in lengths.items() if n > MAX_RULE_LINES}
+    assert not thick, f"rules over {MAX_RULE_LINES} lines: {thick}"
+
+
+def test_rules_take_flags_from_named_functions_and_methods_from_the_registry():
+    text = "\n".join(path.read_text() for path in RULE_FILES)
+    assert "lambda" not in text  # a named function per rule builds its flags (job_args)
+    # Method sets come from the registry (get_method(m).needs, .trained), run ids from saeft.runs.
+    assert not re.search(r"""["'](sae_sparse|sae_add|feat_mse|feat_l1|l2sp|ldifs|flyp|lpft)["']""", text)
+    assert ".partition(\"/alpha\")" not in text and ".partition(\"/seed\")" not in text
+
+
+# Runs Snakemake in this process with __import__ watched: an import of a heavy module made (even
+# when already loaded, e.g. pandas by Snakemake's SLURM plugin) while a frame of the workflow or
+# of saeft is the nearest importer outside importlib and third-party code is a planning import of
+# ours. Snakemake's own imports (its plugins, its validate) are not.
+DRIVER = r"""
+import builtins, json, os, sys
+root, heavy, hits = sys.argv[1], tuple(sys.argv[2].split(",")), []
+ours = (os.path.join(root, "saeft") + os.sep, os.path.join(root, "workflow") + os.sep, os.path.join(root, "Snakefile"))
+real_import = builtins.__import__
+
+def watched(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and name.partition(".")[0] in heavy:
+        frame = sys._getframe(1)
+        while frame is not None:
+            path = frame.f_code.co_filename
+            if f"{os.sep}snakemake" in path and not path.startswith(ours):
+                break
+            if path.startswith(ours):
+                hits.append(f"{name} from {path}:{frame.f_lineno}")
+                break
+            frame = frame.f_back
+    return real_import(name, globals, locals, fromlist, level)
+
+builtins.__import__ = watched
+from snakemake.cli import main
+try:
+    main(sys.argv[3:])
+except SystemExit as exit:
+    code = exit.code
+print("PLANNING " + json.dumps({"code": code, "hits": hits, "loaded": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def plan(tmp_path: Path, *args: str, snakefile: Path = ROOT / "Snakefile", importtime: bool = False) -> dict:
+    """``snakemake -n`` of ``args`` under the import watch (and ``-X importtime``): its exit code,
+    the heavy imports of ours, the heavy modules loaded at the end, and the output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", DRIVER, str(ROOT), ",".join(HEAVY),
+               "-n", "-p", "--cores", "1", "-s", str(snakefile), "-d", str(tmp_path / "work"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    found = re.search(r"^PLANNING (.*)$", result.stdout, re.M)
+    assert found, f"the driver did not finish:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return {**json.loads(found[1]), "output": result.stdout + result.stderr, "stderr": result.stderr}
+
+
+def imported_by(importtime: str, module: str) -> list[str]:
+    """The chain of modules whose import first loaded ``module`` (``-X importtime`` output)."""
+    entries = []
+    for line in importtime.splitlines():
+        if line.startswith("import time:") and "self [us]" not in line:
+            name = line.split("|", 2)[2]
+            entries.append((len(name) - len(name.lstrip()), name.strip()))
+    for i, (depth, name) in enumerate(entries):
+        if name == module:
+            chain = [name]
+            for outer_depth, outer in entries[i + 1:]:  # parents are printed after their children
+                if outer_depth < depth:
+                    chain.append(outer)
+                    depth = outer_depth
+            return chain
+    return []
+
+
+@pytest.mark.parametrize("args", [(), ("--configfile", "workflow/configs/paper_vitb16.yaml", "--config", "data_root=/nonexistent")],
+                         ids=["default", "paper_vitb16"])
+def test_planning_imports_no_torch_pandas_or_matplotlib(tmp_path, args):
+    result = plan(tmp_path, *args, importtime=True)
+    assert result["code"] == 0, result["output"][-3000:]
+    assert re.search(r"^total\s+\d+$", result["output"], re.M)
+    assert result["hits"] == [], f"planning imports heavy modules: {result['hits']}"
+    # torch and matplotlib are not loaded at all; pandas only by Snakemake itself (its SLURM
+    # executor plugin, loaded with every installed plugin at start).
+    assert "torch" not in result["loaded"] and "matplotlib" not in result["loaded"]
+    for module in HEAVY:
+        chain = imported_by(result["stderr"], module)
+        assert not any(name.startswith("saeft") for name in chain), f"{module} imported by {' <- '.join(chain)}"
+
+
+def test_the_import_watch_sees_a_heavy_import_of_saeft(tmp_path):
+    snakefile = tmp_path / "Snakefile"
+    snakefile.write_text("import saeft.aggregate\n\n\nrule all:\n    shell:\n        'true'\n")
+    result = plan(tmp_path, snakefile=snakefile)
+    assert result["code"] == 0, result["output"][-3000:]
+    assert any(hit.startswith(("pandas", "matplotlib")) for hit in result["hits"]), result["hits"]
+
+
+def finetune_configs(output: str) -> dict[str, dict]:
+    """The --config JSON of each planned finetune job, by method (one seed's)."""
+    configs = {}
+    for match in re.finditer(r"saeft finetune .*?--config '([^']*)'", output):
+        cfg = json.loads(match[1])
+        configs[cfg["method"]] = cfg
+    return configs
+
+
+def test_nested_overrides_are_typed_and_merged_into_the_study(tmp_path):
+    result = plan(tmp_path, "--config", "finetune={lr: 0.005, epochs: 2}", "methods={saeft: {lambda: 5}}", "seeds=[0]")
+    assert result["code"] == 0, result["output"][-3000:]
+    configs = finetune_configs(result["output"])
+    # Typed: numbers, not the strings Snakemake reads nested values as.
+    assert configs["ft"]["lr"] == 0.005 and configs["ft"]["epochs"] == 2 and configs["ft"]["seed"] == 0
+    assert configs["saeft"]["method_params"]["lambda"] == 5
+    # Merged key by key into config.yaml: its other finetune keys, saeft's other parameters and
+    # the methods the override does not name (ft, wiseft) stay.
+    assert configs["ft"]["batch_size"] == 32 and configs["saeft"]["method_params"]["lambda_add"] == 10
+    assert "/alpha0.5/" in result["output"]
+
+
+def test_nested_override_of_a_configfile_study(tmp_path):
+    result = plan(tmp_path, "--configfile", "workflow/configs/fashion_mnist.yaml", "--config", "finetune={lr: 0.005}")
+    assert result["code"] == 0, result["output"][-3000:]
+    configs = finetune_configs(result["output"])
+    assert configs and all(cfg["lr"] == 0.005 for cfg in configs.values())
+
+
+@pytest.mark.parametrize("override, key", [("finetune={lr: fast}", "finetune.lr"),
+                                           ("methods={saeft: {lambda: big}}", "methods.saeft.lambda"),
+                                           ("finetune={lrr: 0.1}", "finetune.lrr")])
+def test_a_bad_nested_override_fails_naming_its_key(tmp_path, override, key):
+    result = plan(tmp_path, "--config", override)
+    assert result["code"] != 0
+    assert re.search(rf"ConfigError.*\n{re.escape(key)}:", result["output"]), result["output"][-3000:]
+    assert not (tmp_path / "work" / "results").exists()
