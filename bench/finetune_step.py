@@ -52,8 +52,11 @@ def child(method: str, teacher: str, batch: int, steps: int, warmup: int, device
     import torch
 
     from saeft import finetune
-    from saeft.data.synthetic import CLASSNAMES, PROMPT_TEMPLATES
-    from saeft.models import ImageClassifier, create_clip, tokenizer_for
+    from saeft.data.registry import get_dataset
+    from saeft.data.synthetic import CLASSNAMES
+    from saeft.loss import Towers, build_context, method_loss
+    from saeft.methods import get_method
+    from saeft.models import ImageClassifier, create_clip
     from saeft.sae import TopKSAE
     from saeft.training import setup_torch, warmup_cosine
 
@@ -73,19 +76,18 @@ def child(method: str, teacher: str, batch: int, steps: int, warmup: int, device
     model = ImageClassifier(clip.visual, head)
     params = {"lp_epochs": 1} if method == "lpft" else {}
     cfg = finetune.FinetuneConfig(method=method, method_params=params, teacher="live" if teacher == "live" else "auto")
+    hooks = get_method(method)
     trained: torch.nn.Module = model
-    if method == "flyp":
-        tokens = tokenizer_for(ARCH)([t.replace("{c}", c) for c in CLASSNAMES for t in PROMPT_TEMPLATES]).to(device)
-        trained = finetune.FlypModel(clip, tokens, n_classes)
-        clip.logit_scale.requires_grad_(False)
+    if hooks.build_trained is not None:  # e.g. flyp's two towers, with the synthetic world's class prompts
+        trained = hooks.build_trained(Towers(clip=clip, arch=ARCH, classifier=model, spec=get_dataset("shapes"))).to(device)
     d = clip.visual.output_dim
-    sae = TopKSAE(d, 4 * d, 32, generator=torch.Generator().manual_seed(0)).to(device) if method in finetune.SAE_METHODS else None
-    ctx = finetune.build_context(cfg, trained, model.visual, sae, live_teacher=teacher == "live")
+    sae = TopKSAE(d, 4 * d, 32, generator=torch.Generator().manual_seed(0)).to(device) if "sae" in hooks.needs else None
+    ctx = build_context(cfg, trained, model.visual, sae, live_teacher=teacher == "live")
     f_0 = None
     if teacher == "cache":  # the rows a teacher-cache lookup returns: precomputed, no encoder pass
         with torch.no_grad():
             f_0 = model.visual.eval()(images).clone()
-    finetune._set_phase(cfg, trained, model.visual, epoch=0)
+    finetune.set_phase(cfg, trained, model.visual, epoch=0)
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.1)
     scheduler = warmup_cosine(optimizer, 5, warmup + steps)
 
@@ -94,7 +96,7 @@ def child(method: str, teacher: str, batch: int, steps: int, warmup: int, device
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss, _ = finetune.method_loss(ctx, images, labels, f_0)
+        loss, _ = method_loss(ctx, images, labels, f_0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)

@@ -31,10 +31,10 @@ from saeft.config import StageConfig, require
 from saeft.config.stages import EvaluateConfig
 from saeft.data.registry import DatasetSpec, get_dataset
 from saeft.faults import maybe_kill
-from saeft.finetune import interpolate_weights
 from saeft.io import load_tensors, write_json
 from saeft.models import ImageClassifier, classifier_from_zeroshot, load_classifier, preprocess_for
 from saeft.training import Progress, setup_torch
+from saeft.weights import interpolate_weights
 
 logger = logging.getLogger(__name__)
 

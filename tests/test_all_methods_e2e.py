@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from saeft.finetune import METHOD_PARAMS
+from saeft.methods import trained_methods
 from test_workflow import snakemake
 
 pytestmark = pytest.mark.slow
@@ -23,9 +23,9 @@ def test_every_method_gets_a_table_row(tmp_path):
     snakemake(tmp_path, "--cores", "2")
     results = tmp_path / "results" / "allmethods"
     summary = pd.read_csv(results / "tables" / "shifts.csv")
-    assert set(summary["method"]) == {"zeroshot", "wiseft", *METHOD_PARAMS}
+    assert set(summary["method"]) == {"zeroshot", "wiseft", *trained_methods()}
     metrics = pd.read_parquet(results / "tables" / "metrics.parquet")
-    assert len(metrics) == (2 + len(METHOD_PARAMS)) * 5  # five evaluation splits each
+    assert len(metrics) == (2 + len(trained_methods())) * 5  # five evaluation splits each
     # The per-dataset override reached the job; the views cache fed the SAE methods.
     train = json.loads((results / "finetune" / "saeft-tiny-rn" / "shapes" / "saeft" / "seed0" / "train.json").read_text())
     assert train["config"]["method_params"]["lambda"] == 20 and train["teacher"] == "cache"

@@ -15,6 +15,10 @@ import yaml
 from torch import nn
 
 from saeft import cache, finetune
+from saeft.distributed import sync_batchnorm_for, without_sync_batchnorm
+from saeft.loss import build_context, method_loss
+from saeft.methods import needing, trained_methods
+from saeft.methods.flyp_towers import FlypModel
 from saeft.config import ConfigError
 from saeft.data.registry import get_dataset
 from saeft.io import load_tensors
@@ -72,7 +76,7 @@ def _trained_module(zero_shot_clip, head_file, method):
     spec = get_dataset("shapes")
     tokens = tokenizer_for(arch)([prompt for c in spec.classnames for prompt in spec.prompts(c)])
     clip.logit_scale.requires_grad_(False)
-    return finetune.FlypModel(clip, tokens, len(spec.classnames)), model
+    return FlypModel(clip, tokens, len(spec.classnames)), model
 
 
 def _statistics(module):
@@ -93,13 +97,13 @@ class _Embeddings:
 def _prepare(method, zero_shot_clip, head_file, sae, batchnorm, live_teacher=True):
     cfg = finetune.FinetuneConfig(method=method, batchnorm=batchnorm)
     trained, model = _trained_module(zero_shot_clip, head_file, method)
-    ctx = finetune.build_context(cfg, trained, model.visual, sae if method in finetune.SAE_METHODS else None, live_teacher)
+    ctx = build_context(cfg, trained, model.visual, sae if method in needing("sae") else None, live_teacher)
     return cfg, trained, model, ctx
 
 
 def _assert_zero_penalty(method, terms, f_theta, f_0, sae):
     penalties = {key: float(value) for key, value in terms.items() if key.startswith("reg_")}
-    if method in finetune.SAE_METHODS:
+    if method in needing("sae"):
         assert {"reg_add", "reg_remove", "reg_l1", "reg_align", "reg_total"} <= set(penalties)
         # The method's own weights zero some terms; unit weights check every term itself.
         unit = sae_penalty(f_theta, f_0, sae, lambda_add=1.0, lambda_remove=1.0, lambda_l1=1.0, mu=1.0)
@@ -112,7 +116,7 @@ def _assert_zero_penalty(method, terms, f_theta, f_0, sae):
     assert float(terms["loss"]) == pytest.approx(float(terms["ce"]), rel=1e-5)
 
 
-@pytest.mark.parametrize("method", list(finetune.METHOD_PARAMS))
+@pytest.mark.parametrize("method", trained_methods())
 def test_frozen_batchnorm_the_step_0_embedding_is_the_teachers(method, zero_shot_clip, head_file, batch, sae):
     images, labels, cached_f0 = batch
     cfg, trained, model, ctx = _prepare(method, zero_shot_clip, head_file, sae, "frozen")
@@ -121,9 +125,9 @@ def test_frozen_batchnorm_the_step_0_embedding_is_the_teachers(method, zero_shot
     assert len(before) == 3 * len(finetune.batchnorm_modules(model.visual)) > 0
     embeddings = _Embeddings(model.visual)
 
-    finetune._set_phase(cfg, trained, model.visual, epoch=0)
+    finetune.set_phase(cfg, trained, model.visual, epoch=0)
     assert trained.training and not any(norm.training for norm in finetune.batchnorm_modules(trained))
-    loss, terms = finetune.method_loss(ctx, images, labels)  # the live teacher where the method has one
+    loss, terms = method_loss(ctx, images, labels)  # the live teacher where the method has one
     f_theta = embeddings.seen[-1]
     with torch.no_grad():
         live_f0 = zero_shot(images)
@@ -132,9 +136,9 @@ def test_frozen_batchnorm_the_step_0_embedding_is_the_teachers(method, zero_shot
         if ctx.teacher is not None:
             torch.testing.assert_close(f_theta, ctx.teacher(images), atol=ATOL, rtol=0)
     _assert_zero_penalty(method, terms, f_theta, live_f0, sae)
-    if method in finetune.TEACHER_METHODS:  # the same batch with f_0 from the teacher cache
-        cached_ctx = finetune.build_context(cfg, trained, model.visual, ctx.sae, live_teacher=False)
-        _, cached_terms = finetune.method_loss(cached_ctx, images, labels, cached_f0)
+    if method in needing("teacher"):  # the same batch with f_0 from the teacher cache
+        cached_ctx = build_context(cfg, trained, model.visual, ctx.sae, live_teacher=False)
+        _, cached_terms = method_loss(cached_ctx, images, labels, cached_f0)
         torch.testing.assert_close(embeddings.seen[-1], cached_f0, atol=ATOL, rtol=0)
         _assert_zero_penalty(method, cached_terms, embeddings.seen[-1], cached_f0, sae)
 
@@ -162,8 +166,8 @@ def test_train_batchnorm_moves_statistics_and_embedding(method, zero_shot_clip, 
     cfg, trained, model, ctx = _prepare(method, zero_shot_clip, head_file, sae, "train")
     before = _statistics(trained)
     embeddings = _Embeddings(model.visual)
-    finetune._set_phase(cfg, trained, model.visual, epoch=0)
-    _, terms = finetune.method_loss(ctx, images, labels)
+    finetune.set_phase(cfg, trained, model.visual, epoch=0)
+    _, terms = method_loss(ctx, images, labels)
     after = _statistics(trained)
     gap = float((embeddings.seen[-1] - cached_f0).abs().max())
     if method == "lp":  # probing keeps the whole encoder in eval mode whatever batchnorm says
@@ -198,11 +202,11 @@ def test_sync_batchnorm_only_for_trained_statistics():
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     frozen, train = finetune.FinetuneConfig(), finetune.FinetuneConfig(batchnorm="train")
     assert frozen.batchnorm == "frozen"
-    assert not synced(finetune.sync_batchnorm_for(frozen, net(), 2, gpu))
-    assert not synced(finetune.sync_batchnorm_for(train, net(), 1, gpu))
-    assert not synced(finetune.sync_batchnorm_for(train, net(), 2, cpu))
-    converted = finetune.sync_batchnorm_for(train, net(), 2, gpu)
-    assert synced(converted) and not synced(finetune._without_sync_batchnorm(converted))
+    assert not synced(sync_batchnorm_for(frozen, net(), 2, gpu))
+    assert not synced(sync_batchnorm_for(train, net(), 1, gpu))
+    assert not synced(sync_batchnorm_for(train, net(), 2, cpu))
+    converted = sync_batchnorm_for(train, net(), 2, gpu)
+    assert synced(converted) and not synced(without_sync_batchnorm(converted))
 
 
 def test_bad_batchnorm_names_the_key():

@@ -81,7 +81,7 @@ def test_two_processes_match_one_on_the_same_global_batch(vit, tmp_path, tiny_wo
 
 
 def test_rank_share_splits_each_global_batch_in_order():
-    from saeft.finetune import RankShare
+    from saeft.distributed import RankShare
 
     batches = [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9]]
     shares = [list(RankShare(batches, rank, 2)) for rank in range(2)]
@@ -92,7 +92,7 @@ def test_rank_share_splits_each_global_batch_in_order():
 def test_sync_batchnorm_is_undone_with_its_state_before_saving():
     from torch import nn
 
-    from saeft.finetune import _without_sync_batchnorm
+    from saeft.distributed import without_sync_batchnorm
 
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
@@ -100,7 +100,7 @@ def test_sync_batchnorm_is_undone_with_its_state_before_saving():
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(plain)
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 2
     state = {k: v.clone() for k, v in synced.state_dict().items()}
-    restored = _without_sync_batchnorm(synced)
+    restored = without_sync_batchnorm(synced)
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in restored.modules())
     assert sum(type(m) is nn.BatchNorm2d for m in restored.modules()) == 2
     assert all(torch.equal(state[k], v) for k, v in restored.state_dict().items())

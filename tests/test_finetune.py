@@ -11,6 +11,7 @@ from saeft.io import load_tensors
 from saeft.sae import SAETrainConfig
 from saeft.sae import run as train_sae
 from saeft.training import CHECKPOINT_NAME
+from saeft.weights import interpolate_weights
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +95,10 @@ def test_method_params_are_validated():
 def test_interpolate_weights():
     a = {"w": torch.zeros(3), "n": torch.tensor(1)}
     b = {"w": torch.ones(3) * 2, "n": torch.tensor(5)}
-    mixed = finetune.interpolate_weights(a, b, 0.25)
+    mixed = interpolate_weights(a, b, 0.25)
     assert torch.allclose(mixed["w"], torch.full((3,), 0.5)) and mixed["n"].item() == 5
-    assert torch.equal(finetune.interpolate_weights(a, b, 0.0)["w"], a["w"])
+    assert torch.equal(interpolate_weights(a, b, 0.0)["w"], a["w"])
     with pytest.raises(ValueError, match="alpha"):
-        finetune.interpolate_weights(a, b, 1.5)
+        interpolate_weights(a, b, 1.5)
     with pytest.raises(ValueError, match="differ in keys"):
-        finetune.interpolate_weights(a, {"w": b["w"]}, 0.5)
+        interpolate_weights(a, {"w": b["w"]}, 0.5)

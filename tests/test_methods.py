@@ -11,6 +11,11 @@ import torch
 from torch import nn
 
 from saeft import cache, evaluate, finetune
+from saeft.loss import Context, build_context, method_loss
+from saeft.methods.features import feature_l1, feature_mse
+from saeft.methods.flyp import flyp_loss
+from saeft.methods.l2sp import l2sp_penalty
+from saeft.methods.ldifs import ldifs_distance
 from saeft.config import ConfigError
 from saeft.data.registry import get_dataset
 from saeft.io import load_tensors
@@ -24,14 +29,14 @@ def test_feature_losses_by_hand():
     f = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
     f0 = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     # differences 1, 2, -1, -2: squares 1+4+1+4 = 10, abs 1+2+1+2 = 6, over 4 entries
-    assert finetune.feature_mse(f, f0).item() == pytest.approx(10 / 4)
-    assert finetune.feature_l1(f, f0).item() == pytest.approx(6 / 4)
+    assert feature_mse(f, f0).item() == pytest.approx(10 / 4)
+    assert feature_l1(f, f0).item() == pytest.approx(6 / 4)
 
 
 def test_l2sp_by_hand():
     params = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
     anchors = [torch.tensor([0.0, 0.0]), torch.tensor([[1.0]])]
-    assert finetune.l2sp_penalty(params, anchors).item() == pytest.approx(1 + 4 + 4)
+    assert l2sp_penalty(params, anchors).item() == pytest.approx(1 + 4 + 4)
 
 
 def test_ldifs_by_hand():
@@ -42,9 +47,9 @@ def test_ldifs_by_hand():
     expected_map = sum(per_token) / 2
     # A (B=1, L=1, D=2) transformer tap: features on the last dimension.
     c, d = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 5.0]]])
-    got = finetune.ldifs_distance([a, c], [b, d]).item()
+    got = ldifs_distance([a, c], [b, d]).item()
     assert got == pytest.approx((expected_map + 2.0) / 2)
-    assert finetune.ldifs_distance([a], [a]).item() == pytest.approx(0.0, abs=1e-7)
+    assert ldifs_distance([a], [a]).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_flyp_loss_by_hand():
@@ -57,7 +62,7 @@ def test_flyp_loss_by_hand():
     ce_img = (-math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(s))) * 2) / 2
     # class prompt of image i -> images: text[y_i] vs each image, target i
     ce_txt = (-math.log(math.exp(2) / (math.exp(2) + 1)) * 2) / 2
-    assert finetune.flyp_loss(image, text, labels, scale).item() == pytest.approx(0.5 * (ce_img + ce_txt), rel=1e-6)
+    assert flyp_loss(image, text, labels, scale).item() == pytest.approx(0.5 * (ce_img + ce_txt), rel=1e-6)
 
 
 class _Toy(nn.Module):
@@ -80,8 +85,8 @@ def test_method_loss_is_ce_plus_lambda_r(method):
     f_0 = x  # the teacher is the identity map
     sae = TopKSAE(2, 4, 2, generator=torch.Generator().manual_seed(0))
     cfg = finetune.FinetuneConfig(method=method, method_params={"lambda": 3.0})
-    ctx = finetune.Context(cfg=cfg, model=model, sae=sae)
-    loss, terms = finetune.method_loss(ctx, x, y, f_0)
+    ctx = Context(cfg=cfg, model=model, sae=sae)
+    loss, terms = method_loss(ctx, x, y, f_0)
     f = x * 2
     ce = nn.functional.cross_entropy(f, y)
     r = {"feat_mse": lambda: ((f - x) ** 2).mean(), "feat_l1": lambda: (f - x).abs().mean()}.get(method)
@@ -95,9 +100,9 @@ def test_method_loss_is_ce_plus_lambda_r(method):
 def test_l2sp_method_loss():
     model = _Toy()
     cfg = finetune.FinetuneConfig(method="l2sp", method_params={"lambda": 0.5})
-    ctx = finetune.Context(cfg=cfg, model=model, anchored=[model.w], anchors=[torch.eye(2)])
+    ctx = Context(cfg=cfg, model=model, state={"anchored": [model.w], "anchors": [torch.eye(2)]})
     x, y = torch.eye(2), torch.tensor([0, 1])
-    loss, _ = finetune.method_loss(ctx, x, y)
+    loss, _ = method_loss(ctx, x, y)
     ce = nn.functional.cross_entropy(torch.eye(2) * 2, y)
     assert loss.item() == pytest.approx(ce.item() + 0.5 * 2.0)  # ||2I - I||^2 = 2
 
@@ -109,7 +114,7 @@ def test_unknown_method_and_missing_sae_fail_early():
         finetune.FinetuneConfig(method="ldifs", method_params={"taps": []})
     cfg = finetune.FinetuneConfig(method="saeft")
     with pytest.raises(ConfigError, match="needs an SAE"):
-        finetune.build_context(cfg, _Toy(), _Toy(), None, live_teacher=True)
+        build_context(cfg, _Toy(), _Toy(), None, live_teacher=True)
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +137,11 @@ def test_teacher_cache_and_live_teacher_give_the_same_loss(clip_file, head_file,
         # A fresh model each time (with finetune.batchnorm: train, forwards would move BatchNorm statistics).
         model = classifier_from_zeroshot(clip_file, head_file)[0]
         cfg = finetune.FinetuneConfig(method=method)
-        live = finetune.build_context(cfg, model, model.visual, sae, live_teacher=True)
-        finetune._set_phase(cfg, model, model.visual, 0)  # as in training (BatchNorm frozen by default)
-        loss_live, _ = finetune.method_loss(live, images, labels)
-        stored = finetune.build_context(cfg, model, model.visual, sae, live_teacher=False)
-        loss_cache, _ = finetune.method_loss(stored, images, labels, cached[index])
+        live = build_context(cfg, model, model.visual, sae, live_teacher=True)
+        finetune.set_phase(cfg, model, model.visual, 0)  # as in training (BatchNorm frozen by default)
+        loss_live, _ = method_loss(live, images, labels)
+        stored = build_context(cfg, model, model.visual, sae, live_teacher=False)
+        loss_cache, _ = method_loss(stored, images, labels, cached[index])
         assert loss_cache.item() == pytest.approx(loss_live.item(), rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError, match="split"):
         finetune.read_teacher_cache(train_cache, "shapes", "val", len(train), model.visual.output_dim)

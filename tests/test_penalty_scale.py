@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from saeft import finetune
+from saeft.loss import Context, method_loss
+from saeft.methods import needing
 from saeft.config import ConfigError
 from saeft.regularizers import convert_weights, sae_penalty
 from saeft.sae import TopKSAE
@@ -140,7 +142,7 @@ def test_convert_weights_keys_and_errors():
 
 # --- configuration -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", sorted(finetune.SAE_METHODS))
+@pytest.mark.parametrize("method", sorted(needing("sae")))
 def test_config_default_and_choices(method):
     assert finetune.FinetuneConfig(method=method).method_params["sae_inputs"] == "prepared"
     assert finetune.FinetuneConfig(method=method, method_params={"sae_inputs": "raw"}).method_params["sae_inputs"] == "raw"
@@ -163,7 +165,7 @@ def test_config_other_keys_keep_their_rules():
     assert finetune.FinetuneConfig(method="ldifs", method_params={"taps": ["a"]}).method_params["taps"] == ["a"]
 
 
-@pytest.mark.parametrize("method", sorted(finetune.SAE_METHODS))
+@pytest.mark.parametrize("method", sorted(needing("sae")))
 def test_schema_accepts_the_choices_and_names_a_bad_value(method):
     from saeft.config.study import validate_config
 
@@ -193,8 +195,8 @@ def test_method_loss_passes_the_convention(inputs):
     x = 5.0 * torch.randn(6, 4, generator=generator)  # norms far from 1
     y = torch.tensor([0, 1, 2, 3, 0, 1])
     cfg = finetune.FinetuneConfig(method="saeft", method_params={"lambda": 2.0, "sae_inputs": inputs})
-    ctx = finetune.Context(cfg=cfg, model=forward, sae=sae)
-    loss, terms = finetune.method_loss(ctx, x, y, x)
+    ctx = Context(cfg=cfg, model=forward, sae=sae)
+    loss, terms = method_loss(ctx, x, y, x)
     p = cfg.method_params
     expected = sae_penalty(model(x), x, sae, inputs=inputs, **{k: p[k] for k in ("lambda_add", "lambda_remove", "mu")})
     assert terms["reg_total"].item() == pytest.approx(expected["total"].item(), rel=1e-6)

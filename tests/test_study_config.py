@@ -33,9 +33,9 @@ def test_empty_config_takes_every_default():
 
 
 def test_every_method_and_wiseft_defaults_validate():
-    from saeft.finetune import METHOD_PARAMS
+    from saeft.methods import trained_methods
 
-    config = validate_config({"methods": {**{m: {} for m in METHOD_PARAMS}, "wiseft": {}}})
+    config = validate_config({"methods": {**{m: {} for m in trained_methods()}, "wiseft": {}}})
     assert config["methods"]["wiseft"] == {"base": ["ft"], "alphas": [0.0, 0.25, 0.5, 0.75, 1.0], "alpha": 0.5}
 
 

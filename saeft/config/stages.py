@@ -267,8 +267,11 @@ class FinetuneConfig(ViewConfig):
 
     @property
     def total_epochs(self) -> int:
-        """Epochs of the whole run (lpft adds its probing epochs)."""
-        return self.epochs + int(self.method_params.get("lp_epochs", 0))
+        """Epochs of the whole run: ``epochs`` plus what the method adds (its ``extra_epochs``
+        hook: lpft's probing epochs)."""
+        from saeft.methods import get_method
+
+        return get_method(self.method).epochs(self.params, self.epochs)
 
     @property
     def view_config(self) -> ViewConfig:

@@ -1,13 +1,38 @@
 """What a fine-tuning method is: data (its name, its hyper-parameter dataclass, what it needs)
-plus its loss, registered once in :mod:`saeft.methods`. Imports no torch, so the workflow reads the
-registry while it plans."""
+plus the hooks the shared training loop (:mod:`saeft.finetune`) calls, registered once in
+:mod:`saeft.methods`. Imports no torch, so the workflow reads the registry while it plans: a
+method module defines its hooks as functions that import torch inside their bodies.
+
+The contract (every hook optional; a method with none is plain cross-entropy fine-tuning):
+
+- the loss on one batch is ``task_loss`` (default: cross-entropy with ``finetune.label_smoothing``)
+  plus, for a method with a ``penalty``, ``lam * R`` where ``R = penalty(ctx, batch)["total"]``;
+  every entry of the penalty's dict is logged as ``reg_<name>``. A method with a penalty has a
+  ``lam`` field in its params (:func:`penalty_weight`);
+- ``needs`` says what the loop prepares for the hooks: ``teacher``: ``batch.f_0`` (the zero-shot
+  embeddings, from the teacher cache or a frozen copy of the encoder) and ``batch.f_theta`` (the
+  tuned ones), both float32; ``sae``: ``ctx.sae``; ``encoder_copy``: ``ctx.teacher``, a frozen
+  copy of the visual tower; ``text``: the method trains the text tower (``build_trained``);
+- ``setup(ctx)`` runs once before the optimizer is built (anchors, forward hooks);
+- ``probing(params, epoch)``: True while the encoder is frozen (weights and eval mode) and only
+  the head trains; ``extra_epochs(params)``: epochs the run adds to ``finetune.epochs``;
+- ``build_trained(towers)`` returns the module trained in place of the classifier (it must
+  return ``(logits, image embedding)`` from images); ``finish(towers)`` runs after training,
+  before the classifier is saved (e.g. rebuild its head).
+
+``ctx`` is :class:`saeft.loss.Context` (``cfg``, ``params``, ``model``, ``visual``, ``sae``,
+``teacher``, and ``state``, a dict the method's hooks own); ``batch`` is :class:`saeft.loss.Batch`
+(``images``, ``labels``, ``logits``, ``features``, ``f_0``, ``f_theta``, and ``terms``, the
+logged values, to which a hook may add diagnostics); ``towers`` is :class:`saeft.loss.Towers`
+(``clip``, ``arch``, ``classifier``, ``spec``: the dataset)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from saeft.config import NonNegFloat, Schema, StageConfig
+from saeft.config import Schema, StageConfig
 
 NEEDS = ("teacher", "sae", "encoder_copy", "text")
 """What a method may need besides the batch: ``teacher`` (the zero-shot embeddings f_0 of the
@@ -29,6 +54,8 @@ def penalty_weight(default: float) -> Any:
 
 SaeName = Annotated[str, Schema(min_length=1)]
 
+Hook = Callable[..., Any]
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
@@ -46,8 +73,34 @@ class Method:
     """Subset of :data:`NEEDS`."""
     trained: bool = True
     """False for a method evaluated from other methods' weights (no finetune job)."""
+    penalty: Hook | None = None
+    """``penalty(ctx, batch) -> {"total": R, ...named parts}``; the loss adds ``params.lam * R``."""
+    task_loss: Hook | None = None
+    """``task_loss(ctx, batch) -> loss`` in place of the cross-entropy of ``batch.logits``."""
+    setup: Hook | None = None
+    """``setup(ctx)``: once, after the frozen copies are made and before the optimizer."""
+    probing: Hook | None = None
+    """``probing(params, epoch) -> bool``: encoder frozen, head alone trained, this epoch."""
+    extra_epochs: Hook | None = None
+    """``extra_epochs(params) -> int``: epochs added to ``finetune.epochs`` (one schedule)."""
+    build_trained: Hook | None = None
+    """``build_trained(towers) -> module`` trained in place of the classifier."""
+    finish: Hook | None = None
+    """``finish(towers)``: after training, before the classifier is saved."""
+    ddp: bool = True
+    """False: the method refuses multi-process (DDP) training."""
 
     def __post_init__(self) -> None:
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
             raise ValueError(f"method {self.name}: unknown needs {sorted(unknown)} (known: {', '.join(NEEDS)})")
+        if self.penalty is not None and "lam" not in {f.name for f in dataclasses.fields(self.params)}:
+            raise ValueError(f"method {self.name}: a penalty needs a lam field in {self.params.__name__} (penalty_weight)")
+
+    def epochs(self, params: Any, epochs: int) -> int:
+        """Epochs of a run of ``epochs`` fine-tuning epochs (plus ``extra_epochs``)."""
+        return epochs + (int(self.extra_epochs(params)) if self.extra_epochs is not None else 0)
+
+    def probes(self, params: Any, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) trains the head alone."""
+        return bool(self.probing(params, epoch)) if self.probing is not None else False

@@ -19,5 +19,15 @@ class LpftParams(MethodParams):
     """Linear-probing epochs before the finetune.epochs of full fine-tuning."""
 
 
-METHOD = register(Method(name="lpft", label="LP-FT", params=LpftParams,
+def probing(params: LpftParams, epoch: int) -> bool:
+    """The first ``lp_epochs`` epochs probe."""
+    return epoch < params.lp_epochs
+
+
+def extra_epochs(params: LpftParams) -> int:
+    """The probing epochs come on top of ``finetune.epochs``."""
+    return params.lp_epochs
+
+
+METHOD = register(Method(name="lpft", label="LP-FT", params=LpftParams, probing=probing, extra_epochs=extra_epochs,
                          summary="linear probe, then end-to-end fine-tuning from the probed head"))

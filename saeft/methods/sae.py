@@ -5,11 +5,14 @@ lambda_remove, mu); the loss is ``CE + lambda * penalty``."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from saeft.config import NonNegFloat, Schema
 from saeft.methods.registry import register
 from saeft.methods.base import Method, MethodParams, penalty_weight
+
+if TYPE_CHECKING:
+    import torch
 
 SaeInputs = Literal["prepared", "raw"]
 
@@ -59,10 +62,25 @@ class SaeftParams(SaeAddParams):
     """Penalty on zero-shot features that weaken."""
 
 
+WEIGHTS = ("lambda_add", "lambda_remove", "lambda_l1", "mu")
+"""The weights of :func:`saeft.regularizers.sae_penalty`; a method without one weighs it zero."""
+
+
+def penalty(ctx: Any, batch: Any) -> dict[str, torch.Tensor]:
+    """R: :func:`saeft.regularizers.sae_penalty` of f_theta against f_0 with this method's
+    weights; logs rho, the mean teacher embedding norm (docs/penalty_scale.md), as ``f0_norm``."""
+    from saeft.regularizers import sae_penalty
+
+    weights = {k: float(getattr(ctx.params, k, 0.0)) for k in WEIGHTS}
+    terms = sae_penalty(batch.f_theta, batch.f_0, ctx.sae, inputs=ctx.params.sae_inputs, **weights)
+    batch.terms["f0_norm"] = batch.f_0.norm(dim=-1).mean().detach()  # rho of docs/penalty_scale.md
+    return terms
+
+
 _NEEDS = frozenset({"teacher", "sae"})
-SAE_SPARSE = register(Method(name="sae_sparse", label="SAE sparse", params=SaeSparseParams, needs=_NEEDS,
+SAE_SPARSE = register(Method(name="sae_sparse", label="SAE sparse", params=SaeSparseParams, needs=_NEEDS, penalty=penalty,
                              summary="SAE codes kept close in L1, residual aligned"))
-SAE_ADD = register(Method(name="sae_add", label="SAE add", params=SaeAddParams, needs=_NEEDS,
+SAE_ADD = register(Method(name="sae_add", label="SAE add", params=SaeAddParams, needs=_NEEDS, penalty=penalty,
                           summary="SAE features absent from the zero-shot code penalised, residual aligned"))
-SAEFT = register(Method(name="saeft", label="SAE-FT", params=SaeftParams, needs=_NEEDS,
+SAEFT = register(Method(name="saeft", label="SAE-FT", params=SaeftParams, needs=_NEEDS, penalty=penalty,
                         summary="SAE-FT: added features and weakened zero-shot features penalised, residual aligned"))
