@@ -7,13 +7,13 @@ import logging
 import math
 import os
 import random
-import time
 
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from saeft.faults import maybe_kill
 from saeft.io import atomic_path
@@ -53,27 +53,45 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class _LogLines:
+    """A file for tqdm that logs each refreshed line (no carriage returns, no blank clears)."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+
+    def write(self, text: str) -> None:
+        line = text.strip("\r\n\t ")
+        if line:
+            self.log.info("%s", line)
+
+    def flush(self) -> None:
+        pass
+
+
 class Progress:
-    """Logs ``step/total``, rate and ETA at most every ``every_s`` seconds: one plain line per
-    report, readable in a non-TTY Snakemake or SLURM log."""
+    """Logs ``step/total``, rate and ETA at most every ``every_s`` seconds, and at the last step:
+    one plain line per report through :mod:`logging` (a tqdm whose file is the log), readable in a
+    non-TTY Snakemake or SLURM log."""
+
+    FORMAT = "{desc} {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
     def __init__(self, total: int, label: str, every_s: float = 10.0) -> None:
         self.total = total
-        self.label = label
-        self.every_s = every_s
-        self.start = self.last = time.monotonic()
+        self.bar = tqdm(total=total, desc=label, file=_LogLines(logger), mininterval=every_s, miniters=1,
+                        delay=max(every_s, 1e-9), bar_format=self.FORMAT, leave=False, ascii=True, disable=False)
+        self.done = False
 
     def update(self, step: int, **values: float) -> None:
         """Report progress after ``step`` (1-based) steps, with named values such as the loss."""
-        now = time.monotonic()
-        if now - self.last < self.every_s and step < self.total:
+        if self.done:
             return
-        self.last = now
-        elapsed = now - self.start
-        eta = elapsed / max(step, 1) * (self.total - step)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-        logger.info("%s %d/%d (%.0f%%) %s elapsed %.0fs eta %.0fs", self.label, step, self.total,
-                    100.0 * step / max(self.total, 1), shown, elapsed, eta)
+        self.bar.set_postfix_str(" ".join(f"{k}={v:.4g}" for k, v in values.items()), refresh=False)
+        self.bar.update(step - self.bar.n)
+        if step >= self.total:  # the last line always, then the bar is done (leaves no blank line)
+            if self.bar.last_print_n != self.bar.n:
+                self.bar.refresh()
+            self.bar.close()
+            self.done = True
 
 
 def save_checkpoint(path: Path, config: dict[str, Any], parts: dict[str, Any], extra: dict[str, Any]) -> None:
