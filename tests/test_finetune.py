@@ -89,7 +89,8 @@ def test_method_params_are_validated():
     with pytest.raises(ConfigError, match="unknown method 'magic'"):
         finetune.FinetuneConfig(method="magic")
     cfg = finetune.FinetuneConfig(method="saeft", method_params={"lambda": 3.0})
-    assert cfg.method_params == {"lambda": 3.0, "lambda_add": 10.0, "lambda_remove": 0.02, "mu": 1.0, "sae_inputs": "prepared"}
+    assert cfg.method_params == {"sae": None, "lambda": 3.0, "lambda_add": 10.0, "lambda_remove": 0.02, "mu": 1.0,
+                                 "sae_inputs": "prepared"}
 
 
 def test_interpolate_weights():
