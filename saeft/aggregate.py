@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from saeft import figures as fig_mod
 from saeft import reference
 from saeft import tables as tab_mod
-from saeft.config.stages import AggregateConfig
+from saeft.config.aggregate import AggregateConfig
 from saeft.io import atomic_path
 from saeft.outputs import METRICS_PARQUET, output_names
 from saeft.results import OOD_AVG, load_metrics, read_training_logs, summarize, wiseft_curves

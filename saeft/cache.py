@@ -151,24 +151,5 @@ def _resumable_rows(partial: Path, identity: dict[str, Any]) -> int:
     return rows
 
 
-def read_cache(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Embeddings, labels and attributes of a finished cache, checked against the layout."""
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as handle:
-            for name in ("embeddings", "labels", "index"):
-                if name not in handle:
-                    raise ValueError(f"{path}: not a saeft cache (no /{name})")
-            attrs = dict(handle.attrs)
-            if "rows_done" in attrs:
-                raise ValueError(f"{path}: unfinished cache ({attrs['rows_done']} rows done)")
-            embeddings, labels = handle["embeddings"][:], handle["labels"][:]
-    except OSError as exc:
-        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from exc
-    if embeddings.shape[0] != attrs.get("count"):
-        raise ValueError(f"{path}: {embeddings.shape[0]} rows but attrs say {attrs.get('count')}")
-    return embeddings, labels, attrs
-
-
 def _options_dict(options: Any) -> Any:
     return options.to_dict() if hasattr(options, "to_dict") else options

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from saeft.config import ConfigError
-from saeft.config.stages import FinetuneConfig
+from saeft.config.finetune import FinetuneConfig
 from saeft.methods import get_method
 
 logger = logging.getLogger(__name__)

@@ -4,20 +4,19 @@ One evaluator serves every dataset: it asks the registry for each split, compute
 logits, applies the eval set's hook (class sub-list or logit projection, :mod:`saeft.metrics`),
 and reports the eval set's metric with the sample count and per-class counts, so tables can be
 rebuilt and re-weighted from the JSON alone. The model is loaded once (a WiSE-FT model is
-interpolated here, in memory, from the fine-tuned and zero-shot weights, :func:`load_wiseft`; it
+interpolated here, in memory, from the fine-tuned and zero-shot weights, :func:`saeft.models.load_wiseft`; it
 is never written to disk) and scored on the dataset's eval splits, then on its transfer sets: a
 transfer set is another dataset's ID eval split scored through that dataset's zero-shot head (in
 place of the classifier's own) and is named by that dataset.
 
 The job writes one bundle JSON (:func:`run`): the run's identity and ``evals``, one record per
-eval set keyed by its name (:func:`saeft.aggregate.eval_records` reads it), written
+eval set keyed by its name (:func:`saeft.results.eval_records` reads it), written
 atomically once every eval set is scored, so a job killed midway leaves no output.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -31,46 +30,11 @@ from saeft.config import StageConfig, require
 from saeft.config.stages import EvaluateConfig
 from saeft.data.registry import DatasetSpec, get_dataset
 from saeft.faults import maybe_kill
-from saeft.io import load_tensors, write_json
-from saeft.models import ImageClassifier, classifier_from_zeroshot, load_classifier, preprocess_for
+from saeft.io import write_json
+from saeft.models import ImageClassifier, load_model, load_run_model, load_wiseft, preprocess_for, with_head
 from saeft.training import Progress, setup_torch
-from saeft.weights import interpolate_weights
 
 logger = logging.getLogger(__name__)
-
-
-def load_model(model: str | os.PathLike, head: str | os.PathLike | None) -> ImageClassifier:
-    """A fine-tuned classifier file, or a zero-shot CLIP plus ``head``; with both a classifier and
-    ``head``, the classifier's visual tower with ``head`` (a transfer evaluation)."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(model):
-        raise FileNotFoundError(f"{model}: no such model file")
-    with safe_open(str(model), framework="pt") as handle:
-        kind = (handle.metadata() or {}).get("kind")
-    if kind == json.dumps("classifier"):
-        classifier = load_classifier(model)[0]
-        return with_head(classifier, head) if head is not None else classifier
-    if head is None:
-        raise ValueError(f"{model}: a zero-shot CLIP needs a head (--head)")
-    return classifier_from_zeroshot(model, head)[0]
-
-
-def with_head(classifier: ImageClassifier, head: str | os.PathLike) -> ImageClassifier:
-    """``classifier`` with the zero-shot head file ``head`` in place of its own."""
-    weight = load_tensors(head)[0].get("weight")
-    if weight is None:
-        raise ValueError(f"{head}: zero-shot head file lacks 'weight'")
-    return ImageClassifier(classifier.visual, weight).eval()
-
-
-def load_wiseft(model: str | os.PathLike, zeroshot_model: str | os.PathLike, zeroshot_head: str | os.PathLike, alpha: float) -> ImageClassifier:
-    """WiSE-FT: the fine-tuned classifier ``model`` with weights ``(1 - alpha) * theta_0 + alpha *
-    theta_ft``, head included; built in memory, never stored."""
-    tuned = load_classifier(model)[0]
-    zeroshot = classifier_from_zeroshot(zeroshot_model, zeroshot_head)[0]
-    tuned.load_state_dict(interpolate_weights(zeroshot.state_dict(), tuned.state_dict(), alpha))
-    return tuned.eval()
 
 
 @torch.no_grad()
@@ -137,16 +101,6 @@ def eval_sets(
     if not sets:
         raise ValueError("no eval set to evaluate: give splits or transfer sets")
     return sets
-
-
-def load_run_model(
-    model: str | os.PathLike,
-    head: str | os.PathLike | None,
-    wiseft: tuple[str | os.PathLike, str | os.PathLike, float] | None = None,
-) -> ImageClassifier:
-    """The evaluated classifier: ``model`` (with ``head``, see :func:`load_model`), or its WiSE-FT
-    interpolation with ``wiseft`` = (zero-shot model, zero-shot head, alpha)."""
-    return load_wiseft(model, *wiseft) if wiseft is not None else load_model(model, head)
 
 
 def score_split(

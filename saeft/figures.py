@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from saeft.config.stages import AggregateConfig
+from saeft.config.aggregate import AggregateConfig
 from saeft.results import OOD_AVG
 from saeft.io import atomic_path
 

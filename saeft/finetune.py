@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from saeft.config import ConfigError
-from saeft.config.stages import FinetuneConfig
+from saeft.config.finetune import FinetuneConfig
 from saeft.data.registry import get_dataset
 from saeft.distributed import (
     Distributed,
@@ -70,7 +70,7 @@ def read_teacher_cache(path: str | os.PathLike, dataset: str, split: str, n: int
     """f_0 of every training view from a cache written by ``cache_activations`` (deterministic
     views: row = image) or ``cache_views`` (a bank: row = image * views + view), checked to be of
     this dataset, split, size, embedding width and bank (a stale cache would silently mis-teach)."""
-    from saeft.cache import read_cache
+    from saeft.embeddings import read_cache
 
     views = views or ViewConfig()
     embeddings, _, attrs = read_cache(path)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saeft.config import ConfigError
-from saeft.config.stages import FinetuneConfig
+from saeft.config.finetune import FinetuneConfig
 from saeft.methods import Method, get_method
 
 

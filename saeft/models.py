@@ -7,6 +7,7 @@ stage after ``prepare_model`` rebuilds the model offline from one local file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from saeft.io import load_tensors, save_tensors
-from saeft.config.study import pretrained_kind
+from saeft.weights import interpolate_weights
+from saeft.config.stages import pretrained_kind
 
 logger = logging.getLogger(__name__)
 
@@ -171,3 +173,52 @@ def classifier_from_zeroshot(model_path: str | os.PathLike, head_path: str | os.
     if "weight" not in head_state:
         raise ValueError(f"{head_path}: zero-shot head file lacks 'weight'")
     return ImageClassifier(clip.visual, head_state["weight"]).eval(), arch
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluated model of a run (evaluation and feature analysis)
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(model: str | os.PathLike, head: str | os.PathLike | None) -> ImageClassifier:
+    """A fine-tuned classifier file, or a zero-shot CLIP plus ``head``; with both a classifier and
+    ``head``, the classifier's visual tower with ``head`` (a transfer evaluation)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(model):
+        raise FileNotFoundError(f"{model}: no such model file")
+    with safe_open(str(model), framework="pt") as handle:
+        kind = (handle.metadata() or {}).get("kind")
+    if kind == json.dumps("classifier"):
+        classifier = load_classifier(model)[0]
+        return with_head(classifier, head) if head is not None else classifier
+    if head is None:
+        raise ValueError(f"{model}: a zero-shot CLIP needs a head (--head)")
+    return classifier_from_zeroshot(model, head)[0]
+
+
+def with_head(classifier: ImageClassifier, head: str | os.PathLike) -> ImageClassifier:
+    """``classifier`` with the zero-shot head file ``head`` in place of its own."""
+    weight = load_tensors(head)[0].get("weight")
+    if weight is None:
+        raise ValueError(f"{head}: zero-shot head file lacks 'weight'")
+    return ImageClassifier(classifier.visual, weight).eval()
+
+
+def load_wiseft(model: str | os.PathLike, zeroshot_model: str | os.PathLike, zeroshot_head: str | os.PathLike, alpha: float) -> ImageClassifier:
+    """WiSE-FT: the fine-tuned classifier ``model`` with weights ``(1 - alpha) * theta_0 + alpha *
+    theta_ft``, head included; built in memory, never stored."""
+    tuned = load_classifier(model)[0]
+    zeroshot = classifier_from_zeroshot(zeroshot_model, zeroshot_head)[0]
+    tuned.load_state_dict(interpolate_weights(zeroshot.state_dict(), tuned.state_dict(), alpha))
+    return tuned.eval()
+
+
+def load_run_model(
+    model: str | os.PathLike,
+    head: str | os.PathLike | None,
+    wiseft: tuple[str | os.PathLike, str | os.PathLike, float] | None = None,
+) -> ImageClassifier:
+    """The evaluated classifier: ``model`` (with ``head``, see :func:`load_model`), or its WiSE-FT
+    interpolation with ``wiseft`` = (zero-shot model, zero-shot head, alpha)."""
+    return load_wiseft(model, *wiseft) if wiseft is not None else load_model(model, head)

@@ -17,7 +17,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
-from saeft.config.stages import AggregateConfig
+from saeft.config.aggregate import AggregateConfig
 from saeft.tables import Column, Table
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saeft.config.stages import AggregateConfig
+from saeft.config.aggregate import AggregateConfig
 from saeft.environment import ENVIRONMENT_KEY
 from saeft.io import read_json
 from saeft.runs import wiseft_base

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saeft.config.stages import AggregateConfig
+from saeft.config.aggregate import AggregateConfig
 from saeft.outputs import TABLE_FORMATS, WILDS_METRICS, table_names
 from saeft.results import OOD_AVG, format_parts, reported_results, value_columns
 

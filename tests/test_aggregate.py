@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from saeft import results
-from saeft.config.stages import AggregateConfig
+from saeft.config.aggregate import AggregateConfig
 from saeft.results import OOD_AVG, load_metrics, summarize
 from saeft.tables import shifts_table, to_markdown
 from saeft.config import ConfigError

@@ -258,7 +258,7 @@ def test_cards_stage_writes_png_json_and_index(tmp_path, tiny_world):
 def test_feature_tables_join_accuracy_and_summarize_over_seeds(tmp_path):
     import json
 
-    from saeft.config.stages import AggregateConfig
+    from saeft.config.aggregate import AggregateConfig
     from saeft.analysis import tables
 
     measures = {m: 0.0 for m in tables.MEASURES}

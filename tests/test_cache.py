@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from saeft.embeddings import read_cache
 from saeft import cache
 from saeft.models import load_clip, preprocess_for
 from saeft.data.registry import get_dataset
@@ -33,7 +34,7 @@ def test_layout_and_attrs(tiny_world, clip_file, tmp_path):
 def test_embeddings_match_the_model(tiny_world, clip_file, tmp_path):
     out = tmp_path / "val.h5"
     cache.run(clip_file, "shapes", "val", tiny_world, cache.CacheConfig(), out)
-    embeddings, labels, _ = cache.read_cache(out)
+    embeddings, labels, _ = read_cache(out)
     clip, _ = load_clip(clip_file)
     data = get_dataset("shapes").load("val", preprocess_for(clip), tiny_world)
     images = torch.stack([data[i][0] for i in range(3)])
@@ -58,8 +59,8 @@ def test_resumes_a_partial_cache(tiny_world, clip_file, tmp_path):
         del handle.attrs["created"]
     info = cache.run(clip_file, "shapes", "train", tiny_world, cache.CacheConfig(batch_size=8), out)
     assert info["resumed_rows"] == 16
-    a, _, _ = cache.read_cache(full)
-    b, _, _ = cache.read_cache(out)
+    a, _, _ = read_cache(full)
+    b, _, _ = read_cache(out)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -68,8 +69,8 @@ def test_unfinished_or_foreign_files_are_rejected(tmp_path):
     with h5py.File(foreign, "w") as handle:
         handle.create_dataset("x", data=np.zeros(3))
     with pytest.raises(ValueError, match="foreign.h5: not a saeft cache"):
-        cache.read_cache(foreign)
+        read_cache(foreign)
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="junk.h5: not a readable HDF5"):
-        cache.read_cache(junk)
+        read_cache(junk)

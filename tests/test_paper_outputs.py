@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from saeft import aggregate, figures, reference, tables, tracking
-from saeft.config.stages import AggregateConfig
+from saeft.config.aggregate import AggregateConfig
 from saeft.outputs import output_names, table_names
 from saeft.results import OOD_AVG, load_metrics, summarize, wiseft_curves
 

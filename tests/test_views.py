@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from saeft.embeddings import read_cache
 from saeft import cache, finetune
 from saeft.config import ConfigError
 from saeft.data.registry import get_dataset
@@ -84,7 +85,7 @@ def views_cache(clip_file, tiny_world, tmp_path_factory):
 
 
 def test_views_cache_holds_every_view_and_cached_and_live_teachers_agree(clip_file, head_file, tiny_world, views_cache):
-    embeddings, labels, attrs = cache.read_cache(views_cache)
+    embeddings, labels, attrs = read_cache(views_cache)
     spec = get_dataset("shapes")
     images = spec.load(spec.train_split, keep_pil, tiny_world)
     n = len(images)

@@ -36,13 +36,12 @@ import pandas as pd
 import torch
 
 from saeft.analysis import metrics
-from saeft.cache import read_cache
+from saeft.embeddings import read_cache
 from saeft.config import StageConfig, require
 from saeft.config.stages import AnalysisConfig
 from saeft.data.registry import get_dataset
-from saeft.evaluate import load_model, load_wiseft
 from saeft.io import atomic_path, write_json
-from saeft.models import ImageClassifier, preprocess_for
+from saeft.models import ImageClassifier, load_run_model, preprocess_for
 from saeft.sae import TopKSAE, load_sae
 from saeft.training import Progress, setup_torch
 
@@ -137,39 +136,8 @@ def analyze_split(
         recon_0 = sae.decode(s_0)
         recon_theta = sae.decode(s_theta)
 
-    code0_features, code0_values = _sparse_lists(s_0)
-    code_features, code_values = _sparse_lists(s_theta)
-    table = pd.DataFrame({
-        "index": np.arange(len(labels), dtype=np.int64),
-        "label": labels.numpy().astype(np.int64),
-        "n_added": changes.n_added.numpy().astype(np.int64),
-        "n_removed": changes.n_removed.numpy().astype(np.int64),
-        "mass_added": changes.mass_added.numpy(),
-        "mass_removed": changes.mass_removed.numpy(),
-        "cosine": cosine.numpy(),
-        "span_share": span.numpy(),
-        "residual_share": residual.numpy(),
-        "delta_norm": delta.double().norm(dim=-1).numpy(),
-        "added": [row.nonzero().flatten().tolist() for row in changes.added],
-        "removed": [row.nonzero().flatten().tolist() for row in changes.removed],
-        "code0_features": code0_features,
-        "code0_values": code0_values,
-        "code_features": code_features,
-        "code_values": code_values,
-    })
-
-    per_class = {}
-    for c, name in enumerate(classnames):
-        rows = labels == c
-        if not rows.any():
-            continue
-        per_class[name] = {
-            "n": int(rows.sum()),
-            "mean_added": float(changes.n_added[rows].double().mean()),
-            "mean_removed": float(changes.n_removed[rows].double().mean()),
-            "top_added": _ranked(changes.added[rows], s_theta[rows], top_features),
-            "top_removed": _ranked(changes.removed[rows], s_0[rows], top_features),
-        }
+    table = _image_table(labels, changes, cosine, span, residual, delta, s_0, s_theta)
+    per_class = _per_class(labels, classnames, changes, s_0, s_theta, top_features)
     n = len(labels)
     summary = {
         "n": n,
@@ -198,6 +166,49 @@ def analyze_split(
     return summary, table
 
 
+def _image_table(labels: torch.Tensor, changes: Any, cosine: torch.Tensor, span: torch.Tensor, residual: torch.Tensor,
+                 delta: torch.Tensor, s_0: torch.Tensor, s_theta: torch.Tensor) -> pd.DataFrame:
+    """The per-image table of one eval set (the :data:`IMAGE_COLUMNS` but ``evalset``)."""
+    code0_features, code0_values = _sparse_lists(s_0)
+    code_features, code_values = _sparse_lists(s_theta)
+    return pd.DataFrame({
+        "index": np.arange(len(labels), dtype=np.int64),
+        "label": labels.numpy().astype(np.int64),
+        "n_added": changes.n_added.numpy().astype(np.int64),
+        "n_removed": changes.n_removed.numpy().astype(np.int64),
+        "mass_added": changes.mass_added.numpy(),
+        "mass_removed": changes.mass_removed.numpy(),
+        "cosine": cosine.numpy(),
+        "span_share": span.numpy(),
+        "residual_share": residual.numpy(),
+        "delta_norm": delta.double().norm(dim=-1).numpy(),
+        "added": [row.nonzero().flatten().tolist() for row in changes.added],
+        "removed": [row.nonzero().flatten().tolist() for row in changes.removed],
+        "code0_features": code0_features,
+        "code0_values": code0_values,
+        "code_features": code_features,
+        "code_values": code_values,
+    })
+
+
+def _per_class(labels: torch.Tensor, classnames: Sequence[str], changes: Any, s_0: torch.Tensor,
+               s_theta: torch.Tensor, top_features: int) -> dict[str, Any]:
+    """Per class present: image count, mean features added and removed, the most changed ones."""
+    per_class = {}
+    for c, name in enumerate(classnames):
+        rows = labels == c
+        if not rows.any():
+            continue
+        per_class[name] = {
+            "n": int(rows.sum()),
+            "mean_added": float(changes.n_added[rows].double().mean()),
+            "mean_removed": float(changes.n_removed[rows].double().mean()),
+            "top_added": _ranked(changes.added[rows], s_theta[rows], top_features),
+            "top_removed": _ranked(changes.removed[rows], s_0[rows], top_features),
+        }
+    return per_class
+
+
 def _nanmean(values: torch.Tensor) -> float:
     finite = values[~values.isnan()]
     return float(finite.mean()) if len(finite) else float("nan")
@@ -217,14 +228,14 @@ def run(
     wiseft: tuple[str | os.PathLike, str | os.PathLike, float] | None = None,
 ) -> dict[str, float]:
     """Analyse the model at ``model`` (with ``head``: a zero-shot CLIP; with ``wiseft``: its
-    interpolation with the zero-shot model, as in :func:`saeft.evaluate.run`) on every split of
+    interpolation with the zero-shot model, :func:`saeft.models.load_run_model`) on every split of
     ``caches`` (split -> HDF5 cache of its zero-shot embeddings); write ``out_json`` and the
     per-image Parquet ``out_images``. Returns headline numbers per split for the job's log."""
     setup_torch(0)
     spec = get_dataset(dataset)
     if not caches:
         raise ValueError("analyze_features: no eval-set caches given")
-    classifier = load_wiseft(model, *wiseft) if wiseft is not None else load_model(model, head)
+    classifier = load_run_model(model, head, wiseft)
     sae = load_sae(sae_path)
     transform = preprocess_for(classifier.visual)
     evalsets: dict[str, Any] = {}

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from saeft.config.stages import AggregateConfig
+from saeft.config.aggregate import AggregateConfig
 from saeft.results import load_metrics
 from saeft.io import atomic_path, read_json
 

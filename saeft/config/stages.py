@@ -7,6 +7,7 @@ module imports its own config from here."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Annotated, Any, Literal
 
 from saeft.config.base import (
@@ -34,6 +35,22 @@ class ModelConfig(StageConfig):
     """'pretrain_clip' (the pipeline pretrains the model itself on the corpus of pretrain.dataset),
     an open_clip pretrained tag (e.g. openai), or a path to a local checkpoint (.safetensors, or
     .pt/.pth/.bin read with weights_only=True)."""
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+PRETRAIN_SOURCE = "pretrain_clip"
+"""The ``model.pretrained`` value meaning: weights come from the pipeline's own pretrain_clip rule."""
+
+
+def pretrained_kind(pretrained: str | None) -> str:
+    """Classify a ``model.pretrained`` value: 'pipeline', 'file', 'tag' or 'none'."""
+    if pretrained is None:
+        return "none"
+    if pretrained == PRETRAIN_SOURCE:
+        return "pipeline"
+    if pretrained.endswith(CHECKPOINT_SUFFIXES) or os.sep in pretrained:
+        return "file"
+    return "tag"
 
 
 @dataclasses.dataclass
@@ -208,78 +225,6 @@ class ViewConfig(StageConfig):
 
 
 @dataclasses.dataclass
-class FinetuneConfig(ViewConfig):
-    """Fine-tuning (config key ``finetune``; a job adds the method, its parameters and the seed)."""
-
-    section = "finetune"
-    epochs: PositiveInt = 10
-    """Passes over the training split; the cosine schedule spans exactly these epochs (plus
-    the probing epochs of lpft)."""
-    batch_size: PositiveInt = 32
-    """Images per step."""
-    lr: PositiveFloat = 1e-5
-    """Peak AdamW learning rate."""
-    weight_decay: NonNegFloat = 0.1
-    """AdamW weight decay."""
-    warmup_steps: NonNegInt = 500
-    """Linear warm-up steps before the cosine decay."""
-    grad_clip: NonNegFloat = 1.0
-    """Gradient-norm clipping threshold (0 disables clipping)."""
-    label_smoothing: Annotated[float, Schema(minimum=0, exclusive_maximum=1)] = 0.0
-    """Label smoothing of the cross-entropy."""
-    teacher: Literal["auto", "cache", "live"] = "auto"
-    """Where f_0 comes from: cache (the HDF5 teacher cache of the training views, required), live
-    (a frozen copy of the encoder each step) or auto (the cache when one is given)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast on GPU (auto: bf16); CPU always runs fp32."""
-    compile: bool = False
-    """torch.compile the loss computation."""
-    workers: NonNegInt = 0
-    """Data loader worker processes."""
-    batchnorm: Literal["frozen", "train"] = "frozen"
-    """BatchNorm layers (ResNet towers) while training, for every method: frozen keeps them in eval
-    mode (zero-shot running statistics, never updated; affine weights still train), so the tuned
-    embedding equals the teacher's at step 0; train uses batch statistics and updates the running
-    statistics (SyncBatchNorm under multi-GPU DDP). No effect on towers without BatchNorm (ViT)."""
-    method: str = dataclasses.field(default="ft", metadata={"config": False})
-    """The method a job trains (a name in the method registry)."""
-    method_params: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"config": False})
-    """The method's own hyper-parameters (``methods.<method>``); missing ones take defaults."""
-    seed: NonNegInt = dataclasses.field(default=0, metadata={"config": False})
-    """Seed of data order and any randomness in training."""
-
-    def validate(self) -> None:
-        from saeft.methods import get_method
-
-        method = get_method(self.method)
-        params = method.params.from_dict(self.method_params, f"methods.{self.method}.")
-        self.method_params = params.to_dict()
-        require(not (self.teacher == "cache" and not (self.deterministic or self.banked)), "finetune.teacher",
-                "'cache' needs views a cache can hold: set finetune.views >= 1 (a bank of views) or "
-                "finetune.augment: none, or use teacher: live")
-
-    @property
-    def params(self) -> Any:
-        """The method's hyper-parameters as its dataclass."""
-        from saeft.methods import get_method
-
-        return get_method(self.method).params.from_dict(self.method_params, f"methods.{self.method}.")
-
-    @property
-    def total_epochs(self) -> int:
-        """Epochs of the whole run: ``epochs`` plus what the method adds (its ``extra_epochs``
-        hook: lpft's probing epochs)."""
-        from saeft.methods import get_method
-
-        return get_method(self.method).epochs(self.params, self.epochs)
-
-    @property
-    def view_config(self) -> ViewConfig:
-        """The training views these keys define."""
-        return ViewConfig(augment=self.augment, views=self.views, view_seed=self.view_seed, crop_scale=self.crop_scale)
-
-
-@dataclasses.dataclass
 class EvaluateConfig(StageConfig):
     """Evaluation settings (config key ``evaluate``)."""
 
@@ -315,63 +260,3 @@ class AnalysisConfig(StageConfig):
     """Most often added and most often removed features listed per eval set, class and method."""
     cards: CardsConfig = dataclasses.field(default_factory=CardsConfig)
     """Feature cards per dataset and method."""
-
-
-def default_method_order() -> list[str]:
-    """Zero-shot, then every registered method in registration order."""
-    from saeft.methods import all_methods
-
-    return ["zeroshot", *all_methods()]
-
-
-def default_method_labels() -> dict[str, str]:
-    """Display names: Zero-shot and each registered method's label."""
-    from saeft.methods import all_methods
-
-    return {"zeroshot": "Zero-shot", **{name: method.label for name, method in all_methods().items()}}
-
-
-DEFAULT_METRIC_LABELS = {"top1": "top-1 accuracy", "macro_f1": "macro-F1", "worst_region_acc": "worst-region accuracy"}
-
-
-@dataclasses.dataclass
-class AggregateConfig(StageConfig):
-    """Display options of the tables and figures of aggregate_tables (config key ``aggregate``;
-    WiSE-FT rows use methods.wiseft.alpha)."""
-
-    section = "aggregate"
-    method_order: Annotated[list[str], Schema(unique_items=True)] = dataclasses.field(default_factory=default_method_order)
-    """Row order of methods; methods not listed follow, alphabetically."""
-    method_labels: dict[str, Annotated[str, Schema(min_length=1)]] = dataclasses.field(default_factory=default_method_labels)
-    """Display name per method, over the defaults (FT, WiSE-FT, SAE-FT, ...)."""
-    metric_labels: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_METRIC_LABELS))
-    """Display name per metric (top1, macro_f1, worst_region_acc), over the defaults."""
-    percent: bool = True
-    """Show values x100 (tables, figure axes); the CSV and Parquet keep fractions."""
-    decimals: NonNegInt = 1
-    """Decimals of means and stds in the tables."""
-    wiseft_alpha: Fraction | None = dataclasses.field(default=None, metadata={"config": False})
-    """The reported WiSE-FT alpha (the workflow sets it from methods.wiseft.alpha): the tables show
-    WiSE-FT there; the other alphas are curve points. None: a method may carry one alpha only."""
-    pretrained: str | None = dataclasses.field(default=None, metadata={"config": False})
-    """The study's weights (the workflow sets it from model.pretrained): the reference table
-    compares only with published cells of the same weights. None: with every cell."""
-
-    def label(self, method: str) -> str:
-        """Display name of ``method``."""
-        return self.method_labels.get(method, default_method_labels().get(method, method))
-
-    def metric_label(self, metric: str) -> str:
-        """Display name of ``metric`` (of each part of a ``/``-joined one, for mixed eval sets)."""
-        return "/".join(self.metric_labels.get(m, DEFAULT_METRIC_LABELS.get(m, m)) for m in str(metric).split("/"))
-
-    def scale_and_unit(self) -> tuple[float, str]:
-        """Factor from fractions to shown values, and the unit's name: (100, "%") or (1, "fraction")."""
-        return (100.0, "%") if self.percent else (1.0, "fraction")
-
-    def method_sort_key(self, method: str) -> tuple[int, str]:
-        """Sort key: listed methods in their order, then the others alphabetically."""
-        try:
-            return (self.method_order.index(method), "")
-        except ValueError:
-            return (len(self.method_order), method)

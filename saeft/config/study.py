@@ -17,16 +17,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from saeft.config.base import ConfigError, NonNegInt, Schema, StageConfig, check_schema, require, schema_of
+from saeft.config.aggregate import AggregateConfig
+from saeft.config.finetune import FinetuneConfig
 from saeft.config.stages import (
-    AggregateConfig,
+    PRETRAIN_SOURCE,
     AnalysisConfig,
     CacheConfig,
     EvaluateConfig,
-    FinetuneConfig,
     ModelConfig,
     Name,
     PretrainConfig,
     SAETrainConfig,
+    pretrained_kind,
 )
 from saeft.data.fashion_mnist import FashionMNISTConfig
 from saeft.data.samples import RealDataOptions
@@ -34,22 +36,6 @@ from saeft.data.synthetic import WorldConfig
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 """The generated schema file that the workflow validates with."""
-
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-PRETRAIN_SOURCE = "pretrain_clip"
-"""The ``model.pretrained`` value meaning: weights come from the pipeline's own pretrain_clip rule."""
-
-
-def pretrained_kind(pretrained: str | None) -> str:
-    """Classify a ``model.pretrained`` value: 'pipeline', 'file', 'tag' or 'none'."""
-    if pretrained is None:
-        return "none"
-    if pretrained == PRETRAIN_SOURCE:
-        return "pipeline"
-    if pretrained.endswith(CHECKPOINT_SUFFIXES) or os.sep in pretrained:
-        return "file"
-    return "tag"
-
 
 def _dataset_names(on_disk: bool | None = None) -> list[str]:
     from saeft.data.registry import REGISTRY
