@@ -72,7 +72,7 @@ def _add_setup_commands(sub: Any) -> None:
     """Add the tracking, config and model-preparation commands."""
     add = functools.partial(_subcommand, sub)
     p = add("schema", commands.cmd_schema, "print the study config's JSON schema, generated from the config dataclasses")
-    p.add_argument("--write", action="store_true", help="write it to workflow/schemas/config.schema.yaml instead")
+    p.add_argument("--write", action="store_true", help="write it to workflow/schemas/config.schema.json instead")
 
     p = add("sync-tracking", commands.cmd_sync_tracking, "replay the tracking calls that jobs queued while MLflow was unreachable")
     p.add_argument("--queue", default=None, help="queue folder (default: $SAEFT_MLFLOW_QUEUE or ./mlflow-queue)")

@@ -143,3 +143,22 @@ def test_k_larger_than_the_dictionary_fails_at_load():
     config["model"]["name"] = "ViT-B-16"  # 512-dim: k 129 at expansion 1 fits
     config["sae"].update(k=129, sweep=[{"name": "wide", "expansion": 4}])
     validate_config(copy.deepcopy(config))
+
+
+def test_the_schema_file_is_generated_from_the_dataclasses():
+    """workflow/schemas/config.schema.json is what `saeft schema --write` makes of the config
+    dataclasses now: a key added to a dataclass without regenerating it fails here."""
+    from saeft.config.study import SCHEMA_PATH, schema_text
+
+    assert SCHEMA_PATH.read_text() == schema_text(), "stale schema: run `saeft schema --write`"
+
+
+def test_nested_command_line_strings_are_typed_by_the_schema():
+    from saeft.config.study import coerce_strings, study_schema
+
+    typed = coerce_strings({"finetune": {"lr": "0.01", "epochs": "2", "compile": "true"}, "seeds": ["0", "1"],
+                            "methods": {"ldifs": {"taps": "null"}}, "study": "123"}, study_schema())
+    assert typed == {"finetune": {"lr": 0.01, "epochs": 2, "compile": True}, "seeds": [0, 1],
+                     "methods": {"ldifs": {"taps": None}}, "study": "123"}
+    with pytest.raises(ConfigError, match="finetune.lr: must be a number, got 'fast'"):
+        validate_config({"finetune": {"lr": "fast"}})

@@ -2,7 +2,7 @@
 
 A field's type hint (with :class:`Schema` constraints in ``Annotated``), its default and its
 docstring are the key's whole definition: :func:`schema_of` turns a dataclass into the JSON schema
-that Snakemake's ``validate`` applies to the study config (``workflow/schemas/config.schema.yaml``
+that Snakemake's ``validate`` applies to the study config (``workflow/schemas/config.schema.json``
 is generated from it), and :meth:`StageConfig.from_dict` checks a job's config against the same
 schema. ``__post_init__`` holds only the checks a schema cannot state (one key against another).
 Errors name the key (``finetune.lr: must be > 0, got -1``). Imports no torch.
@@ -11,6 +11,8 @@ Errors name the key (``finetune.lr: must be > 0, got -1``). Imports no torch.
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -233,6 +235,21 @@ def _error_reason(error: Any) -> str:
     return error.message
 
 
+_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("schema_checked", default=False)
+"""True while building configs from data already checked against the whole study's schema."""
+
+
+@contextlib.contextmanager
+def schema_checked() -> Any:
+    """Within this block, config construction skips the per-field schema check (the caller has
+    checked the data against a schema generated from the same dataclasses); ``validate()`` runs."""
+    token = _CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
 @functools.cache
 def _validation_schema(cls: type) -> dict[str, Any]:
     """``schema_of(cls)`` without defaults, plus the job-level fields (checked like the others)."""
@@ -256,6 +273,9 @@ class StageConfig:
     """The config key of this section (``finetune``), prefixing key names in errors."""
 
     def __post_init__(self) -> None:
+        if _CHECKED.get():
+            self.validate()
+            return
         # Nested sections checked themselves when they were built.
         nested = {key_of(f) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), StageConfig)}
         schema = dict(_validation_schema(type(self)))
@@ -274,7 +294,8 @@ class StageConfig:
         ``where`` prefixes key names in errors (default: the section, e.g. ``sae.``)."""
         data = dict(data or {})
         where = f"{cls.section}." if where is None and cls.section else (where or "")
-        check_schema(data, _validation_schema(cls), where)
+        if not _CHECKED.get():
+            check_schema(data, _validation_schema(cls), where)
         names = {key_of(f): f.name for f in dataclasses.fields(cls) if f.init}
         hints = typing.get_type_hints(cls)
         kwargs = {}

@@ -4,7 +4,7 @@ composed into one, the schema generated from it, and the checks across sections.
 :func:`validate_config` is what the workflow runs before any job: command-line strings typed by
 the schema, every schema violation reported by key, Snakemake's own ``validate`` applying the
 generated schema (which fills the defaults), then the dataclasses' cross-key checks. The schema
-file ``workflow/schemas/config.schema.yaml`` is written by ``saeft schema`` (a test keeps it in
+file ``workflow/schemas/config.schema.json`` is written by ``saeft schema`` (a test keeps it in
 step with the dataclasses). Imports no torch."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from saeft.config.base import ConfigError, NonNegInt, Schema, StageConfig, check_schema, require, schema_of
+from saeft.config.base import ConfigError, NonNegInt, Schema, StageConfig, check_schema, require, schema_checked, schema_of
 from saeft.config.aggregate import AggregateConfig
 from saeft.config.finetune import FinetuneConfig
 from saeft.config.stages import (
@@ -34,7 +34,7 @@ from saeft.data.fashion_mnist import FashionMNISTConfig
 from saeft.data.samples import RealDataOptions
 from saeft.data.synthetic import WorldConfig
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.json"
 """The generated schema file that the workflow validates with."""
 
 def _dataset_names(on_disk: bool | None = None) -> list[str]:
@@ -135,11 +135,10 @@ def study_schema() -> dict[str, Any]:
 
 
 def schema_text() -> str:
-    """The schema file's text (YAML)."""
-    import yaml
-
-    header = "# Generated from the config dataclasses by `saeft schema --write`: do not edit by hand.\n"
-    return header + yaml.safe_dump(json.loads(json.dumps(study_schema())), sort_keys=False, width=120)
+    """The schema file's text: JSON, which Snakemake's ``validate`` reads ten times faster than
+    the same schema in YAML."""
+    note = {"$comment": "Generated from the config dataclasses by `saeft schema --write`: do not edit by hand."}
+    return json.dumps({**note, **study_schema()}, indent=1) + "\n"
 
 
 def coerce_strings(config: Any, schema: dict[str, Any]) -> Any:
@@ -170,19 +169,24 @@ def coerce_strings(config: Any, schema: dict[str, Any]) -> Any:
     return config
 
 
+def load_schema(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The generated schema file (a test keeps it equal to :func:`study_schema`)."""
+    with open(path or SCHEMA_PATH) as handle:
+        return json.load(handle)
+
+
 def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Check ``config`` in place, fill its defaults and return it; a :class:`ConfigError` names
-    every bad key. Uses Snakemake's ``validate`` on the generated schema file."""
+    every bad key. The schema is the generated file, which Snakemake's ``validate`` applies (and
+    which fills the defaults); then the dataclasses run their cross-key checks."""
     from snakemake.utils import validate
 
-    schema = study_schema()
+    schema = load_schema(schema_path)
     config.update(coerce_strings(config, schema))
     check_schema(config, schema)
-    try:
-        validate(config, str(schema_path or SCHEMA_PATH), set_default=True)
-    except Exception as exc:  # a stale schema file; the errors above come from the dataclasses
-        raise ConfigError(f"{schema_path or SCHEMA_PATH}: {exc} (regenerate it: saeft schema --write)") from exc
-    StudyConfig.from_dict(copy.deepcopy(config))
+    validate(config, str(schema_path or SCHEMA_PATH), set_default=True)
+    with schema_checked():
+        StudyConfig.from_dict(copy.deepcopy(config))
     return config
 
 

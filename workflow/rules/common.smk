@@ -14,7 +14,7 @@ from saeft.methods import get_method
 from saeft.outputs import output_names
 from saeft.runs import PATTERN as RUN_PATTERN, RunId
 
-validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+validate_config(config, workflow.source_path("../schemas/config.schema.json"))
 if pretrained_kind(config["model"]["pretrained"]) == "file" and not os.path.isfile(config["model"]["pretrained"]):
     raise WorkflowError(f"model.pretrained: checkpoint {config['model']['pretrained']} does not exist")
 
@@ -253,7 +253,7 @@ def eval_results(curve=False):
 
 def train_summaries():
     """train.json of every fine-tuning job (the training-curve figures)."""
-    return [f"{R}/finetune/{MODEL}/{d}/{m}/seed{s}/train.json" for d in DATASETS for m in METHODS for s in SEEDS]
+    return [f"{R}/finetune/{MODEL}/{d}/{RunId(m, s).trained}/train.json" for d in DATASETS for m in METHODS for s in SEEDS]
 
 
 def aggregate_config():
