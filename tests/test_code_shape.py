@@ -1,5 +1,5 @@
 """The shape a maintainer can rely on: small modules and functions, no method-name dispatch outside
-the registry, no import cycle, stages importing only downhill, thin rules."""
+the registry, no import cycle, stages importing only downhill (thin rules: tests/test_planning.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "saeft"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
-MAX_RULE_LINES = 15
 
 
 def modules() -> dict[str, Path]:
@@ -126,30 +125,3 @@ def test_shared_helpers_import_no_stage(shared):
     stages = STAGES + ("saeft.aggregate", "saeft.analysis", "saeft.cli")
     uphill = {f"{n} -> {t}" for n in names for t in graph.get(n, ()) if t.startswith(stages)}
     assert not uphill, f"shared helpers import stages: {sorted(uphill)}"
-
-
-def rule_lengths() -> dict[str, int]:
-    """Every Snakemake rule's length in lines, from its ``rule`` line to its last indented line."""
-    lengths = {}
-    for path in [ROOT / "Snakefile", *sorted((ROOT / "workflow" / "rules").glob("*.smk"))]:
-        lines = path.read_text().splitlines()
-        for start, line in enumerate(lines):
-            match = re.match(r"(\s*)rule (\w+):", line)
-            if not match:
-                continue
-            indent, end = len(match[1]), start
-            for number in range(start + 1, len(lines)):
-                text = lines[number]
-                if text.strip() and len(text) - len(text.lstrip()) <= indent:
-                    break
-                if text.strip():
-                    end = number
-            lengths[f"{path.name}:{match[2]}"] = end - start + 1
-    return lengths
-
-
-def test_every_rule_is_thin():
-    lengths = rule_lengths()
-    assert len(lengths) >= 15
-    thick = {rule: n for rule, n in lengths.items() if n > MAX_RULE_LINES}
-    assert not thick, f"rules over {MAX_RULE_LINES} lines: {thick}"

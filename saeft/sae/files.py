@@ -18,6 +18,13 @@ _META_KEYS = ("d", "n_features", "k", "normalize")
 _META_DEFAULTS = {"architecture": "topk", "relu": False}
 
 
+def shape_metadata(sae: TopKSAE) -> dict[str, Any]:
+    """What rebuilds the module: ``d``, ``n_features``, ``k``, ``normalize``, ``architecture``,
+    ``relu`` (stored in the weights file and in ``sae.json``)."""
+    return {"d": sae.d, "n_features": sae.n_features, "k": sae.k, "normalize": sae.normalize,
+            "architecture": sae.architecture, "relu": sae.relu}
+
+
 def save_sae(
     path: str | os.PathLike, sae: TopKSAE, extra_metadata: Mapping[str, Any] | None = None
 ) -> None:
@@ -26,14 +33,7 @@ def save_sae(
     ``extra_metadata`` (JSON-serialisable) is stored beside ``d``, ``n_features``, ``k``,
     ``normalize``, ``architecture`` and ``relu``, which it must not override.
     """
-    meta: dict[str, Any] = {
-        "d": sae.d,
-        "n_features": sae.n_features,
-        "k": sae.k,
-        "normalize": sae.normalize,
-        "architecture": sae.architecture,
-        "relu": sae.relu,
-    }
+    meta = shape_metadata(sae)
     clash = sorted(set(extra_metadata or {}) & set(meta))
     if clash:
         raise ValueError(f"save_sae: extra_metadata must not set {', '.join(clash)}")

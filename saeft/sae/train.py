@@ -17,7 +17,7 @@ from saeft.config import require
 from saeft.config.stages import SAETrainConfig
 from saeft.io import load_tensors, write_json
 from saeft.sae.data import ChunkBatches, geometric_median, read_cache, read_embeddings
-from saeft.sae.files import save_sae
+from saeft.sae.files import save_sae, shape_metadata
 from saeft.sae.kernels import gathered_code, sparse_decode
 from saeft.sae.metrics import evaluate_sae, stream_fvu
 from saeft.sae.model import TopKSAE
@@ -314,12 +314,7 @@ def _write_outputs(sae, metrics, cfg, out_weights, out_json, train_h5, heldout_h
         out_json,
         {
             "config": cfg.to_dict(),
-            "d": sae.d,
-            "n_features": sae.n_features,
-            "k": sae.k,
-            "normalize": sae.normalize,
-            "architecture": sae.architecture,
-            "relu": sae.relu,
+            **shape_metadata(sae),
             "metrics": metrics,
             "train_cache": str(train_h5),
             "heldout_cache": str(heldout_h5),
