@@ -10,7 +10,6 @@ into place, so the declared output is never truncated.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import os
@@ -22,7 +21,6 @@ import numpy as np
 import torch
 
 import saeft
-from saeft.config import StageConfig, require
 from saeft.config.stages import CacheConfig
 from saeft.faults import maybe_kill
 from saeft.data.registry import get_dataset

@@ -26,12 +26,11 @@ import numpy as np
 import torch
 
 from saeft import metrics
-from saeft.config import StageConfig, require
 from saeft.config.stages import EvaluateConfig
 from saeft.data.registry import DatasetSpec, get_dataset
 from saeft.faults import maybe_kill
 from saeft.io import write_json
-from saeft.models import ImageClassifier, load_model, load_run_model, load_wiseft, preprocess_for, with_head
+from saeft.models import ImageClassifier, load_run_model, preprocess_for, with_head
 from saeft.training import Progress, setup_torch
 
 logger = logging.getLogger(__name__)

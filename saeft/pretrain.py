@@ -9,7 +9,6 @@ real zero-shot ability on those domains, which ID fine-tuning can erode.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from collections.abc import Callable
@@ -19,9 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from saeft.config import StageConfig, require
 from saeft.config.stages import PretrainConfig
-from saeft.data.registry import REGISTRY, get_dataset
+from saeft.data.registry import get_dataset
 from saeft.models import create_clip, open_clip_module, preprocess_for, save_clip, tokenizer_for
 from saeft.training import CHECKPOINT_NAME, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from saeft.config.aggregate import AggregateConfig
-from saeft.outputs import TABLE_FORMATS, WILDS_METRICS, table_names
+from saeft.outputs import WILDS_METRICS
 from saeft.results import OOD_AVG, format_parts, reported_results, value_columns
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Table:
 
 
 def build_tables(df: pd.DataFrame, summary: pd.DataFrame, cfg: AggregateConfig) -> list[Table]:
-    """The tables that apply to these results, in a fixed order (the names of :func:`saeft.outputs.table_names`, re-exported here)."""
+    """The tables that apply to these results, in a fixed order (named as :func:`saeft.outputs.table_names` lists them)."""
     tables = [shifts_table(summary, df, cfg)]
     wilds = [d for d, m in _dataset_metrics(df).items() if m in WILDS_METRICS]
     if wilds:

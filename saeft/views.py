@@ -11,9 +11,7 @@ setting, and the default).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +19,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from saeft.config import StageConfig, require
-from saeft.config.stages import VIEW_KEYS, ViewConfig
-
-AUGMENTS = ("none", "crop_flip")
-VIEW_KEYS = ("augment", "views", "view_seed", "crop_scale")
-"""The ``finetune`` keys that define the training views (and so the views cache)."""
+from saeft.config.stages import ViewConfig
 
 
 def _seed(key: Sequence[int]) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from saeft import cache, evaluate, finetune
+from saeft import cache, finetune, models
 from saeft.loss import Context, build_context, method_loss
 from saeft.methods.features import feature_l1, feature_mse
 from saeft.methods.flyp import flyp_loss
@@ -207,9 +207,9 @@ def test_wiseft_ends_are_exactly_zeroshot_and_finetuned(tmp_path, clip_file, hea
         for p in tuned.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     save_classifier(tmp_path / "ft.safetensors", tuned, arch, {"method": "ft"})
-    at0 = evaluate.load_wiseft(tmp_path / "ft.safetensors", clip_file, head_file, 0.0).state_dict()
-    at1 = evaluate.load_wiseft(tmp_path / "ft.safetensors", clip_file, head_file, 1.0).state_dict()
-    half = evaluate.load_wiseft(tmp_path / "ft.safetensors", clip_file, head_file, 0.5).state_dict()
+    at0 = models.load_wiseft(tmp_path / "ft.safetensors", clip_file, head_file, 0.0).state_dict()
+    at1 = models.load_wiseft(tmp_path / "ft.safetensors", clip_file, head_file, 1.0).state_dict()
+    half = models.load_wiseft(tmp_path / "ft.safetensors", clip_file, head_file, 0.5).state_dict()
     z, t = zeroshot.state_dict(), tuned.state_dict()
     assert all(torch.equal(at0[k], z[k]) for k in z if z[k].is_floating_point())
     assert all(torch.equal(at1[k], t[k]) for k in t)

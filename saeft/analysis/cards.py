@@ -17,7 +17,6 @@ Writes one PNG (a row per card) and one JSON per method, and a Markdown index of
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections import Counter
@@ -30,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from saeft.config import StageConfig, require
 from saeft.config.stages import CardsConfig
 from saeft.data.registry import get_dataset
 from saeft.io import atomic_path, load_tensors, write_json

@@ -25,7 +25,6 @@ are drawn.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -37,7 +36,6 @@ import torch
 
 from saeft.analysis import metrics
 from saeft.embeddings import read_cache
-from saeft.config import StageConfig, require
 from saeft.config.stages import AnalysisConfig
 from saeft.data.registry import get_dataset
 from saeft.io import atomic_path, write_json
