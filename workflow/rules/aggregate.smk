@@ -2,9 +2,12 @@
 # every one of them is in `snakemake --report results/report.html`.
 
 
-def aggregate_tables_flags(wildcards, input, output):
-    return {"--evals": list(input.evals), "--train": list(input.train), "--tables": f"{R}/tables",
-            "--figures": f"{R}/figures", "--config": aggregate_config()}
+def aggregate_tables_files(wildcards, input, output):
+    return {"--evals": list(input.evals), "--train": list(input.train)}
+
+
+def aggregate_tables_settings(wildcards):
+    return {"--tables": f"{R}/tables", "--figures": f"{R}/figures", "--config": aggregate_config()}
 
 
 rule aggregate_tables:
@@ -14,8 +17,9 @@ rule aggregate_tables:
     output:
         aggregate_outputs(),
     params:
-        args=job_args("aggregate_tables", aggregate_tables_flags),
+        files=job_files(aggregate_tables_files),
+        settings=job_settings("aggregate_tables", aggregate_tables_settings),
     log: job_log("aggregate_tables"),
     benchmark: job_benchmark("aggregate_tables"),
     shell:
-        "saeft aggregate {params.args} > {log} 2>&1"
+        "saeft aggregate {params.files} {params.settings} > {log} 2>&1"

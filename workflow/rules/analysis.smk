@@ -14,11 +14,15 @@ def analysis_inputs(wildcards):
     }
 
 
-def analysis_flags(wildcards, input, output):
+def analyze_files(wildcards, input, output):
     caches = [f"{split}={path}" for split, path in zip(get_dataset(wildcards.dataset).eval_splits, input.caches)]
-    return {**run_model_flags(wildcards, input), "--dataset-options": dataset_options(wildcards.dataset),
-            "--cache": caches, "--sae": input.sae, "--identity": evaluation_identity(wildcards),
-            "--config": analysis_config(), "--out-json": output.summary, "--out-images": output.images}
+    return {**run_model_files(wildcards, input), "--cache": caches, "--sae": input.sae,
+            "--out-json": output.summary, "--out-images": output.images}
+
+
+def analyze_settings(wildcards):
+    return {"--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
+            "--identity": evaluation_identity(wildcards), "--config": analysis_config()}
 
 
 rule analyze_features:
@@ -28,11 +32,12 @@ rule analyze_features:
         summary=f"{R}/analysis/{{model}}/{{dataset}}/{{run}}/features.json",
         images=f"{R}/analysis/{{model}}/{{dataset}}/{{run}}/images.parquet",
     params:
-        args=job_args("analyze_features", analysis_flags),
+        files=job_files(analyze_files),
+        settings=job_settings("analyze_features", analyze_settings),
     log: job_log("analyze_features", "{model}/{dataset}/{run}"),
     benchmark: job_benchmark("analyze_features", "{model}/{dataset}/{run}"),
     shell:
-        "saeft analyze-features {params.args} --threads {threads} > {log} 2>&1"
+        "saeft analyze-features {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
 
 def card_inputs(wildcards):
@@ -47,11 +52,14 @@ def card_outputs():
     return [in_report(path, "figure_cards", "{dataset}") if path.endswith(".png") else path for path in paths]
 
 
-def card_flags(wildcards, input, output):
+def cards_files(wildcards, input, output):
     images = [f"{RunId.parse(run).row}={path}" for run, path in zip(analysis_runs(), input.images)]
-    return {"--images": images, "--sae": input.sae, "--head": input.head, "--dataset": wildcards.dataset,
-            "--dataset-options": dataset_options(wildcards.dataset), "--config": config["analysis"]["cards"],
-            "--out-dir": f"{R}/analysis/{wildcards.model}/{wildcards.dataset}/cards"}
+    return {"--images": images, "--sae": input.sae, "--head": input.head}
+
+
+def cards_settings(wildcards):
+    return {"--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
+            "--config": config["analysis"]["cards"], "--out-dir": f"{R}/analysis/{wildcards.model}/{wildcards.dataset}/cards"}
 
 
 rule plot_feature_cards:
@@ -60,16 +68,20 @@ rule plot_feature_cards:
     output:
         card_outputs(),
     params:
-        args=job_args("plot_feature_cards", card_flags),
+        files=job_files(cards_files),
+        settings=job_settings("plot_feature_cards", cards_settings),
     log: job_log("plot_feature_cards", "{model}/{dataset}"),
     benchmark: job_benchmark("plot_feature_cards", "{model}/{dataset}"),
     shell:
-        "saeft feature-cards {params.args} --threads {threads} > {log} 2>&1"
+        "saeft feature-cards {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
 
-def aggregate_features_flags(wildcards, input, output):
-    return {"--analyses": list(input.analyses), "--images": list(input.images), "--evals": list(input.evals),
-            "--top": config["analysis"]["top_features"], "--tables": f"{R}/tables", "--figures": f"{R}/figures",
+def aggregate_features_files(wildcards, input, output):
+    return {"--analyses": list(input.analyses), "--images": list(input.images), "--evals": list(input.evals)}
+
+
+def aggregate_features_settings(wildcards):
+    return {"--top": config["analysis"]["top_features"], "--tables": f"{R}/tables", "--figures": f"{R}/figures",
             "--config": config["aggregate"]}
 
 
@@ -82,8 +94,9 @@ rule aggregate_features:
         tables=[path if path.endswith(".md") else in_report(path, "table_features") for path in FEATURE_TABLES],
         figures=[in_report(path, "figure_features") for path in FEATURE_FIGURES],
     params:
-        args=job_args("aggregate_features", aggregate_features_flags),
+        files=job_files(aggregate_features_files),
+        settings=job_settings("aggregate_features", aggregate_features_settings),
     log: job_log("aggregate_features"),
     benchmark: job_benchmark("aggregate_features"),
     shell:
-        "saeft aggregate-features {params.args} > {log} 2>&1"
+        "saeft aggregate-features {params.files} {params.settings} > {log} 2>&1"

@@ -8,14 +8,17 @@ def cache_inputs(wildcards):
             "check": check_marker(wildcards.dataset, wildcards.split)}
 
 
-def cache_flags(wildcards, input, output):
-    return {"--model": input.model, "--pretrained": pretrained_source() or "", "--dataset": wildcards.dataset,
-            "--dataset-options": dataset_options(wildcards.dataset), "--split": wildcards.split,
-            "--config": config["cache"], "--out": output[0]}
+def cache_files(wildcards, input, output):
+    return {"--model": input.model, "--out": output[0]}
 
 
-def cache_views_flags(wildcards, input, output):
-    return {**cache_flags(wildcards, input, output), "--views": view_config()}
+def cache_settings(wildcards):
+    return {"--pretrained": pretrained_source() or "", "--dataset": wildcards.dataset,
+            "--dataset-options": dataset_options(wildcards.dataset), "--split": wildcards.split, "--config": config["cache"]}
+
+
+def cache_views_settings(wildcards):
+    return {**cache_settings(wildcards), "--views": view_config()}
 
 
 rule cache_activations:
@@ -24,13 +27,14 @@ rule cache_activations:
     output:
         f"{R}/cache/{{model}}/{{dataset}}/{{split}}.h5",
     params:
-        args=job_args("cache_activations", cache_flags),
+        files=job_files(cache_files),
+        settings=job_settings("cache_activations", cache_settings),
     log: job_log("cache_activations", "{model}/{dataset}/{split}"),
     benchmark: job_benchmark("cache_activations", "{model}/{dataset}/{split}"),
     resources:
         gpu=1,
     shell:
-        "saeft cache {params.args} --threads {threads} > {log} 2>&1"
+        "saeft cache {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
 
 rule cache_views:
@@ -39,8 +43,9 @@ rule cache_views:
     output:
         f"{R}/cache/{{model}}/{{dataset}}/{{split}}.views.h5",
     params:
-        args=job_args("cache_views", cache_views_flags),
+        files=job_files(cache_files),
+        settings=job_settings("cache_views", cache_views_settings),
     log: job_log("cache_views", "{model}/{dataset}/{split}"),
     benchmark: job_benchmark("cache_views", "{model}/{dataset}/{split}"),
     shell:
-        "saeft cache {params.args} --threads {threads} > {log} 2>&1"
+        "saeft cache {params.files} {params.settings} --threads {threads} > {log} 2>&1"

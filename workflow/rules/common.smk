@@ -75,7 +75,7 @@ def as_json(obj):
 
 def track(rule_name, wildcards):
     """--track of a job: its MLflow run (experiment per study, run name rule/wildcards, tags). Part
-    of the args param, so its value must not change with code versions: every job would rerun.
+    of the settings param, so its value must not change with code versions: every job would rerun.
     Tags computed from these (method, seed, alpha...) are added by the job itself
     (saeft.tracking.comparison_tags)."""
     items = dict(wildcards.items())
@@ -85,8 +85,11 @@ def track(rule_name, wildcards):
 
 
 # Every rule takes its log, benchmark and command-line flags from these: the log and benchmark
-# named by rule and wildcards, the flags from one named function per rule (a dict: flag -> value)
-# with the job's --track added. The flags are a single param, so a change of any of them reruns.
+# named by rule and wildcards; the flags from two named functions per rule, each returning a dict
+# (flag -> value): <rule>_files(wildcards, input, output), the paths the job reads and writes, and
+# <rule>_settings(wildcards), what the config and the wildcards set, to which the job's --track is
+# added. Snakemake reruns a job when a param changes unless the param derives from the job's input
+# or output (those trigger reruns themselves): the settings are that rerun trigger, the files not.
 
 
 def job_log(rule_name, wildcards=""):
@@ -104,11 +107,20 @@ def _job_file(folder, rule_name, wildcards, ext):
     return f"{folder}/{STUDY}/{rule_name}{'/' + wildcards if wildcards else ''}.{ext}"
 
 
-def job_args(rule_name, flags):
-    """The ``args`` param of a rule: ``flags(wildcards, input, output)`` (a dict), then --track."""
-    def args(wildcards, input, output):
-        return command_line({**flags(wildcards, input, output), "--track": track(rule_name, wildcards)})
-    return args
+def job_files(flags):
+    """The ``files`` param of a rule: ``flags(wildcards, input, output)`` as shell words (not a
+    rerun trigger: it derives from the input and output)."""
+    def files(wildcards, input, output):
+        return command_line(flags(wildcards, input, output))
+    return files
+
+
+def job_settings(rule_name, flags):
+    """The ``settings`` param of a rule: ``flags(wildcards)`` then --track, as shell words; a
+    change of any of them reruns the job."""
+    def settings(wildcards):
+        return command_line({**flags(wildcards), "--track": track(rule_name, wildcards)})
+    return settings
 
 
 def command_line(flags):

@@ -2,17 +2,21 @@
 # count (saeft check-data); the marker JSON is an input of the rules that read the split's images.
 
 
-def check_dataset_flags(wildcards, input, output):
-    return {"--dataset": wildcards.dataset, "--dataset-options": check_options(wildcards.dataset),
-            "--split": wildcards.split, "--out": output[0]}
+def check_dataset_files(wildcards, input, output):
+    return {"--out": output[0]}
+
+
+def check_dataset_settings(wildcards):
+    return {"--dataset": wildcards.dataset, "--dataset-options": check_options(wildcards.dataset), "--split": wildcards.split}
 
 
 rule check_dataset:
     output:
         f"{R}/checks/{{dataset}}/{{split}}.json",
     params:
-        args=job_args("check_dataset", check_dataset_flags),
+        files=job_files(check_dataset_files),
+        settings=job_settings("check_dataset", check_dataset_settings),
     log: job_log("check_dataset", "{dataset}/{split}"),
     benchmark: job_benchmark("check_dataset", "{dataset}/{split}"),
     shell:
-        "saeft check-data {params.args} > {log} 2>&1"
+        "saeft check-data {params.files} {params.settings} > {log} 2>&1"

@@ -43,23 +43,27 @@ def evaluation_identity(wildcards):
     return identity if run.alpha is None else {**identity, "alpha": run.alpha}
 
 
-def run_model_flags(wildcards, input):
+def run_model_files(wildcards, input):
     """The evaluated model: --model, the zero-shot head (--head) or, for WiSE-FT, --alpha and the
     zero-shot model and head to mix with."""
     alpha = RunId.parse(wildcards.run).alpha
     wiseft = {} if alpha is None else {"--alpha": f"{alpha:g}", "--zeroshot-model": input.zeroshot,
                                        "--zeroshot-head": input.zeroshot_head}
-    return {"--model": input.model, "--head": input.get("head"), **wiseft, "--dataset": wildcards.dataset}
+    return {"--model": input.model, "--head": input.get("head"), **wiseft}
 
 
-def evaluate_flags(wildcards, input, output):
+def evaluate_files(wildcards, input, output):
+    return {**run_model_files(wildcards, input), "--out": output[0]}
+
+
+def evaluate_settings(wildcards):
     """--split (the dataset's eval splits) and --transfer (each transfer set with its head)."""
     transfer = TRANSFER.get(wildcards.dataset, [])
-    return {**run_model_flags(wildcards, input), "--split": list(get_dataset(wildcards.dataset).eval_splits),
+    return {"--dataset": wildcards.dataset, "--split": list(get_dataset(wildcards.dataset).eval_splits),
             "--transfer": [f"{name}={zeroshot_head(name)}" for name in transfer] or None,
             "--dataset-options": dataset_options(wildcards.dataset),
             "--transfer-options": {name: dataset_options(name) for name in transfer},
-            "--identity": evaluation_identity(wildcards), "--config": config["evaluate"], "--out": output[0]}
+            "--identity": evaluation_identity(wildcards), "--config": config["evaluate"]}
 
 
 rule evaluate_model:
@@ -68,10 +72,11 @@ rule evaluate_model:
     output:
         f"{R}/eval/{{model}}/{{dataset}}/{{run}}/evals.json",
     params:
-        args=job_args("evaluate_model", evaluate_flags),
+        files=job_files(evaluate_files),
+        settings=job_settings("evaluate_model", evaluate_settings),
     log: job_log("evaluate_model", "{model}/{dataset}/{run}"),
     benchmark: job_benchmark("evaluate_model", "{model}/{dataset}/{run}"),
     resources:
         gpu=1,
     shell:
-        "saeft evaluate {params.args} --threads {threads} > {log} 2>&1"
+        "saeft evaluate {params.files} {params.settings} --threads {threads} > {log} 2>&1"

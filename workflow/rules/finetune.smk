@@ -15,11 +15,14 @@ def finetune_inputs(wildcards):
     return inputs
 
 
-def finetune_flags(wildcards, input, output):
+def finetune_files(wildcards, input, output):
     return {"--model": input.model, "--head": input.head, "--sae": input.get("sae"), "--teacher-cache": input.get("teacher"),
-            "--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
-            "--config": method_config(wildcards.method, wildcards.seed, wildcards.dataset),
             "--out-model": output.model, "--out-json": output.summary}
+
+
+def finetune_settings(wildcards):
+    return {"--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
+            "--config": method_config(wildcards.method, wildcards.seed, wildcards.dataset)}
 
 
 rule finetune:
@@ -29,10 +32,11 @@ rule finetune:
         model=f"{R}/finetune/{{model}}/{{dataset}}/{{method}}/seed{{seed}}/model.safetensors",
         summary=f"{R}/finetune/{{model}}/{{dataset}}/{{method}}/seed{{seed}}/train.json",
     params:
-        args=job_args("finetune", finetune_flags),
+        files=job_files(finetune_files),
+        settings=job_settings("finetune", finetune_settings),
     log: job_log("finetune", "{model}/{dataset}/{method}/seed{seed}"),
     benchmark: job_benchmark("finetune", "{model}/{dataset}/{method}/seed{seed}"),
     resources:
         gpu=1,
     shell:
-        "saeft finetune {params.args} --threads {threads} > {log} 2>&1"
+        "saeft finetune {params.files} {params.settings} --threads {threads} > {log} 2>&1"

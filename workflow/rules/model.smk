@@ -3,9 +3,12 @@
 # then materialised as one local safetensors file with a zero-shot head per dataset.
 
 
-def pretrain_flags(wildcards, input, output):
-    return {"--arch": wildcards.model, "--dataset-options": dataset_options(pretrain_dataset()),
-            "--config": pretrain_config(), "--out": output.weights, "--quality": output.quality}
+def pretrain_files(wildcards, input, output):
+    return {"--out": output.weights, "--quality": output.quality}
+
+
+def pretrain_settings(wildcards):
+    return {"--arch": wildcards.model, "--dataset-options": dataset_options(pretrain_dataset()), "--config": pretrain_config()}
 
 
 rule pretrain_clip:
@@ -13,14 +16,15 @@ rule pretrain_clip:
         weights=f"{R}/pretrain/{{model}}/model.safetensors",
         quality=f"{R}/pretrain/{{model}}/quality.json",
     params:
-        args=job_args("pretrain_clip", pretrain_flags),
+        files=job_files(pretrain_files),
+        settings=job_settings("pretrain_clip", pretrain_settings),
     log: job_log("pretrain_clip", "{model}"),
     benchmark: job_benchmark("pretrain_clip", "{model}"),
     threads: all_cores
     resources:
         gpu=1,
     shell:
-        "saeft pretrain {params.args} --threads {threads} > {log} 2>&1"
+        "saeft pretrain {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
 
 def prepare_model_input(wildcards):
@@ -35,13 +39,18 @@ def prepare_model_input(wildcards):
     return {}
 
 
-def prepare_flags(wildcards, input, output):
+def prepare_files(wildcards, input, output):
     """--pretrained: the input file, the open_clip tag, or nothing; on a pretrain_clip model, the
-    pretraining gate (pretrain.min_zeroshot_acc) on its quality record."""
-    flags = {"--arch": wildcards.model, "--pretrained": input.get("weights", pretrained_source()) or None}
+    pretraining gate (pretrain.min_zeroshot_acc) on its quality record. (The source itself is the
+    rule's source param.)"""
+    flags = {"--pretrained": input.get("weights", pretrained_source()) or None}
     if "quality" in input.keys():
         flags.update({"--quality": input.quality, "--min-zeroshot-acc": config["pretrain"]["min_zeroshot_acc"]})
     return {**flags, "--out": output[0]}
+
+
+def prepare_settings(wildcards):
+    return {"--arch": wildcards.model}
 
 
 rule prepare_model:
@@ -51,15 +60,20 @@ rule prepare_model:
         f"{R}/models/{{model}}/zeroshot/model.safetensors",
     params:
         source=pretrained_source(),
-        args=job_args("prepare_model", prepare_flags),
+        files=job_files(prepare_files),
+        settings=job_settings("prepare_model", prepare_settings),
     log: job_log("prepare_model", "{model}"),
     benchmark: job_benchmark("prepare_model", "{model}"),
     shell:
-        "saeft prepare {params.args} > {log} 2>&1"
+        "saeft prepare {params.files} {params.settings} > {log} 2>&1"
 
 
-def head_flags(wildcards, input, output):
-    return {"--model": input.model, "--dataset": wildcards.dataset, "--out": output[0]}
+def head_files(wildcards, input, output):
+    return {"--model": input.model, "--out": output[0]}
+
+
+def head_settings(wildcards):
+    return {"--dataset": wildcards.dataset}
 
 
 rule build_zeroshot_head:
@@ -68,8 +82,9 @@ rule build_zeroshot_head:
     output:
         f"{R}/models/{{model}}/zeroshot/heads/{{dataset}}.safetensors",
     params:
-        args=job_args("build_zeroshot_head", head_flags),
+        files=job_files(head_files),
+        settings=job_settings("build_zeroshot_head", head_settings),
     log: job_log("build_zeroshot_head", "{model}/{dataset}"),
     benchmark: job_benchmark("build_zeroshot_head", "{model}/{dataset}"),
     shell:
-        "saeft head {params.args} --threads {threads} > {log} 2>&1"
+        "saeft head {params.files} {params.settings} --threads {threads} > {log} 2>&1"

@@ -17,20 +17,20 @@ def sae_inputs(wildcards):
     }
 
 
-def sae_data_flags(input):
-    """The SAE's data: training and held-out caches, the zero-shot head, each eval split's cache."""
+def sae_files(wildcards, input, output):
+    """The SAE's data (training and held-out caches, the zero-shot head, each eval split's cache)
+    and what it writes."""
     evals = [f"{os.path.basename(path)[:-3]}={path}" for path in input.evals]
-    return {"--train": input.train, "--heldout": input.heldout, "--head": input.head, "--eval": evals}
+    written = {"--out-weights": output.weights, "--out-json": output.metrics} if "weights" in output.keys() else {}
+    return {"--train": input.train, "--heldout": input.heldout, "--head": input.head, **written, "--eval": evals}
 
 
-def train_sae_flags(wildcards, input, output):
-    return {**sae_data_flags(input), "--config": sae_config(), "--out-weights": output.weights,
-            "--out-json": output.metrics}
+def sae_settings(wildcards):
+    return {"--config": sae_config()}
 
 
-def sae_sweep_flags(wildcards, input, output):
-    return {**sae_data_flags(input), "--config": config["sae"],
-            "--out-dir": f"{R}/sae/{wildcards.model}/{wildcards.dataset}"}
+def sae_sweep_settings(wildcards):
+    return {"--config": config["sae"], "--out-dir": f"{R}/sae/{wildcards.model}/{wildcards.dataset}"}
 
 
 rule train_sae:
@@ -40,13 +40,14 @@ rule train_sae:
         weights=f"{R}/sae/{{model}}/{{dataset}}/sae.safetensors",
         metrics=f"{R}/sae/{{model}}/{{dataset}}/sae.json",
     params:
-        args=job_args("train_sae", train_sae_flags),
+        files=job_files(sae_files),
+        settings=job_settings("train_sae", sae_settings),
     log: job_log("train_sae", "{model}/{dataset}"),
     benchmark: job_benchmark("train_sae", "{model}/{dataset}"),
     resources:
         gpu=1,
     shell:
-        "saeft train-sae {params.args} --threads {threads} > {log} 2>&1"
+        "saeft train-sae {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
 
 if SAE_SWEEP:
@@ -57,10 +58,11 @@ if SAE_SWEEP:
         output:
             [f"{R}/sae/{{model}}/{{dataset}}/{name}/{leaf}" for name in SAE_SWEEP for leaf in ("sae.safetensors", "sae.json")],
         params:
-            args=job_args("train_sae_sweep", sae_sweep_flags),
+            files=job_files(sae_files),
+            settings=job_settings("train_sae_sweep", sae_sweep_settings),
         log: job_log("train_sae_sweep", "{model}/{dataset}"),
         benchmark: job_benchmark("train_sae_sweep", "{model}/{dataset}"),
         resources:
             gpu=1,
         shell:
-            "saeft train-sae-sweep {params.args} --threads {threads} > {log} 2>&1"
+            "saeft train-sae-sweep {params.files} {params.settings} --threads {threads} > {log} 2>&1"
