@@ -18,9 +18,9 @@ MAX_RULE_LINES = 15
 HEAVY = ("torch", "pandas", "matplotlib")
 
 
-def rule_lengths() -> dict[str, int]:
-    """Every rule's length in lines: from its ``rule`` line to its last indented non-empty line."""
-    lengths = {}
+def rule_blocks() -> dict[str, list[str]]:
+    """Every rule's lines, by rule name: from its ``rule`` line to its last indented non-empty line."""
+    blocks = {}
     for path in RULE_FILES:
         lines = path.read_text().splitlines()
         for start, line in enumerate(lines):
@@ -34,8 +34,12 @@ def rule_lengths() -> dict[str, int]:
                     break
                 if text.strip():
                     end = number
-            lengths[f"{path.name}:{match[2]}"] = end - start + 1
-    return lengths
+            blocks[f"{path.name}:{match[2]}"] = lines[start:end + 1]
+    return blocks
+
+
+def rule_lengths() -> dict[str, int]:
+    return {name: len(lines) for name, lines in rule_blocks().items()}
 
 
 def test_every_rule_is_at_most_15_lines():
@@ -45,9 +49,28 @@ def test_every_rule_is_at_most_15_lines():
     assert not thick, f"rules over {MAX_RULE_LINES} lines: {thick}"
 
 
+def test_each_rule_names_its_log_benchmark_and_tracking_after_itself():
+    for where, lines in rule_blocks().items():
+        name, block = where.split(":")[1], "\n".join(lines)
+        if name == "all":
+            continue
+        assert f'job_log("{name}"' in block, name
+        if "job_settings(" in block:
+            assert f'job_settings("{name}",' in block and f'job_benchmark("{name}"' in block, name
+
+
+def test_settings_flags_take_only_wildcards():
+    """Snakemake reruns a job when a param changes unless the param derives from input or output:
+    the settings (config-derived flags) must stay a function of the wildcards alone."""
+    text = "\n".join(path.read_text() for path in RULE_FILES)
+    settings = re.findall(r"^def (?!job_)(\w+_settings)\((.*?)\):", text, re.M)
+    assert len(settings) >= 13
+    assert all(args == "wildcards" for _, args in settings), settings
+
+
 def test_rules_take_flags_from_named_functions_and_methods_from_the_registry():
     text = "\n".join(path.read_text() for path in RULE_FILES)
-    assert "lambda" not in text  # a named function per rule builds its flags (job_args)
+    assert "lambda" not in text  # named functions build the flags (job_files, job_settings)
     # Method sets come from the registry (get_method(m).needs, .trained), run ids from saeft.runs.
     assert not re.search(r"""["'](sae_sparse|sae_add|feat_mse|feat_l1|l2sp|ldifs|flyp|lpft)["']""", text)
     assert ".partition(\"/alpha\")" not in text and ".partition(\"/seed\")" not in text
