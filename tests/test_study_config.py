@@ -156,9 +156,9 @@ def test_the_schema_file_is_generated_from_the_dataclasses():
 def test_nested_command_line_strings_are_typed_by_the_schema():
     from saeft.config.study import coerce_strings, study_schema
 
-    typed = coerce_strings({"finetune": {"lr": "0.01", "epochs": "2", "compile": "true"}, "seeds": ["0", "1"],
+    typed = coerce_strings({"finetune": {"lr": "1e-3", "epochs": "2", "compile": "true"}, "seeds": ["0", "1"],
                             "methods": {"ldifs": {"taps": "null"}}, "study": "123"}, study_schema())
-    assert typed == {"finetune": {"lr": 0.01, "epochs": 2, "compile": True}, "seeds": [0, 1],
+    assert typed == {"finetune": {"lr": 0.001, "epochs": 2, "compile": True}, "seeds": [0, 1],
                      "methods": {"ldifs": {"taps": None}}, "study": "123"}
     with pytest.raises(ConfigError, match="finetune.lr: must be a number, got 'fast'"):
         validate_config({"finetune": {"lr": "fast"}})

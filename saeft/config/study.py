@@ -162,6 +162,11 @@ def coerce_strings(config: Any, schema: dict[str, Any]) -> Any:
                 value = yaml.safe_load(config)
             except yaml.YAMLError:
                 return config
+            if isinstance(value, str) and kinds & {"number"}:
+                try:  # YAML 1.1 reads 1e-3 as a string
+                    value = float(value)
+                except ValueError:
+                    return config
             wanted = {"number": (int, float), "integer": (int,), "boolean": (bool,), "null": (type(None),)}
             if any(isinstance(value, wanted[k]) and not (k != "boolean" and isinstance(value, bool))
                    for k in kinds if k in wanted):
