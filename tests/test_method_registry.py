@@ -108,7 +108,7 @@ def test_new_method_runs_through_finetune_and_evaluate(feat_cos, tmp_path, clip_
 
 
 def test_importing_the_registry_imports_no_torch():
-    code = ("import sys, saeft.methods, saeft.config.stages as s; "
+    code = ("import sys, saeft.methods, saeft.config.finetune as s; "
             "assert s.FinetuneConfig(method='lpft').total_epochs == 12; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
