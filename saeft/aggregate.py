@@ -22,12 +22,15 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from saeft import figures as fig_mod
-from saeft import reference
+from saeft import frontier as frontier_mod
+from saeft import intervals, reference
 from saeft import tables as tab_mod
+from saeft import variant_tables
 from saeft.config.aggregate import AggregateConfig
 from saeft.io import atomic_path
 from saeft.outputs import METRICS_PARQUET, output_names
-from saeft.results import OOD_AVG, load_metrics, read_training_logs, summarize, wiseft_curves
+from saeft.results import OOD_AVG, load_metrics, read_training_logs, reported_results, summarize, wiseft_curves
+from saeft.selection import read_selections
 from saeft.runs import wiseft_name  # re-exported (with output_names) for rules that still import them from here
 
 logger = logging.getLogger(__name__)
@@ -53,29 +56,78 @@ def run(
     out_dir_figures: str | os.PathLike,
     cfg: AggregateConfig,
     train_paths: Iterable[str | os.PathLike] = (),
+    prediction_paths: Iterable[str | os.PathLike] = (),
+    selection_paths: Iterable[str | os.PathLike] = (),
+    variants: dict[str, Any] | None = None,
 ) -> Outputs:
     """Write the tidy table, every paper table in every format and every figure (the names of
-    :func:`saeft.outputs.output_names`), all atomically, from the eval JSONs (WiSE-FT curve points
-    included) and the fine-tuning jobs' ``train.json``."""
-    tables_dir = Path(out_dir_tables)
-    figures_dir = Path(out_dir_figures)
-    df = load_metrics(eval_paths)
-    models = sorted(df["model"].unique())
+    :func:`saeft.outputs.output_names`), all atomically, from the eval JSONs (every variant and
+    WiSE-FT curve point), the per-image predictions behind them (the intervals; none: the tables
+    show stds and the frontier has no intervals), each dataset's ``selection.json`` (which
+    variant the tables report; none: each method has one) and the fine-tuning jobs' ``train.json``."""
+    tables_dir, figures_dir = Path(out_dir_tables), Path(out_dir_figures)
+    eval_paths, prediction_paths = list(eval_paths), list(prediction_paths)
+    everything = load_metrics(eval_paths)
+    models = sorted(everything["model"].unique())
     if len(models) > 1:
         raise ValueError(f"one model per study: the results hold {', '.join(models)}")
-    summary = summarize(df, cfg)
+    selections = read_selections(selection_paths)
+    reported_variant = {(d, m): e["selected"] for d, rec in selections.items() for m, e in rec["methods"].items()}
+    df = everything.assign(selected=reported_mask(everything, reported_variant))
+    shown = df[df["selected"]].drop(columns="selected")
+    ev = _evaluations(everything, eval_paths, prediction_paths, cfg)
+    summary = summarize(shown, cfg)
+    if ev is not None:
+        summary = intervals.add_intervals(summary, reported_results(shown, cfg), ev, cfg.level)
     training = read_training_logs(train_paths)  # a bad log fails the stage before anything is written
 
     with atomic_path(tables_dir / METRICS_PARQUET) as tmp:
         df.to_parquet(tmp, engine="pyarrow", index=False)
-    built = [*tab_mod.build_tables(df, summary, cfg), reference.reference_table(summary, cfg)]
+    points = _frontier(df, ev, reported_variant, cfg)
+    diffs = intervals.comparisons(reported_results(shown, cfg), ev, cfg.compare, cfg.compare_with, cfg.level) if ev else pd.DataFrame()
+    built = [*tab_mod.build_tables(shown, summary, cfg), reference.reference_table(summary, cfg),
+             variant_tables.selection_table(selections, points, cfg), variant_tables.comparison_table(diffs, cfg),
+             variant_tables.frontier_table(points, cfg)]
     written = [tables_dir / METRICS_PARQUET, *write_tables(built, tables_dir, cfg)]
-    figures = draw_figures(df, summary, cfg, figures_dir, training)
+    figures = draw_figures(shown, summary, cfg, figures_dir, training)
+    for dataset in summary["dataset"].unique():
+        stem = f"frontier_{dataset}"
+        figures[stem] = frontier_mod.plot_frontier(points, dataset, cfg, figures_dir / f"{stem}.png", figures_dir / f"{stem}.pdf")
     logger.info(
         "aggregated %d results into %d tables and %d figures in %s and %s",
         len(df), len(built), len(figures), tables_dir, figures_dir,
     )
-    return Outputs(headline(df, summary), {"metrics": df, **{t.name: t.frame for t in built}}, figures, written)
+    return Outputs(headline(shown, summary), {"metrics": df, **{t.name: t.frame for t in built}}, figures, written)
+
+
+def reported_mask(df: pd.DataFrame, reported_variant: dict[tuple[str, str], str]) -> pd.Series:
+    """True for the rows the paper tables show: zero-shot, WiSE-FT, and each fine-tuned method's
+    reported variant (``reported_variant``: (dataset, method) -> variant; a method absent from it
+    must have a single variant, else a ValueError names it)."""
+    trained = df["alpha"].isna() & (df["method"] != "zeroshot")
+    several = df[trained].groupby(["dataset", "method"])["variant"].nunique()
+    unselected = [f"{d}/{m}" for (d, m), n in several.items() if n > 1 and (d, m) not in reported_variant]
+    if unselected:
+        raise ValueError(f"{', '.join(unselected)}: several variants but no selection.json says which one to report")
+    chosen = [reported_variant.get((d, m), v) == v for d, m, v in zip(df["dataset"], df["method"], df["variant"])]
+    return ~trained | pd.Series(chosen, index=df.index)
+
+
+def _evaluations(df: pd.DataFrame, eval_paths: list[Any], prediction_paths: list[Any], cfg: AggregateConfig) -> intervals.Evaluations | None:
+    if not prediction_paths:
+        logger.warning("no per-image predictions given: the tables show stds over seeds, without intervals")
+        return None
+    metrics = {(d, e): m for d, e, m in zip(df["dataset"], df["evalset"], df["metric"])}
+    return intervals.Evaluations(eval_paths, prediction_paths, metrics, cfg.bootstrap)
+
+
+def _frontier(df: pd.DataFrame, ev: intervals.Evaluations | None, reported_variant: dict[tuple[str, str], str],
+              cfg: AggregateConfig) -> pd.DataFrame:
+    """The frontier's points with their Pareto flags (empty without predictions)."""
+    if ev is None:
+        return frontier_mod.mark_pareto(pd.DataFrame(columns=intervals.FRONTIER_COLUMNS))
+    points = intervals.frontier_points(df[df["role"].isin(["id", "ood"])], ev, reported_variant, cfg.wiseft_alpha, cfg.label, cfg.level)
+    return frontier_mod.mark_pareto(points)
 
 
 def write_tables(built: list[tab_mod.Table], tables_dir: Path, cfg: AggregateConfig) -> list[Path]:

@@ -170,15 +170,27 @@ def _add_evaluation_commands(sub: Any) -> None:
     p.add_argument("--zeroshot-head", default=None, help="WiSE-FT: the dataset's zero-shot head")
     _config(p, "evaluation")
     p.add_argument("--out", required=True, help="output JSON: the run's identity and 'evals', a result record per eval set")
+    p.add_argument("--out-predictions", default=None, help="output Parquet: per image of every eval set, predicted and true label")
 
     p = add("check-data", commands.cmd_check_data, "verify a dataset split's layout and image count under data_root")
     _dataset_args(p)
     p.add_argument("--split", required=True, help="split to check")
     p.add_argument("--out", required=True, help="output marker JSON (what was found)")
 
+    p = add("select-variants", commands.cmd_select_variants, "choose each method's reported variant on ID validation")
+    p.add_argument("--evals", nargs="+", required=True, help="evaluation bundles of every variant on the selection seeds")
+    p.add_argument("--variants", type=_json_arg, required=True, help="JSON: method -> variant -> its parameters")
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="the selection seeds")
+    p.add_argument("--oracle", type=_json_arg, default=True, help="also record the OOD-oracle choice (true/false)")
+    p.add_argument("--out", required=True, help="output selection.json")
+
     p = add("aggregate", commands.cmd_aggregate, "build the tables and figures from evaluation results")
     p.add_argument("--evals", nargs="+", required=True, help="evaluation result JSON files (WiSE-FT curve points included)")
     p.add_argument("--train", nargs="*", default=[], help="train.json of the fine-tuning jobs (training-curve figures)")
+    p.add_argument("--predictions", nargs="*", default=[],
+                   help="predictions.parquet of each --evals file, in the same order (the intervals); none: no intervals")
+    p.add_argument("--selections", nargs="*", default=[], help="selection.json per dataset (select-variants)")
+    p.add_argument("--variants", type=_json_arg, default={}, help="JSON: method -> variant -> its parameters")
     p.add_argument("--tables", required=True, help="output folder of tables")
     p.add_argument("--figures", required=True, help="output folder of figures")
     _config(p, "aggregation")

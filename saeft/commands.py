@@ -142,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--transfer-options: {', '.join(unknown)} not among the --transfer sets")
     transfer = {name: (head, get_dataset(name).options(args.transfer_options.get(name, {}))) for name, head in heads.items()}
     results = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity,
-                           wiseft=wiseft, transfer=transfer)
+                           wiseft=wiseft, transfer=transfer, out_predictions=args.out_predictions)
     return _evaluation_metrics(results)
 
 
@@ -171,11 +171,31 @@ def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
     return {"images": found["images"]}
 
 
+def cmd_select_variants(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import selection
+
+    record = selection.run(args.evals, args.out, args.variants, args.seeds, oracle=bool(args.oracle))
+    for method, entry in record["methods"].items():
+        RUN.log_table(_scores_frame(entry), f"selection/{method}.json")
+    return {f"{m}/selected_val": entry["scores"][entry["selected"]] for m, entry in record["methods"].items()}
+
+
+def _scores_frame(entry: dict[str, Any]) -> Any:
+    import pandas as pd
+
+    oracle = entry.get("oracle", {}).get("scores", {})
+    return pd.DataFrame([{"variant": v, "val": s, "ood_avg": oracle.get(v), "selected": v == entry["selected"]}
+                         for v, s in entry["scores"].items()])
+
+
 def cmd_aggregate(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import aggregate
 
     cfg = aggregate.AggregateConfig.from_dict(args.config, "aggregate.")
-    outputs = aggregate.run(args.evals, args.tables, args.figures, cfg, train_paths=args.train)
+    if args.predictions and len(args.predictions) != len(args.evals):
+        raise ValueError(f"--predictions: {len(args.predictions)} files for {len(args.evals)} --evals files")
+    outputs = aggregate.run(args.evals, args.tables, args.figures, cfg, train_paths=args.train,
+                            prediction_paths=args.predictions, selection_paths=args.selections, variants=args.variants)
     for name, frame in outputs.tables.items():
         RUN.log_table(frame, f"tables/{name}.json")
     for path in outputs.table_files:  # the files as written: LaTeX, Markdown, HTML, Parquet

@@ -108,11 +108,14 @@ def score_split(
     cfg: EvaluateConfig,
     identity: dict[str, Any],
     transfer_from: str | None = None,
+    predictions: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """The result record of ``classifier`` on one eval set (a transfer set is scored through its
     head): identity, dataset, eval set, role, metric and value, n, per-class counts, classnames.
     ``transfer_from``: the dataset the model was fine-tuned on, when ``evalset`` is a transfer
-    set; the record is filed under that dataset, eval set ``evalset.dataset``, role 'transfer'."""
+    set; the record is filed under that dataset, eval set ``evalset.dataset``, role 'transfer'.
+    ``predictions``, if given, gets the per-image predicted and true labels (and region names)
+    under the record's eval set name (:func:`write_predictions`)."""
     dataset, split = evalset.dataset, evalset.split
     if evalset.head is not None:
         classifier = with_head(classifier, evalset.head)
@@ -122,7 +125,11 @@ def score_split(
     classnames = spec.evalset_classnames(split)
     total = np.bincount(target, minlength=len(classnames))
     correct = np.bincount(target[predicted == target], minlength=len(classnames))
-    scores = score(spec, split, predicted, target, getattr(data, "groups", None), getattr(data, "group_names", ()))
+    groups, group_names = getattr(data, "groups", None), getattr(data, "group_names", ())
+    scores = score(spec, split, predicted, target, groups, group_names)
+    if predictions is not None:
+        names = None if groups is None else np.asarray(group_names, dtype=object)[np.asarray(groups)]
+        predictions[dataset if transfer_from else split] = {"predicted": predicted, "target": target, "group": names}
     result = {
         **identity,
         "dataset": transfer_from or dataset,
@@ -151,6 +158,7 @@ def run(
     identity: dict[str, Any],
     wiseft: tuple[str | os.PathLike, str | os.PathLike, float] | None = None,
     transfer: Mapping[str, tuple[str | os.PathLike, Any]] | None = None,
+    out_predictions: str | os.PathLike | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one run on every eval set and write the bundle JSON ``out``; returns the records
     by eval set name. ``identity`` holds study, model, method and seed (and alpha). ``splits``:
@@ -158,15 +166,39 @@ def run(
     options), each scored on its ID eval split through that head. ``wiseft``: (zero-shot model,
     zero-shot head, alpha) to evaluate the interpolation of ``model`` with the zero-shot model
     instead of ``model`` itself. The model is loaded once; the bundle is written once, after the
-    last eval set, as ``{**identity, "dataset": dataset, "evals": {name: record}}``."""
+    last eval set, as ``{**identity, "dataset": dataset, "evals": {name: record}}``, and, given
+    ``out_predictions``, the per-image predictions behind it (:func:`write_predictions`)."""
     sets = eval_sets(dataset, splits, dataset_options, transfer)
     setup_torch(0)
     classifier = load_run_model(model, head, wiseft)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, dict[str, np.ndarray]] = {}
     for evalset in sets:
         setup_torch(0)  # each eval set from the same seeds, as in a job of its own
         transfer_from = dataset if evalset.head is not None else None
-        results[evalset.name] = score_split(classifier, evalset, cfg, identity, transfer_from)
+        results[evalset.name] = score_split(classifier, evalset, cfg, identity, transfer_from, predictions)
         maybe_kill("evalset")
+    if out_predictions is not None:
+        write_predictions(out_predictions, predictions)
     write_json(out, {**identity, "dataset": dataset, "evals": results})
     return results
+
+
+PREDICTION_COLUMNS = ("evalset", "predicted", "target", "group")
+"""Columns of ``predictions.parquet``: per image of every eval set (in the loader's order), the
+predicted and the true label over the eval set's classes, and its region (null without)."""
+
+
+def write_predictions(path: str | os.PathLike, predictions: Mapping[str, Mapping[str, Any]]) -> None:
+    """Write the per-image predictions of every eval set as one Parquet table, atomically: what
+    the intervals of :mod:`saeft.uncertainty` resample."""
+    import pandas as pd
+
+    from saeft.io import atomic_path
+
+    frames = [pd.DataFrame({"evalset": name, "predicted": p["predicted"].astype("int32"), "target": p["target"].astype("int32"),
+                            "group": p["group"] if p["group"] is not None else None}) for name, p in predictions.items()]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PREDICTION_COLUMNS))
+    table["group"] = table["group"].astype("string")
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, engine="pyarrow", index=False)

@@ -29,13 +29,13 @@ def table_names(dataset_metrics: dict[str, str], has_transfer: bool) -> list[str
         names.append("wilds")
     if has_transfer:
         names.append("transfer")
-    return names + ["robustness"]
+    return names + ["robustness", "selection", "comparison", "frontier"]
 
 
 def figure_stems(datasets: Sequence[str]) -> list[str]:
     """Stems of the figures a study draws: the ID-vs-OOD overview, then per dataset its shifts,
-    bars and training curves."""
-    return ["id_vs_ood"] + [f"{kind}_{d}" for d in datasets for kind in ("shifts", "bars", "training")]
+    bars, training curves and ID–OOD frontier."""
+    return ["id_vs_ood"] + [f"{kind}_{d}" for d in datasets for kind in ("shifts", "bars", "training", "frontier")]
 
 
 def output_names(datasets: Sequence[str], dataset_metrics: dict[str, str], has_transfer: bool) -> tuple[list[str], list[str]]:

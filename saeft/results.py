@@ -44,17 +44,23 @@ KEY_COLUMNS = ("model", "dataset", "method")
 """A summary row is one (model, dataset, method)."""
 
 METRICS_COLUMNS = (
-    "study", "model", "dataset", "method", "seed", "alpha", "evalset", "role", "metric", "value", "n",
+    "study", "model", "dataset", "method", "variant", "seed", "alpha", "evalset", "role", "metric", "value", "n",
 )
 """Columns of the tidy long table, in order; every eval record carries these keys (``alpha``, the
-WiSE-FT mixing weight, only for interpolated models: null elsewhere)."""
+WiSE-FT mixing weight, only for interpolated models: null elsewhere; ``variant``, the fine-tuned
+variant (saeft.variants; the base's for WiSE-FT, ``zeroshot`` for zero-shot), defaults to the
+method)."""
 
-OPTIONAL_KEYS = ("alpha",)
+OPTIONAL_KEYS = ("alpha", "variant")
 
-UNIQUE_KEY = ("model", "dataset", "method", "seed", "alpha", "evalset")
+ROLES = ("id", "ood", "transfer", "val")
+"""Roles of eval sets: ID test, shift, transfer set, and the ID validation split that variants are
+selected on (never in a table's cells)."""
+
+UNIQUE_KEY = ("model", "dataset", "method", "variant", "seed", "alpha", "evalset")
 """At most one eval record per combination of these."""
 
-_STR_KEYS = ("study", "model", "dataset", "method", "evalset", "metric")
+_STR_KEYS = ("study", "model", "dataset", "method", "variant", "evalset", "metric")
 
 
 
@@ -132,6 +138,8 @@ def _read_record(path: str, data: dict[str, Any]) -> dict[str, Any]:
     for key in METRICS_COLUMNS:
         if key not in data and key not in OPTIONAL_KEYS:
             raise ValueError(f"{path}: missing key '{key}'")
+    if data.get("variant") is None and isinstance(data.get("method"), str):
+        data = {**data, "variant": data["method"]}
     for key in _STR_KEYS:
         value = data[key]
         if not isinstance(value, str) or not value:
@@ -139,8 +147,8 @@ def _read_record(path: str, data: dict[str, Any]) -> dict[str, Any]:
     seed = data["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"{path}: key 'seed' must be an integer or null, got {seed!r}")
-    if data["role"] not in ("id", "ood", "transfer"):
-        raise ValueError(f"{path}: key 'role' must be 'id', 'ood' or 'transfer', got {data['role']!r}")
+    if data["role"] not in ROLES:
+        raise ValueError(f"{path}: key 'role' must be one of {', '.join(ROLES)}, got {data['role']!r}")
     value = data["value"]
     if (
         isinstance(value, bool)

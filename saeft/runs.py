@@ -1,7 +1,9 @@
 """Run ids: which model an evaluation or an analysis is about, formatted and parsed in one place.
 
-A run id is ``zeroshot``, ``<method>/seed<N>`` (a fine-tuned model) or
-``<method>/seed<N>/alpha<a>`` (WiSE-FT: that model mixed with the zero-shot one at ``alpha``).
+A run id is ``zeroshot``, ``<variant>/seed<N>`` (a fine-tuned model) or
+``<variant>/seed<N>/alpha<a>`` (WiSE-FT: that model mixed with the zero-shot one at ``alpha``);
+a variant is a method's name, or ``<method>@<label>`` for one of its variants
+(:mod:`saeft.variants`).
 It is the ``run`` wildcard of the workflow and a folder under ``eval/`` and ``analysis/``.
 Imports nothing heavy: the workflow builds its targets with it while it plans."""
 
@@ -10,17 +12,21 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from saeft.variants import PATTERN as VARIANT_PATTERN, method_of
+
 ZEROSHOT = "zeroshot"
-PATTERN = r"zeroshot|[a-z0-9_]+/seed\d+(/alpha[0-9.]+)?"
+PATTERN = rf"zeroshot|{VARIANT_PATTERN}/seed\d+(/alpha[0-9.]+)?"
 """The run ids this module formats (the workflow's wildcard constraint)."""
 
-_PARSE = re.compile(r"(?P<method>[a-z0-9_]+)/seed(?P<seed>\d+)(?:/alpha(?P<alpha>[0-9.]+))?")
+_PARSE = re.compile(rf"(?P<method>{VARIANT_PATTERN})/seed(?P<seed>\d+)(?:/alpha(?P<alpha>[0-9.]+))?")
 
 
 def wiseft_name(base: str) -> str:
-    """Table row of WiSE-FT over ``base``: 'wiseft' for ft (as in the literature), else
-    ``wiseft_<base>``; the inverse of :func:`wiseft_base`."""
-    return "wiseft" if base == "ft" else f"wiseft_{base}"
+    """Table row of WiSE-FT over ``base`` (a method, or one of its variants: the row is the
+    method's): 'wiseft' for ft (as in the literature), else ``wiseft_<method>``; the inverse of
+    :func:`wiseft_base`."""
+    trained = method_of(base)
+    return "wiseft" if trained == "ft" else f"wiseft_{trained}"
 
 
 def wiseft_base(method: str) -> str | None:
@@ -42,7 +48,7 @@ class RunId:
     WiSE-FT (``alpha`` as well)."""
 
     method: str | None = None
-    """The fine-tuned method; None for the zero-shot model."""
+    """The fine-tuned variant (a method's name, or ``<method>@<label>``); None for zero-shot."""
     seed: int | None = None
     """Its fine-tuning seed."""
     alpha: float | None = None
@@ -59,7 +65,7 @@ class RunId:
             return cls()
         match = _PARSE.fullmatch(text)
         if match is None:
-            raise ValueError(f"{text!r} is not a run id (zeroshot, <method>/seed<N> or <method>/seed<N>/alpha<a>)")
+            raise ValueError(f"{text!r} is not a run id (zeroshot, <variant>/seed<N> or <variant>/seed<N>/alpha<a>)")
         alpha = match["alpha"]
         return cls(match["method"], int(match["seed"]), float(alpha) if alpha is not None else None)
 
@@ -78,11 +84,17 @@ class RunId:
         return f"{self.method}/seed{self.seed}"
 
     @property
+    def variant(self) -> str:
+        """The fine-tuned variant's name (``zeroshot`` for the zero-shot model)."""
+        return ZEROSHOT if self.method is None else self.method
+
+    @property
     def row(self) -> str:
-        """Its method's name in the tables: ``zeroshot``, the method, or WiSE-FT's row name."""
+        """Its method's name in the tables: ``zeroshot``, the method (of the variant), or
+        WiSE-FT's row name."""
         if self.method is None:
             return ZEROSHOT
-        return wiseft_name(self.method) if self.alpha is not None else self.method
+        return wiseft_name(self.method) if self.alpha is not None else method_of(self.method)
 
 
 __all__ = ["PATTERN", "RunId", "ZEROSHOT", "alpha_tag", "wiseft_base", "wiseft_name"]

@@ -121,7 +121,7 @@ def shifts_table(summary: pd.DataFrame, df: pd.DataFrame, cfg: AggregateConfig) 
     metrics = ", ".join(dict.fromkeys(cfg.metric_label(m) for m in summary["metric"]))
     caption = (
         f"Accuracy under distribution shift ({metrics}, {cfg.scale_and_unit()[1]}): the ID eval set, each shift "
-        f"and {OOD_AVG} (per seed, the mean over the shifts), mean ± std over seeds; best per column in bold."
+        f"and {OOD_AVG} (per seed, the mean over the shifts), {spread_phrase(frame, cfg.level)}; best per column in bold."
     )
     return Table("shifts", caption, frame, list(columns.values()))
 
@@ -144,13 +144,14 @@ def wilds_table(summary: pd.DataFrame, datasets: Sequence[str], cfg: AggregateCo
                 "section": _section(r["model"], None, several),
             })
             for key, source in ((f"{dataset} ID", id_set), (f"{dataset} OOD", OOD_AVG)):
-                row[f"{key} mean"], row[f"{key} std"] = r[f"{source} mean"], r[f"{source} std"]
-    frame = _order(pd.DataFrame(list(rows.values())), cfg)
+                for stat in ("mean", "std", "low", "high"):
+                    row[f"{key} {stat}"] = r.get(f"{source} {stat}", np.nan)
+    frame = _frame(_order(pd.DataFrame(list(rows.values())), cfg), columns)
     caption = (
         f"WILDS ({cfg.scale_and_unit()[1]}): each dataset's ID test split and its OOD split(s) (the average, where "
-        "several), in the dataset's metric, mean ± std over seeds; best per column in bold."
+        f"several), in the dataset's metric, {spread_phrase(frame, cfg.level)}; best per column in bold."
     )
-    return Table("wilds", caption, _frame(frame, columns), columns)
+    return Table("wilds", caption, frame, columns)
 
 
 def transfer_table(summary: pd.DataFrame, df: pd.DataFrame, cfg: AggregateConfig) -> Table:
@@ -271,8 +272,9 @@ def _order(frame: pd.DataFrame, cfg: AggregateConfig) -> pd.DataFrame:
 
 
 def _frame(frame: pd.DataFrame, columns: Sequence[Column]) -> pd.DataFrame:
-    ident = [c for c in ("section", "model", "dataset", "method", "label", "n_seeds") if c in frame.columns]
-    numeric = [f"{c.key} {s}" for c in columns for s in ("mean", "std")]
+    ident = [c for c in ("section", "model", "dataset", "method", "variant", "label", "n_seeds") if c in frame.columns]
+    stats = ("mean", "std", "low", "high") if any(f"{c.key} low" in frame.columns for c in columns) else ("mean", "std")
+    numeric = [f"{c.key} {s}" for c in columns for s in stats]
     out = frame.reindex(columns=ident + numeric).reset_index(drop=True)
     out[numeric] = out[numeric].astype("float64")
     return out
@@ -285,11 +287,29 @@ def _frame(frame: pd.DataFrame, columns: Sequence[Column]) -> pd.DataFrame:
 
 
 def shown(row: pd.Series, column: Column, cfg: AggregateConfig) -> tuple[str, str]:
-    """The (mean, std) a row shows in a column: a ``"<key> text"`` entry overrides the numbers."""
+    """The (mean, spread) a row shows in a column: the half-width of its interval where the row
+    has one (``"<key> low"``, ``"<key> high"``), else the std; a ``"<key> text"`` entry
+    overrides the numbers."""
     text = row.get(f"{column.key} text")
     if isinstance(text, str) and text:
         return text, ""
-    return format_parts(row[f"{column.key} mean"], row[f"{column.key} std"], cfg, column.signed)
+    low, high = row.get(f"{column.key} low"), row.get(f"{column.key} high")
+    spread = (high - low) / 2 if low is not None and high is not None and pd.notna(low) and pd.notna(high) else row[f"{column.key} std"]
+    return format_parts(row[f"{column.key} mean"], spread, cfg, column.signed)
+
+
+def spread_phrase(frame: pd.DataFrame, level: float = 0.95) -> str:
+    """What the ± of a table's cells is: the interval's half-width, or the std over seeds."""
+    if any(c.endswith(" low") and frame[c].notna().any() for c in frame.columns):
+        return (f"mean ± the half-width of its {level:.0%} interval (bootstrap over the eval images, with the "
+                "spread over seeds)")
+    return "mean ± std over seeds"
+
+
+def has_values(rows: pd.DataFrame, column: Column) -> bool:
+    """Whether any of ``rows`` shows something in ``column`` (a mean, or a text entry)."""
+    text = rows.get(f"{column.key} text")
+    return bool(rows[f"{column.key} mean"].notna().any() or (text is not None and text.fillna("").astype(bool).any()))
 
 
 def best_rows(rows: pd.DataFrame, column: Column, cfg: AggregateConfig) -> set[int]:
@@ -324,7 +344,7 @@ def to_markdown(table: Table, cfg: AggregateConfig) -> str:
     parts = []
     sections = table.sections()
     for title, rows in sections:
-        present = [c for c in table.columns if rows[f"{c.key} mean"].notna().any()]
+        present = [c for c in table.columns if has_values(rows, c)]
         cells, bold = display_cells(table, rows, present, cfg)
         cells = cells.where(~bold, "**" + cells + "**")
         cells.columns = [_header(c) for c in present]
@@ -339,7 +359,7 @@ def _shown_frame(table: Table, cfg: AggregateConfig) -> tuple[pd.DataFrame, pd.D
     """One frame of every section (LaTeX and HTML): the row label then the shown cells, a title
     row before each section when there are several (or a 'no rows' row); and its CSS per cell
     (bold best, italic titles)."""
-    cols = [c for c in table.columns if table.frame[f"{c.key} mean"].notna().any()] or list(table.columns)
+    cols = [c for c in table.columns if has_values(table.frame, c)] or list(table.columns)
     sections = table.sections() or [("", table.frame)]
     frames, styles = [], []
     for title, rows in sections:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-from saeft.config.base import Fraction, NonNegInt, Schema, StageConfig
+from saeft.config.base import Fraction, NonNegInt, PositiveInt, Schema, StageConfig
 
 
 def default_method_order() -> list[str]:
@@ -43,6 +43,14 @@ class AggregateConfig(StageConfig):
     """Show values x100 (tables, figure axes); the CSV and Parquet keep fractions."""
     decimals: NonNegInt = 1
     """Decimals of means and stds in the tables."""
+    bootstrap: PositiveInt = 1000
+    """Bootstrap resamples of each eval set's images behind every interval (saeft.uncertainty)."""
+    level: Annotated[float, Schema(exclusive_minimum=0, exclusive_maximum=1)] = 0.95
+    """Coverage of the intervals: bootstrap over images within a seed, with the spread over seeds."""
+    compare: str = "saeft"
+    """The method the comparison table pits against ``compare_with`` (paired differences)."""
+    compare_with: list[str] = dataclasses.field(default_factory=lambda: ["ft", "wiseft", "feat_mse", "lpft"])
+    """Table rows (methods, WiSE-FT rows) the ``compare`` method is compared with, where the study has them."""
     wiseft_alpha: Fraction | None = dataclasses.field(default=None, metadata={"config": False})
     """The reported WiSE-FT alpha (the workflow sets it from methods.wiseft.alpha): the tables show
     WiSE-FT there; the other alphas are curve points. None: a method may carry one alpha only."""

@@ -247,6 +247,22 @@ class CardsConfig(StageConfig):
 
 
 @dataclasses.dataclass
+class SelectionConfig(StageConfig):
+    """Which variant of a method with several (a grid or named variants) the tables report:
+    the best on ID validation, the dataset's held-out ID split in its own metric (config key
+    ``selection``; rule select_variants)."""
+
+    section = "selection"
+    seeds: Annotated[list[NonNegInt], Schema(min_items=1, unique_items=True)] | None = None
+    """Seeds every variant is trained and evaluated on; the selection takes the mean over them,
+    and the selected variant then runs on every other seed of ``seeds`` (a grid costs variants x
+    these seeds, not variants x seeds). null: the first of ``seeds``."""
+    oracle: bool = True
+    """Also report the OOD-oracle choice (best OOD average): an upper bound that peeks at the
+    shifts, labelled so, never the reported variant."""
+
+
+@dataclasses.dataclass
 class AnalysisConfig(StageConfig):
     """What fine-tuning added to and removed from the embeddings, in zero-shot SAE features
     (config key ``analysis``; rules analyze_features, plot_feature_cards, aggregate_features)."""

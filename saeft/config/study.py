@@ -28,6 +28,7 @@ from saeft.config.stages import (
     Name,
     PretrainConfig,
     SAETrainConfig,
+    SelectionConfig,
     pretrained_kind,
 )
 from saeft.data.fashion_mnist import FashionMNISTConfig
@@ -60,8 +61,8 @@ def _transfer_schema() -> dict[str, Any]:
 
 
 def _methods_schema() -> dict[str, Any]:
-    """One property per registered method: its parameters, plus per-dataset overrides of them
-    (``datasets``) for trained methods."""
+    """One property per registered method: its parameters, plus for trained methods per-dataset
+    overrides of them (``datasets``) and variants (``grid``, ``variants``: saeft.variants)."""
     from saeft.methods import all_methods
 
     properties = {}
@@ -70,11 +71,26 @@ def _methods_schema() -> dict[str, Any]:
         if method.trained:
             overrides = schema_of(method.params, defaults=False)
             overrides.pop("description", None)
-            entry["properties"]["datasets"] = {"type": "object", "additionalProperties": overrides,
-                                               "description": "per-dataset overrides of these keys"}
+            entry["properties"].update(_variant_schemas(overrides))
         entry["description"] = method.summary
         properties[name] = entry
     return {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": properties}
+
+
+def _variant_schemas(params: dict[str, Any]) -> dict[str, Any]:
+    """``datasets`` (per-dataset overrides), ``grid`` (values per key) and ``variants`` (named
+    parameter sets) of a trained method whose parameters have the schema ``params``."""
+    grid = {key: {"type": "array", "items": prop, "minItems": 1} for key, prop in params["properties"].items() if key != "sae"}
+    named = {**params, "properties": {"name": {"type": "string", "pattern": "^[a-z0-9_]+$"}, **params["properties"]},
+             "required": ["name"]}
+    return {
+        "datasets": {"type": "object", "additionalProperties": params, "description": "per-dataset overrides of these keys"},
+        "grid": {"type": "object", "additionalProperties": False, "properties": grid, "minProperties": 1,
+                 "description": "values to try per key: every combination is a variant <method>@<key>=<value>,... "
+                                "with its own runs; the reported one is selected on ID validation (selection)"},
+        "variants": {"type": "array", "items": named, "minItems": 1,
+                     "description": "named variants <method>@<name>, each with its own values of these keys"},
+    }
 
 
 @dataclasses.dataclass
@@ -116,6 +132,8 @@ class StudyConfig(StageConfig):
                                                 metadata={"schema": _methods_schema})
     """Methods to run, each with its own hyper-parameters (per-dataset overrides under
     'datasets'); zero-shot is always evaluated; 'wiseft' adds evaluation-only interpolations."""
+    selection: SelectionConfig = dataclasses.field(default_factory=SelectionConfig)
+    """How the reported variant of a method with several is chosen."""
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     """Evaluation settings."""
     aggregate: AggregateConfig = dataclasses.field(default_factory=AggregateConfig)
@@ -125,6 +143,7 @@ class StudyConfig(StageConfig):
 
     def validate(self) -> None:
         _check_methods(self)
+        _check_selection(self)
         _check_sae_sizes(self)
         _check_data(self)
 
@@ -196,26 +215,43 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike | Non
 
 
 def _check_methods(cfg: StudyConfig) -> None:
-    """WiSE-FT interpolates methods the study trains; each trained method's parameters (and their
-    per-dataset overrides, on datasets of the study) pass its dataclass; ``sae`` names a sweep SAE."""
+    """Every variant of every trained method (and its per-dataset overrides, on datasets of the
+    study) passes the method's dataclass; ``sae`` names a sweep SAE; WiSE-FT interpolates
+    methods or variants the study trains."""
     from saeft.methods import get_method
+    from saeft.variants import expand
 
     trained = [m for m in cfg.methods if get_method(m).trained]
     require(bool(trained), "methods", "lists no trained method (wiseft alone interpolates nothing)")
     sweep = [entry["name"] for entry in cfg.sae.sweep]
-    for name, entry in cfg.methods.items():
-        method = get_method(name)
-        overrides = entry.get("datasets", {}) if method.trained else {}
-        base = {k: v for k, v in entry.items() if k != "datasets"}
-        params = [(f"methods.{name}", base)] + [(f"methods.{name}.datasets.{d}", {**base, **o}) for d, o in overrides.items()]
+    variants: list[str] = []
+    for name in trained:
+        entry, method = cfg.methods[name], get_method(name)
+        overrides = entry.get("datasets", {})
         for dataset in overrides:
             require(dataset in cfg.datasets, f"methods.{name}.datasets.{dataset}", "not a dataset of this study")
-        for where, values in params:
-            method.params.from_dict(values, where + ".")
-            sae = values.get("sae")
-            require(sae is None or sae in sweep, f"{where}.sae", f"{sae!r} is not in sae.sweep (names: {', '.join(sweep) or 'none'})")
+        try:
+            expanded = expand(name, entry)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        variants += expanded
+        for variant, base in expanded.items():
+            where = f"methods.{name}" if variant == name else f"methods.{name} (variant {variant})"
+            for at, values in [(where, base)] + [(f"{where}.datasets.{d}", {**base, **o}) for d, o in overrides.items()]:
+                method.params.from_dict(values, at + ".")
+                sae = values.get("sae")
+                require(sae is None or sae in sweep, f"{at}.sae", f"{sae!r} is not in sae.sweep (names: {', '.join(sweep) or 'none'})")
+    if "wiseft" in cfg.methods:
+        get_method("wiseft").params.from_dict(cfg.methods["wiseft"], "methods.wiseft.")
     for base in cfg.methods.get("wiseft", {}).get("base", []):
-        require(base in trained, "methods.wiseft.base", f"{base!r} is not a trained method of this study (trained: {', '.join(trained)})")
+        require(base in trained or base in variants, "methods.wiseft.base",
+                f"{base!r} is not a trained method or variant of this study (methods: {', '.join(trained)})")
+
+
+def _check_selection(cfg: StudyConfig) -> None:
+    """Selection seeds are seeds of the study."""
+    extra = sorted(set(cfg.selection.seeds or []) - set(cfg.seeds))
+    require(not extra, "selection.seeds", f"{extra} are not in seeds {cfg.seeds}")
 
 
 def embed_dim(model_name: str) -> int | None:

@@ -124,14 +124,29 @@ class DatasetSpec:
         return (self.id_eval, *self.ood_evals)
 
     @property
+    def val_split(self) -> str | None:
+        """The ID validation split that variants are selected on: the held-out split, unless it is
+        also an eval split (ImageNet's val is its ID test), when there is none: selecting on it
+        would peek at the test."""
+        return self.heldout_split if self.heldout_split not in self.eval_splits else None
+
+    @property
+    def scored_splits(self) -> tuple[str, ...]:
+        """What an evaluation scores: the eval splits, then the ID validation split (if any)."""
+        return (*self.eval_splits, self.val_split) if self.val_split else self.eval_splits
+
+    @property
     def on_disk(self) -> bool:
         """Whether the dataset is read from ``data_root`` (and so needs check_dataset)."""
         return self.reader is not None
 
     def role(self, split: str) -> str:
-        """'id' for the ID evaluation split, 'ood' for a shift, 'train' otherwise."""
+        """'id' for the ID evaluation split, 'ood' for a shift, 'val' for the ID validation split,
+        'train' otherwise."""
         if split == self.id_eval:
             return "id"
+        if split == self.val_split:
+            return "val"
         return "ood" if split in self.ood_evals else "train"
 
     def evalset(self, split: str) -> EvalSet:

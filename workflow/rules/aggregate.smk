@@ -2,18 +2,28 @@
 # every one of them is in `snakemake --report results/report.html`.
 
 
+def aggregate_inputs(wildcards):
+    """Every evaluated run (every variant, WiSE-FT curves) with its predictions, the reported
+    runs' training logs, and each dataset's selection (the checkpoint that decides them)."""
+    return {"evals": eval_results(curve=True), "predictions": eval_results(curve=True, leaf="predictions.parquet"),
+            "train": train_summaries(), "selections": [selection_file(d) for d in DATASETS] if GRIDDED else []}
+
+
 def aggregate_tables_files(wildcards, input, output):
-    return {"--evals": list(input.evals), "--train": list(input.train)}
+    # Until select_variants has run, Snakemake plans with its output as the only input.
+    files = {name: list(input.get(name, [])) for name in ("evals", "predictions", "train", "selections")}
+    return {"--evals": files["evals"], "--predictions": files["predictions"], "--train": files["train"],
+            "--selections": files["selections"] or None}
 
 
 def aggregate_tables_settings(wildcards):
-    return {"--tables": f"{R}/tables", "--figures": f"{R}/figures", "--config": aggregate_config()}
+    return {"--tables": f"{R}/tables", "--figures": f"{R}/figures", "--config": aggregate_config(),
+            "--variants": variant_table()}
 
 
 rule aggregate_tables:
     input:
-        evals=eval_results(curve=True),
-        train=train_summaries(),
+        unpack(aggregate_inputs),
     output:
         aggregate_outputs(),
     params:

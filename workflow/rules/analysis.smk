@@ -42,7 +42,7 @@ rule analyze_features:
 
 def card_inputs(wildcards):
     """The images.parquet of every analysed run, the dataset's main SAE and zero-shot head."""
-    return {"images": [analysis_path(wildcards.dataset, run, "images.parquet") for run in analysis_runs()],
+    return {"images": [analysis_path(wildcards.dataset, run, "images.parquet") for run in analysis_runs(wildcards.dataset)],
             "sae": sae_path(wildcards.model, wildcards.dataset), "head": zeroshot_head(wildcards.dataset)}
 
 
@@ -53,7 +53,7 @@ def card_outputs():
 
 
 def cards_files(wildcards, input, output):
-    images = [f"{RunId.parse(run).row}={path}" for run, path in zip(analysis_runs(), input.images)]
+    images = [f"{RunId.parse(run).row}={path}" for run, path in zip(analysis_runs(wildcards.dataset), input.images)]
     return {"--images": images, "--sae": input.sae, "--head": input.head}
 
 
@@ -77,7 +77,8 @@ rule plot_feature_cards:
 
 
 def aggregate_features_files(wildcards, input, output):
-    return {"--analyses": list(input.analyses), "--images": list(input.images), "--evals": list(input.evals)}
+    # Until select_variants has run, Snakemake plans with its output as the only input.
+    return {f"--{name}": list(input.get(name, [])) for name in ("analyses", "images", "evals")}
 
 
 def aggregate_features_settings(wildcards):
@@ -87,9 +88,9 @@ def aggregate_features_settings(wildcards):
 
 rule aggregate_features:
     input:
-        analyses=analysis_files("features.json"),
-        images=analysis_files("images.parquet"),
-        evals=eval_results(),
+        analyses=lambda wildcards: analysis_files("features.json"),
+        images=lambda wildcards: analysis_files("images.parquet"),
+        evals=lambda wildcards: eval_results(selected_only=True),
     output:
         tables=[path if path.endswith(".md") else in_report(path, "table_features") for path in FEATURE_TABLES],
         figures=[in_report(path, "figure_features") for path in FEATURE_FIGURES],

@@ -13,6 +13,7 @@ from saeft.data.registry import get_dataset
 from saeft.methods import get_method
 from saeft.outputs import output_names
 from saeft.runs import PATTERN as RUN_PATTERN, RunId
+from saeft.variants import PATTERN as VARIANT_PATTERN, grid_values, method_of, study_variants
 
 validate_config(config, workflow.source_path("../schemas/config.schema.json"))
 if pretrained_kind(config["model"]["pretrained"]) == "file" and not os.path.isfile(config["model"]["pretrained"]):
@@ -22,23 +23,36 @@ STUDY = config["study"]
 R = f"results/{STUDY}"
 MODEL = config["model"]["name"]
 SEEDS = config["seeds"]
-METHODS = [m for m in config["methods"] if get_method(m).trained]  # a finetune job per seed each
+METHODS = [m for m in config["methods"] if get_method(m).trained]  # a finetune job per variant and seed each
+# Each trained method's variants (saeft.variants): name -> parameters; one, named by the method,
+# without a grid. Of a method with several, every variant trains on the selection seeds and the
+# one selected on ID validation (checkpoint select_variants) on the other seeds.
+VARIANTS = study_variants(config["methods"], METHODS)
+SELECTION_SEEDS = config["selection"]["seeds"] or SEEDS[:1]
+GRIDDED = [m for m in METHODS if len(VARIANTS[m]) > 1]
 # The evaluation-only method's section (WiSE-FT: base, alphas, alpha), if the study lists it.
 WISEFT = next((entry for m, entry in config["methods"].items() if not get_method(m).trained), None)
 DATASETS = config["datasets"]
 SAE_SWEEP = [entry["name"] for entry in config["sae"].get("sweep", [])]
 
 
-def needs(method, need):
-    """Whether ``method`` reads ``need`` (the registry's needs: teacher, sae, encoder_copy, text)."""
-    return need in get_method(method).needs
+def needs(variant, need):
+    """Whether ``variant``'s method reads ``need`` (the registry's needs: teacher, sae,
+    encoder_copy, text)."""
+    return need in get_method(method_of(variant)).needs
+
+
+for _dataset in DATASETS if GRIDDED else []:
+    if get_dataset(_dataset).val_split is None:
+        raise WorkflowError(f"datasets: {_dataset} has no ID validation split apart from its test split, so the "
+                            f"variants of {', '.join(GRIDDED)} cannot be selected without peeking; drop their grid/variants")
 
 
 wildcard_constraints:
     model=r"[A-Za-z0-9_.-]+",
     dataset=r"[a-z0-9_]+",
     split=r"[a-z0-9_]+",
-    method=r"[a-z0-9_]+",
+    method=VARIANT_PATTERN,
     seed=r"\d+",
     run=RUN_PATTERN,
 
@@ -76,8 +90,8 @@ def as_json(obj):
 def track(rule_name, wildcards):
     """--track of a job: its MLflow run (experiment per study, run name rule/wildcards, tags). Part
     of the settings param, so its value must not change with code versions: every job would rerun.
-    Tags computed from these (method, seed, alpha...) are added by the job itself
-    (saeft.tracking.comparison_tags)."""
+    Tags computed from these (method, variant and its grid values, seed, alpha...) are added by
+    the job itself (saeft.tracking.comparison_tags)."""
     items = dict(wildcards.items())
     tags = {"rule": rule_name, "study": STUDY, **{f"wc.{k}": v for k, v in items.items()}}
     name = rule_name + ("/" + ",".join(f"{k}={v}" for k, v in items.items()) if items else "")
@@ -233,39 +247,81 @@ def zeroshot_head(dataset):
     return f"{R}/models/{MODEL}/zeroshot/heads/{dataset}.safetensors"
 
 
-def method_params(method, dataset):
-    """The method's hyper-parameters for one dataset: its keys with the dataset's overrides."""
-    entry = config["methods"][method]
-    params = {k: v for k, v in entry.items() if k != "datasets"}
-    params.update(entry.get("datasets", {}).get(dataset, {}))
+def method_params(variant, dataset):
+    """A variant's hyper-parameters for one dataset: its keys with the method's overrides for
+    the dataset."""
+    method = method_of(variant)
+    params = dict(VARIANTS[method][variant])
+    params.update(config["methods"][method].get("datasets", {}).get(dataset, {}))
     return params
 
 
-def method_config(method, seed, dataset):
-    """Resolved fine-tuning config of one method, seed and dataset (finetune keys + the method's own)."""
-    params = {k: v for k, v in method_params(method, dataset).items() if k != "sae"}  # an input, not a param
-    return as_json({**config["finetune"], "method": method, "method_params": params, "seed": int(seed)})
+def method_config(variant, seed, dataset):
+    """Resolved fine-tuning config of one variant, seed and dataset (finetune keys + the method's own)."""
+    params = {k: v for k, v in method_params(variant, dataset).items() if k != "sae"}  # an input, not a param
+    return as_json({**config["finetune"], "method": method_of(variant), "method_params": params, "seed": int(seed)})
 
 
-def evaluation_runs(curve=False):
-    """Every evaluated model (run ids, saeft.runs): zero-shot once, each fine-tuned method per
-    seed, WiSE-FT at the reported alpha (and, with ``curve``, on the whole alpha grid)."""
-    runs = [RunId()] + [RunId(m, s) for m in METHODS for s in SEEDS]
+def selection_file(dataset):
+    return f"{R}/selection/{MODEL}/{dataset}/selection.json"
+
+
+def selected_variant(method, dataset):
+    """The variant of ``method`` the study reports on ``dataset``: its only one, or the one
+    select_variants chose (a checkpoint: the DAG grows once it has run)."""
+    if len(VARIANTS[method]) == 1:
+        return next(iter(VARIANTS[method]))
+    with open(checkpoints.select_variants.get(model=MODEL, dataset=dataset).output[0]) as handle:
+        return json.load(handle)["methods"][method]["selected"]
+
+
+def selection_runs():
+    """The fine-tuned runs select_variants compares: every variant of a gridded method on the
+    selection seeds."""
+    return [str(RunId(v, s)) for m in GRIDDED for v in VARIANTS[m] for s in SELECTION_SEEDS]
+
+
+def trained_runs(dataset, selected_only=False):
+    """Fine-tuned runs of ``dataset`` (run ids): per method its selected variant on every seed,
+    and (unless ``selected_only``) its other variants on the selection seeds."""
+    runs = []
+    for method in METHODS:
+        chosen = selected_variant(method, dataset)
+        others = [] if selected_only else [v for v in VARIANTS[method] if v != chosen]
+        runs += [RunId(chosen, s) for s in SEEDS] + [RunId(v, s) for v in others for s in SELECTION_SEEDS]
+    return runs
+
+
+def wiseft_bases(dataset):
+    """The variants WiSE-FT interpolates: a method named in methods.wiseft.base stands for its
+    selected variant, a variant for itself."""
+    return [selected_variant(b, dataset) if b in VARIANTS else b for b in WISEFT["base"]] if WISEFT else []
+
+
+def evaluation_runs(dataset, curve=False, selected_only=False):
+    """Every evaluated model of ``dataset`` (run ids, saeft.runs): zero-shot once, the fine-tuned
+    runs (trained_runs), WiSE-FT of its bases at the reported alpha (and, with ``curve``, on the
+    whole alpha grid) on every seed."""
+    runs = [RunId()] + trained_runs(dataset, selected_only)
     if WISEFT:
         alphas = sorted(set(WISEFT["alphas"]) | {WISEFT["alpha"]}) if curve else [WISEFT["alpha"]]
-        runs += [RunId(b, s, a) for b in WISEFT["base"] for s in SEEDS for a in alphas]
+        runs += [RunId(b, s, a) for b in wiseft_bases(dataset) for s in SEEDS for a in alphas]
     return [str(run) for run in runs]
 
 
-def eval_results(curve=False):
-    """Eval bundles, one per dataset and evaluated run: each holds a record per eval split of the
-    dataset, then per transfer set (named by dataset)."""
-    return [f"{R}/eval/{MODEL}/{dataset}/{run}/evals.json" for dataset in DATASETS for run in evaluation_runs(curve)]
+def eval_path(dataset, run, leaf="evals.json"):
+    return f"{R}/eval/{MODEL}/{dataset}/{run}/{leaf}"
+
+
+def eval_results(curve=False, leaf="evals.json", selected_only=False):
+    """Eval bundles (or, by ``leaf``, their predictions), one per dataset and evaluated run: each
+    holds a record per eval split of the dataset, then per transfer set (named by dataset)."""
+    return [eval_path(d, run, leaf) for d in DATASETS for run in evaluation_runs(d, curve, selected_only)]
 
 
 def train_summaries():
-    """train.json of every fine-tuning job (the training-curve figures)."""
-    return [f"{R}/finetune/{MODEL}/{d}/{RunId(m, s).trained}/train.json" for d in DATASETS for m in METHODS for s in SEEDS]
+    """train.json of every reported fine-tuning job (the training-curve figures)."""
+    return [f"{R}/finetune/{MODEL}/{d}/{run.trained}/train.json" for d in DATASETS for run in trained_runs(d, selected_only=True)]
 
 
 def aggregate_config():
@@ -275,6 +331,12 @@ def aggregate_config():
             "pretrained": config["model"]["pretrained"]}
 
 
+def variant_table():
+    """Every variant of every trained method with its parameters (method -> variant -> params):
+    what the tables show next to a selected variant."""
+    return {method: VARIANTS[method] for method in METHODS}
+
+
 AGGREGATE_TABLES, AGGREGATE_FIGURES = output_names(
     DATASETS, {d: get_dataset(d).metric for d in DATASETS}, any(TRANSFER.get(d) for d in DATASETS)
 )
@@ -282,7 +344,7 @@ TABLES = [f"{R}/tables/{name}" for name in AGGREGATE_TABLES]
 FIGURES = [f"{R}/figures/{name}" for name in AGGREGATE_FIGURES]
 REPORT_CATEGORY = f"Study {STUDY}"
 mimetypes.add_type("application/vnd.apache.parquet", ".parquet")  # the report's download type
-PER_DATASET_FIGURES = ("shifts", "bars", "training")
+PER_DATASET_FIGURES = ("shifts", "bars", "training", "frontier")
 
 
 def in_report(path, caption, subcategory="all datasets"):
@@ -318,32 +380,47 @@ def analysis_config():
     return {key: value for key, value in config["analysis"].items() if key in ("batch_size", "top_features")}
 
 
-def analysis_runs():
-    """Every analysed run: each fine-tuned method per seed, and WiSE-FT at the reported alpha."""
-    return [run for run in evaluation_runs() if not RunId.parse(run).zeroshot]
+def analysis_runs(dataset, selected_only=True):
+    """Every analysed run of ``dataset``: each fine-tuned run (with ``selected_only``, of the
+    reported variants alone), and WiSE-FT at the reported alpha."""
+    return [run for run in evaluation_runs(dataset, selected_only=selected_only) if not RunId.parse(run).zeroshot]
 
 
 def analysis_path(dataset, run, leaf):
     return f"{R}/analysis/{MODEL}/{dataset}/{run}/{leaf}"
 
 
-def analysis_files(leaf):
-    """``leaf`` of every analysed run of every dataset (aggregate_features' inputs)."""
-    return [analysis_path(d, run, leaf) for d in DATASETS for run in analysis_runs()]
+def analysis_files(leaf, selected_only=True):
+    """``leaf`` of every analysed run of every dataset (aggregate_features' inputs: the reported
+    variants; without ``selected_only``, every variant's)."""
+    return [analysis_path(d, run, leaf) for d in DATASETS for run in analysis_runs(d, selected_only)]
 
 
 def card_files():
-    methods = list(dict.fromkeys(RunId.parse(run).row for run in analysis_runs()))
-    return [f"{method}.{ext}" for method in methods for ext in ("png", "json")] + ["cards.md"]
+    """The cards per table row: the rows are known before any variant is selected."""
+    rows = [RunId(m, 0).row for m in METHODS]
+    rows += [RunId(b, 0, WISEFT["alpha"]).row for b in WISEFT["base"]] if WISEFT else []
+    return [f"{row}.{ext}" for row in dict.fromkeys(rows) for ext in ("png", "json")] + ["cards.md"]
 
 
 def analysis_targets():
     if not ANALYSIS:
         return []
     cards = [f"{R}/analysis/{MODEL}/{dataset}/cards/{name}" for dataset in DATASETS for name in card_files()]
-    return FEATURE_TABLES + FEATURE_FIGURES + cards
+    # Every variant's own analysis too (on the selection seeds; the reported ones feed the tables).
+    variants = [analysis_path(d, run, "features.json") for d in DATASETS for run in selection_runs()]
+    return FEATURE_TABLES + FEATURE_FIGURES + cards + variants
+
+
+def unselected_targets():
+    """Evaluations known before any selection (every run of a method with one variant, and every
+    variant on the selection seeds): targets of their own, so that they run beside the selection
+    stage instead of waiting for the aggregate's inputs, which depend on the checkpoint."""
+    single = [m for m in METHODS if m not in GRIDDED]
+    runs = [str(RunId(m, s)) for m in single for s in SEEDS] + selection_runs()
+    return [eval_path(d, run) for d in DATASETS for run in runs]
 
 
 def all_targets():
     # The aggregate reads the whole WiSE-FT curve (figures); its tables take the reported alpha.
-    return TABLES + FIGURES + sae_sweep_targets() + analysis_targets()
+    return TABLES + FIGURES + sae_sweep_targets() + analysis_targets() + unselected_targets()

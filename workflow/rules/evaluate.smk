@@ -21,9 +21,9 @@ def run_model_inputs(model, dataset, run):
 
 
 def eval_sets(dataset):
-    """A run's eval sets, in the order the bundle holds them: the dataset's eval splits, then its
-    transfer sets."""
-    return [*get_dataset(dataset).eval_splits, *TRANSFER.get(dataset, [])]
+    """A run's eval sets, in the order the bundle holds them: the dataset's eval splits and ID
+    validation split, then its transfer sets."""
+    return [*get_dataset(dataset).scored_splits, *TRANSFER.get(dataset, [])]
 
 
 def evaluate_inputs(wildcards):
@@ -36,10 +36,10 @@ def evaluate_inputs(wildcards):
 
 def evaluation_identity(wildcards):
     """What the run's results are about: study, model, table row (its method, or WiSE-FT's
-    name), seed, and the alpha of a WiSE-FT curve point (absent elsewhere, so results made before
-    it was recorded stay valid)."""
+    name), variant (the base's for WiSE-FT), seed, and the alpha of a WiSE-FT curve point
+    (absent elsewhere, so results made before it was recorded stay valid)."""
     run = RunId.parse(wildcards.run)
-    identity = {"study": STUDY, "model": wildcards.model, "method": run.row, "seed": run.seed}
+    identity = {"study": STUDY, "model": wildcards.model, "method": run.row, "variant": run.variant, "seed": run.seed}
     return identity if run.alpha is None else {**identity, "alpha": run.alpha}
 
 
@@ -53,13 +53,13 @@ def run_model_files(wildcards, input):
 
 
 def evaluate_files(wildcards, input, output):
-    return {**run_model_files(wildcards, input), "--out": output[0]}
+    return {**run_model_files(wildcards, input), "--out": output.evals, "--out-predictions": output.predictions}
 
 
 def evaluate_settings(wildcards):
     """--split (the dataset's eval splits) and --transfer (each transfer set with its head)."""
     transfer = TRANSFER.get(wildcards.dataset, [])
-    return {"--dataset": wildcards.dataset, "--split": list(get_dataset(wildcards.dataset).eval_splits),
+    return {"--dataset": wildcards.dataset, "--split": list(get_dataset(wildcards.dataset).scored_splits),
             "--transfer": [f"{name}={zeroshot_head(name)}" for name in transfer] or None,
             "--dataset-options": dataset_options(wildcards.dataset),
             "--transfer-options": {name: dataset_options(name) for name in transfer},
@@ -70,7 +70,8 @@ rule evaluate_model:
     input:
         unpack(evaluate_inputs),
     output:
-        f"{R}/eval/{{model}}/{{dataset}}/{{run}}/evals.json",
+        evals=f"{R}/eval/{{model}}/{{dataset}}/{{run}}/evals.json",
+        predictions=f"{R}/eval/{{model}}/{{dataset}}/{{run}}/predictions.parquet",
     params:
         files=job_files(evaluate_files),
         settings=job_settings("evaluate_model", evaluate_settings),
