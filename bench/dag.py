@@ -6,13 +6,18 @@ For each config (default: workflow/configs/paper_vitb16.yaml and paper_vitb32.ya
 ``snakemake -n`` in an empty working directory (every job of the study is planned) and prints the
 job count and seconds. A config that does not exist is replaced, and the output says so, by a
 paper-scale stand-in generated from the default study: every trained method x 3 seeds, WiSE-FT
-of every method on a 9-point alpha grid. Then (unless --no-rerun) it runs the tiny test study for
-real and times ``snakemake -n`` again, which must plan zero jobs.
+of every method on a 9-point alpha grid. Then it plans the default study with an SAE-FT grid of
+``--variants`` points (default 300) on 3 seeds: once in an empty directory (every variant on the
+selection seed, up to the select_variants checkpoint) and once with a selection on disk (the
+whole DAG: the selected variant on every seed, its WiSE-FT curve, the aggregates). Then (unless
+--no-rerun) it runs the tiny test study for real and times ``snakemake -n`` again, which must plan
+zero jobs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -44,6 +49,37 @@ def stand_in_config(folder: Path) -> Path:
     return path
 
 
+def grid_config(folder: Path, variants: int) -> tuple[Path, str]:
+    """The default study with an SAE-FT grid of ``variants`` points (lambda x mu x lambda_add),
+    and the name of one of its variants."""
+    lambdas = [round(10 ** (i / 4), 4) for i in range(max(1, variants // 30))]
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["study"] = f"grid{variants}"
+    config["methods"]["saeft"] = {"lambda_remove": 0.02, "grid": {"lambda": lambdas, "mu": [0.1, 1, 10, 100, 1000],
+                                                                   "lambda_add": [0.1, 1, 3, 10, 30, 100]}}
+    path = folder / f"grid{variants}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, f"saeft@lambda={lambdas[0]:g},lambda_add=0.1,mu=0.1"
+
+
+def plan_grid(tmp: Path, variants: int) -> None:
+    """Plan the grid study before and after its selection exists; print jobs and seconds."""
+    config, some_variant = grid_config(tmp, variants)
+    n = len(yaml.safe_load(config.read_text())["methods"]["saeft"]["grid"]["lambda"]) * 30
+    workdir = tmp / "grid"
+    workdir.mkdir()
+    seconds, cpu, output = snakemake(workdir, config, "-n", "--cores", "all")
+    print(f"default study with a {n}-variant SAE-FT grid, 3 seeds: snakemake -n planned {planned_jobs(output)} jobs "
+          f"(up to the selection) in {seconds:.2f} s ({cpu:.2f} s CPU)")
+    study = yaml.safe_load(config.read_text())
+    selection = workdir / "results" / study["study"] / "selection" / study["model"]["name"] / "shapes" / "selection.json"
+    selection.parent.mkdir(parents=True)
+    selection.write_text(json.dumps({"dataset": "shapes", "methods": {"saeft": {"selected": some_variant}}}))
+    seconds, cpu, output = snakemake(workdir, config, "-n", "--cores", "all")
+    print(f"  the same with its selection on disk (the whole DAG): planned {planned_jobs(output)} jobs in {seconds:.2f} s "
+          f"({cpu:.2f} s CPU)")
+
+
 def snakemake(workdir: Path, config: Path, *args: str) -> tuple[float, float, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -71,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", type=Path, default=PAPER_CONFIGS, help="study configs to plan")
     parser.add_argument("--no-rerun", action="store_true", help="skip the real tiny run and its no-change rerun")
+    parser.add_argument("--variants", type=int, default=300, help="SAE-FT grid size of the variant plan (0: skip it)")
     parser.add_argument("--rerun-config", type=Path, default=TINY, help="study of the no-change rerun (default: the tiny test study)")
     parser.add_argument("--rerun-workdir", type=Path, default=None,
                         help="a working directory where --rerun-config already ran to completion (skips the real run)")
@@ -91,6 +128,8 @@ def main() -> None:
             extra = ("--config", f"data_root={tmp / 'data'}") if needs_root else ()
             seconds, cpu, output = snakemake(workdir, config, "-n", "--cores", "all", *extra)
             print(f"{label}: snakemake -n planned {planned_jobs(output)} jobs in {seconds:.2f} s ({cpu:.2f} s CPU)")
+        if args.variants:
+            plan_grid(tmp, args.variants)
         if not args.no_rerun:
             config = args.rerun_config.resolve()
             workdir = args.rerun_workdir

@@ -128,7 +128,8 @@ def frontier_points(selected_rows: pd.DataFrame, ev: Evaluations, reported_varia
             runs = runs_of(point)
             x = uncertainty.interval(ev.column(dataset, runs, id_sets[0], ood_sets), level)
             if pd.isna(alpha):
-                chosen = method == "zeroshot" or reported_variant.get((dataset, method), variant) == variant
+                # Zero-shot and single-variant methods are absent from the selection: reported.
+                chosen = reported_variant.get((dataset, method), variant) == variant
             else:
                 chosen = wiseft_alpha is not None and bool(np.isclose(alpha, wiseft_alpha))
             for axis in [OOD_AVG, *ood_sets]:

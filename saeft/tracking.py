@@ -29,6 +29,7 @@ from typing import Any
 
 from saeft.io import config_hash
 from saeft.runs import RunId
+from saeft.variants import grid_values, method_of
 
 logger = logging.getLogger(__name__)
 
@@ -261,20 +262,24 @@ def _environment_tags() -> dict[str, str]:
 
 
 def comparison_tags(tags: Mapping[str, str]) -> dict[str, str]:
-    """Plain ``model``, ``dataset``, ``method``, ``seed`` and ``alpha`` tags from a job's wildcard
-    tags (``wc.<name>``), so the MLflow UI can group one method's runs across seeds: an evaluated
-    run ``<method>/seed<N>[/alpha<a>]`` is split into its parts. (An evaluation's run covers every
-    eval set: its metrics are named ``<eval set>.<metric>``.)"""
+    """Plain ``model``, ``dataset``, ``method``, ``variant``, ``seed`` and ``alpha`` tags from a
+    job's wildcard tags (``wc.<name>``), so the MLflow UI can group one method's runs across seeds
+    and variants: an evaluated run ``<variant>/seed<N>[/alpha<a>]`` is split into its parts, and a
+    grid variant's values become ``param.<key>`` tags (saeft.variants). (An evaluation's run
+    covers every eval set: its metrics are named ``<eval set>.<metric>``.)"""
     wildcards = {key[3:]: value for key, value in tags.items() if key.startswith("wc.")}
-    out = {key: wildcards[key] for key in ("model", "dataset", "method", "seed") if key in wildcards}
-    if "run" in wildcards:
-        try:
+    out = {key: wildcards[key] for key in ("model", "dataset", "seed") if key in wildcards}
+    try:
+        if "method" in wildcards:  # a fine-tuning job: the wildcard is the variant
+            out.update(method=method_of(wildcards["method"]), variant=wildcards["method"])
+            out.update({f"param.{k}": v for k, v in grid_values(wildcards["method"]).items()})
+        if "run" in wildcards:
             run = RunId.parse(wildcards["run"])
-        except ValueError as exc:  # tracking must never fail a job
-            logger.warning("no comparison tags: %s", exc)
-            return out
-        seed = "none" if run.seed is None else str(run.seed)
-        out.update(method=run.row, seed=seed, alpha="none" if run.alpha is None else f"{run.alpha:g}")
+            out.update(method=run.row, variant=run.variant, seed="none" if run.seed is None else str(run.seed),
+                       alpha="none" if run.alpha is None else f"{run.alpha:g}")
+            out.update({f"param.{k}": v for k, v in grid_values(run.variant).items()} if not run.zeroshot else {})
+    except ValueError as exc:  # tracking must never fail a job
+        logger.warning("no comparison tags: %s", exc)
     return out
 
 
@@ -326,10 +331,15 @@ def _read_queue(path: Path) -> list[dict[str, Any]]:
     return ops
 
 
+_KEY_CHARS = str.maketrans({"@": "/", "=": ":", ",": " "})
+"""MLflow param names take letters, digits, _ - . space : / only: a variant's name
+(``saeft@lambda=1,mu=10``) as a key part reads ``saeft/lambda:1 mu:10``."""
+
+
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{str(key).translate(_KEY_CHARS)}"
         if isinstance(value, Mapping):
             flat.update(_flatten(value, name + "."))
         else:

@@ -65,7 +65,7 @@ def comparison_table(diffs: pd.DataFrame, cfg: AggregateConfig) -> Table:
             for stat in ("mean", "low", "high", "se"):
                 row[f"{key} {stat}"] = d.get(f"{key} {stat}", np.nan)
             row[f"{key} text"] = _with_interval(row[f"{key} mean"], row[f"{key} low"], row[f"{key} high"], cfg)
-        row["reading text"] = "; ".join(_reading(k, row[f"{k} low"], row[f"{k} high"]) for k in ("ID", "OOD"))
+        row["reading text"] = "; ".join(_reading(k, row[f"Δ{k} low"], row[f"Δ{k} high"]) for k in ("ID", "OOD"))
         rows.append(row)
     frame = _with_stats(pd.DataFrame(rows), columns)
     caption = (f"{cfg.label(cfg.compare)} (its reported variant) minus each method ({cfg.scale_and_unit()[1]}): the mean over "

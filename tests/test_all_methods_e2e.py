@@ -25,7 +25,7 @@ def test_every_method_gets_a_table_row(tmp_path):
     summary = pd.read_csv(results / "tables" / "shifts.csv")
     assert set(summary["method"]) == {"zeroshot", "wiseft", *trained_methods()}
     metrics = pd.read_parquet(results / "tables" / "metrics.parquet")
-    assert len(metrics) == (2 + len(trained_methods())) * 5  # five evaluation splits each
+    assert len(metrics) == (2 + len(trained_methods())) * 6  # five evaluation splits and ID validation each
     # The per-dataset override reached the job; the views cache fed the SAE methods.
     train = json.loads((results / "finetune" / "saeft-tiny-rn" / "shapes" / "saeft" / "seed0" / "train.json").read_text())
     assert train["config"]["method_params"]["lambda"] == 20 and train["teacher"] == "cache"

@@ -36,8 +36,10 @@ def test_reduced_study_tabulates_zero_shot_ft_and_saeft(study):
     tables = study / "results" / "fmnist_ci" / "tables"
     metrics = pd.read_parquet(tables / "metrics.parquet")
     assert set(metrics["method"]) == {"zeroshot", "ft", "saeft"}
-    assert set(metrics["evalset"]) == EVALSETS
-    assert len(metrics) == 3 * len(EVALSETS)  # one seed
+    assert set(metrics["evalset"]) == EVALSETS | {"val"}  # val: the ID validation split variants are selected on
+    assert set(metrics["variant"]) == {"zeroshot", "ft", "saeft@lambda=1", "saeft@lambda=100"}
+    assert len(metrics) == 4 * (len(EVALSETS) + 1)  # one seed, both variants of the grid
+    assert metrics.groupby("method")["selected"].sum().to_dict() == {"ft": 5, "saeft": 5, "zeroshot": 5}
     assert metrics["value"].between(0, 1).all()
     summary = (tables / "shifts.md").read_text()
     for label in ("Zero-shot", "FT", "SAE-FT", "test (ID)", "corrupted", "inverted", "sketch", "OOD avg"):

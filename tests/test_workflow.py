@@ -60,8 +60,8 @@ def test_run_produces_tables_and_figure(study):
     for label in ("Zero-shot", "FT", "SAE-FT", "test (ID)", "sketch", "rendition", "hard", "resampled", "OOD avg"):
         assert label in summary, label
     metrics = pd.read_parquet(tables / "metrics.parquet")
-    # zero-shot once, two methods x two seeds; five evaluation splits each.
-    assert len(metrics) == (1 + 2 * 2) * 5
+    # zero-shot once, two methods x two seeds; five evaluation splits and ID validation each.
+    assert len(metrics) == (1 + 2 * 2) * 6
     assert set(metrics["method"]) == {"zeroshot", "ft", "saeft"}
     assert metrics["value"].between(0, 1).all()
     png = study / "results" / "tiny" / "figures" / "id_vs_ood.png"

@@ -18,10 +18,16 @@ def default_method_order() -> list[str]:
 
 
 def default_method_labels() -> dict[str, str]:
-    """Display names: Zero-shot and each registered method's label."""
+    """Display names: Zero-shot, each registered method's label, and WiSE-FT of each trained
+    method other than FT (row ``wiseft_<method>``: "WiSE-FT (<label>)")."""
     from saeft.methods import all_methods
+    from saeft.runs import wiseft_name
 
-    return {"zeroshot": "Zero-shot", **{name: method.label for name, method in all_methods().items()}}
+    labels = {"zeroshot": "Zero-shot", **{name: method.label for name, method in all_methods().items()}}
+    wiseft = labels.get("wiseft", "WiSE-FT")
+    labels.update({wiseft_name(name): f"{wiseft} ({method.label})" for name, method in all_methods().items()
+                   if method.trained and wiseft_name(name) not in labels})
+    return labels
 
 
 DEFAULT_METRIC_LABELS = {"top1": "top-1 accuracy", "macro_f1": "macro-F1", "worst_region_acc": "worst-region accuracy"}

@@ -236,11 +236,14 @@ def _check_methods(cfg: StudyConfig) -> None:
             raise ConfigError(str(exc)) from None
         variants += expanded
         for variant, base in expanded.items():
-            where = f"methods.{name}" if variant == name else f"methods.{name} (variant {variant})"
-            for at, values in [(where, base)] + [(f"{where}.datasets.{d}", {**base, **o}) for d, o in overrides.items()]:
-                method.params.from_dict(values, at + ".")
+            note = "" if variant == name else f" (variant {variant})"
+            for at, values in [(f"methods.{name}", base)] + [(f"methods.{name}.datasets.{d}", {**base, **o}) for d, o in overrides.items()]:
+                try:
+                    method.params.from_dict(values, at + ".")
+                except ConfigError as exc:
+                    raise ConfigError(f"{exc}{note}") from None
                 sae = values.get("sae")
-                require(sae is None or sae in sweep, f"{at}.sae", f"{sae!r} is not in sae.sweep (names: {', '.join(sweep) or 'none'})")
+                require(sae is None or sae in sweep, f"{at}.sae", f"{sae!r} is not in sae.sweep (names: {', '.join(sweep) or 'none'}){note}")
     if "wiseft" in cfg.methods:
         get_method("wiseft").params.from_dict(cfg.methods["wiseft"], "methods.wiseft.")
     for base in cfg.methods.get("wiseft", {}).get("base", []):

@@ -83,11 +83,13 @@ class TopKSAE(torch.nn.Module):
         self.b_pre = torch.nn.Parameter(torch.zeros(d))
         if tied_init:
             # Each feature starts by reading the direction it writes.
-            W_enc = W_dec.T.clone()
+            W_enc = W_dec.T.contiguous()  # row-major: each feature's encoder row contiguous
         else:
             W_enc = torch.randn(n_features, d, generator=generator) / d**0.5
         self.W_enc = torch.nn.Parameter(W_enc)
-        self.W_dec = torch.nn.Parameter(W_dec)
+        # (d, n_features) stored column-major: each feature's direction is one contiguous row of
+        # W_dec.T, which the sparse decode reads (and its gradient fills) in place.
+        self.W_dec = torch.nn.Parameter(W_dec.T.contiguous().T)
         self.b_enc = torch.nn.Parameter(torch.zeros(n_features))
         # Batch-Top-K inference threshold; learned as an EMA during training, unused by topk.
         self.register_buffer("threshold", torch.zeros(()))
@@ -108,7 +110,7 @@ class TopKSAE(torch.nn.Module):
 
     def pre_activations(self, z: torch.Tensor) -> torch.Tensor:
         """Dense ``W_enc (z - b_pre) + b_enc`` of prepared ``z`` (differentiable)."""
-        return torch.addmm(self.b_enc, z - self.b_pre, self.W_enc.T)
+        return _pre_activations(z, self.W_enc, self.b_enc, self.b_pre)
 
     def forward(
         self,
@@ -156,7 +158,7 @@ class TopKSAE(torch.nn.Module):
         batch = z.shape[0]
         if pre is None:
             with torch.no_grad():
-                pre = torch.addmm(b_enc, z - b_pre, W_enc.T)
+                pre = _pre_activations(z, W_enc, b_enc, b_pre)
         pre = pre.detach()
         if self.architecture == "topk":
             values, indices = pre.topk(self.k, dim=-1, sorted=False)
@@ -222,6 +224,14 @@ class TopKSAE(torch.nn.Module):
             return
         parallel = (grad * self.W_dec).sum(dim=0, keepdim=True)
         grad.sub_(parallel * self.W_dec)
+
+
+def _pre_activations(z, W_enc, b_enc, b_pre) -> torch.Tensor:
+    """``(z - b_pre) @ W_enc.T + b_enc``; a bias that is zero and not trained is skipped (the
+    default architecture), sparing a pass over the (B, n_features) result."""
+    if b_enc.requires_grad or b_enc.any():
+        return torch.addmm(b_enc, z - b_pre, W_enc.T)
+    return (z - b_pre) @ W_enc.T
 
 
 def _check_shape_args(d, n_features, k, normalize, architecture) -> None:

@@ -97,11 +97,38 @@ def train_saes(
     return {name: results[name] for name in cfgs}
 
 
+def total_variance(batch: torch.Tensor) -> torch.Tensor:
+    """The batch's summed squared deviation from its own mean (what its FVU divides by)."""
+    with torch.no_grad():
+        return (batch - batch.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss: squared error summed over the batch, divided by ``total`` (the batch's
+    :func:`total_variance`; its own when not given): the batch FVU, Gao et al.'s normalised MSE.
+
+    Adam is invariant to the loss's scale except through its epsilon; a per-element mean would
+    make the gradients of a large (batch x d) batch small enough for epsilon to slow learning.
+    """
+    if _LOSS == "mse":
+        return F.mse_loss(recon, target)
+    if total is None:
+        total = total_variance(target)
+    return (recon - target).pow(2).sum() / total
+
+
+import os as _os
+_LOSS = _os.environ.get("SAEFT_LOSS", "fvu")
+
+
 class Trainer:
     """One SAE and its training state (AdamW, schedule, dead-latent counters); :meth:`step`
     trains it on one prepared batch. :func:`train_saes` drives one per SAE."""
 
-    def __init__(self, name: str, cfg: SAETrainConfig, d: int, total_steps: int, n_train: int) -> None:
+    def __init__(
+        self, name: str, cfg: SAETrainConfig, d: int, total_steps: int, n_train: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.name, self.cfg = name, cfg
         self.dead_after = cfg.dead_after or n_train
         """Samples without firing after which a latent counts as dead (``sae.dead_after``, or one epoch)."""
@@ -113,10 +140,11 @@ class Trainer:
             tied_init=cfg.tied_init, generator=generator,
         )
         self.sae.b_enc.requires_grad_(cfg.encoder_bias)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.sae.parameters() if p.requires_grad],
-            lr=cfg.lr, weight_decay=cfg.weight_decay,
-        )
+        self.sae.to(device)
+        params = [p for p in self.sae.parameters() if p.requires_grad]
+        # The fused kernel (CPU and CUDA) updates every parameter in one pass.
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         if cfg.lr_decay == "cosine":
             self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, total_steps)
         else:
@@ -126,7 +154,7 @@ class Trainer:
                 self.optimizer, lambda step: min(1.0, (step + 1) / warmup)
             )
         # Samples since each latent last fired (dead latents feed the AuxK loss).
-        self.since_fired = torch.zeros(n_features, dtype=torch.long)
+        self.since_fired = torch.zeros(n_features, dtype=torch.long, device=device)
         self.aux_k = min(cfg.aux_k or max(d // 2, 1), n_features)
         self.epoch_sse = 0.0
 
@@ -138,32 +166,18 @@ class Trainer:
         }
 
     def step(self, batch: torch.Tensor) -> None:
-        """One optimiser step on a prepared batch: MSE + AuxK, unit-norm decoder kept."""
+        """One optimiser step on a prepared batch: :func:`reconstruction_loss` + AuxK, the
+        decoder's parallel gradient removed and its columns renormalised after the step."""
         sae, cfg = self.sae, self.cfg
         with torch.no_grad():
             pre = sae.pre_activations(batch)
         out = sae(batch, pre=pre)
-        code, recon = out.code, out.recon
-        loss = F.mse_loss(recon, batch)
-        with torch.no_grad():
-            fired = torch.zeros(sae.n_features, dtype=torch.bool)
-            fired[code.indices[code.values != 0]] = True
-            self.since_fired += batch.shape[0]
-            self.since_fired[fired] = 0
-            dead = self.since_fired >= self.dead_after
-            n_dead = int(dead.sum())
+        total = total_variance(batch)
+        loss = reconstruction_loss(out.recon, batch, total)
+        dead = self._update_fired(out.code, batch.shape[0])
+        n_dead = int(dead.sum())
         if cfg.auxk_alpha > 0 and n_dead > 0:
-            k_aux = min(self.aux_k, n_dead)
-            values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-            rows = torch.arange(batch.shape[0]).repeat_interleave(k_aux)
-            offsets = torch.arange(0, batch.shape[0] * k_aux, k_aux)
-            aux_code = gathered_code(
-                values.reshape(-1), batch, sae.b_pre, sae.W_enc, sae.b_enc, indices.reshape(-1),
-                rows, offsets, batch.shape[0], sae.relu,
-            )
-            # Dead latents learn to explain what the live ones miss (in the MSE's units).
-            residual = (batch - recon).detach()
-            loss = loss + cfg.auxk_alpha * F.mse_loss(sparse_decode(aux_code, sae.W_dec), residual)
+            loss = loss + cfg.auxk_alpha * self._auxk_loss(pre, batch, out.recon, dead, n_dead, total)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_decoder_grad_()
@@ -171,7 +185,30 @@ class Trainer:
         self.scheduler.step()
         sae.normalize_decoder_()
         with torch.no_grad():
-            self.epoch_sse += (recon - batch).double().pow(2).sum().item()
+            self.epoch_sse += (out.recon - batch).double().pow(2).sum().item()
+
+    @torch.no_grad()
+    def _update_fired(self, code, batch_size: int) -> torch.Tensor:
+        """Count ``batch_size`` more samples for every latent, reset those that fired; the mask
+        of dead latents."""
+        fired = torch.zeros(self.sae.n_features, dtype=torch.bool, device=code.indices.device)
+        fired[code.indices[code.values != 0]] = True
+        self.since_fired += batch_size
+        self.since_fired[fired] = 0
+        return self.since_fired >= self.dead_after
+
+    def _auxk_loss(self, pre, batch, recon, dead, n_dead: int, total) -> torch.Tensor:
+        """Dead latents learn to explain what the live ones miss (in the main loss's units)."""
+        sae = self.sae
+        k_aux = min(self.aux_k, n_dead)
+        values, indices = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+        rows = torch.arange(batch.shape[0], device=batch.device).repeat_interleave(k_aux)
+        offsets = torch.arange(0, batch.shape[0] * k_aux, k_aux, device=batch.device)
+        aux_code = gathered_code(
+            values.reshape(-1), batch, sae.b_pre, sae.W_enc, sae.b_enc, indices.reshape(-1),
+            rows, offsets, batch.shape[0], sae.relu,
+        )
+        return reconstruction_loss(sparse_decode(aux_code, sae.W_dec), (batch - recon).detach(), total)
 
 
 def _train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, cfgs, checkpoint):
@@ -366,4 +403,4 @@ def run_sweep(
     return flat
 
 
-__all__ = ["Trainer", "run", "run_sweep", "sweep_configs", "train_sae", "train_saes"]
+__all__ = ["Trainer", "reconstruction_loss", "run", "run_sweep", "sweep_configs", "train_sae", "train_saes"]

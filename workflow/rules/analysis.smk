@@ -76,6 +76,13 @@ rule plot_feature_cards:
         "saeft feature-cards {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
 
+def aggregate_features_inputs(wildcards):
+    """The analyses of the reported runs and their evaluations (known once the variants are
+    selected: a function of the checkpoint)."""
+    return {"analyses": analysis_files("features.json"), "images": analysis_files("images.parquet"),
+            "evals": eval_results(selected_only=True)}
+
+
 def aggregate_features_files(wildcards, input, output):
     # Until select_variants has run, Snakemake plans with its output as the only input.
     return {f"--{name}": list(input.get(name, [])) for name in ("analyses", "images", "evals")}
@@ -88,9 +95,7 @@ def aggregate_features_settings(wildcards):
 
 rule aggregate_features:
     input:
-        analyses=lambda wildcards: analysis_files("features.json"),
-        images=lambda wildcards: analysis_files("images.parquet"),
-        evals=lambda wildcards: eval_results(selected_only=True),
+        unpack(aggregate_features_inputs),
     output:
         tables=[path if path.endswith(".md") else in_report(path, "table_features") for path in FEATURE_TABLES],
         figures=[in_report(path, "figure_features") for path in FEATURE_FIGURES],

@@ -3,6 +3,11 @@
 # trains on the other seeds and WiSE-FT interpolates it (common.smk: selected_variant).
 
 
+def select_variants_inputs(wildcards):
+    """The evaluations of every variant on the selection seeds."""
+    return [eval_path(wildcards.dataset, run) for run in selection_runs()]
+
+
 def select_variants_files(wildcards, input, output):
     return {"--evals": list(input), "--out": output[0]}
 
@@ -14,7 +19,7 @@ def select_variants_settings(wildcards):
 
 checkpoint select_variants:
     input:
-        lambda wildcards: [eval_path(wildcards.dataset, run) for run in selection_runs()],
+        select_variants_inputs,
     output:
         f"{R}/selection/{{model}}/{{dataset}}/selection.json",
     params:
