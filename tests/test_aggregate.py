@@ -83,7 +83,7 @@ def cfg() -> AggregateConfig:
 def test_tidy_table_columns_dtypes_rows(eval_paths: list[Path]) -> None:
     df = load_metrics(eval_paths)
     assert list(df.columns) == [
-        "study", "model", "dataset", "method", "seed", "alpha", "evalset", "role", "metric", "value", "n",
+        "study", "model", "dataset", "method", "variant", "seed", "alpha", "evalset", "role", "metric", "value", "n",
     ]
     assert len(df) == len(eval_paths) == (3 + 1 + 3) * 3
     assert df["seed"].dtype == "Int64"

@@ -80,7 +80,7 @@ def paths(tmp_path: Path) -> list[Path]:
 
 def test_tidy_table_schema(paths):
     df = load_metrics(paths)
-    assert list(df.columns) == ["study", "model", "dataset", "method", "seed", "alpha", "evalset", "role",
+    assert list(df.columns) == ["study", "model", "dataset", "method", "variant", "seed", "alpha", "evalset", "role",
                                 "metric", "value", "n"]
     assert df["seed"].dtype == "Int64" and df["alpha"].dtype == np.float64
     assert df["value"].dtype == np.float64 and df["n"].dtype == np.int64
@@ -195,7 +195,7 @@ def test_wilds_table_groups_id_and_ood_per_dataset(tmp_path):
     df = load_metrics(paths)
     built = {t.name: t for t in tables.build_tables(df, summarize(df, cfg), cfg)}
     assert list(built) == ["shifts", "wilds", "robustness"]
-    assert table_names({"iwildcam": "macro_f1", "fmow": "worst_region_acc"}, False) == list(built)
+    assert table_names({"iwildcam": "macro_f1", "fmow": "worst_region_acc"}, False) == list(built) + ["selection", "comparison", "frontier"]
     wilds = built["wilds"]
     assert [c.key for c in wilds.columns] == ["iwildcam ID", "iwildcam OOD", "fmow ID", "fmow OOD"]
     ft = wilds.frame.set_index("method").loc["ft"]
@@ -379,7 +379,8 @@ def test_run_writes_every_declared_output(paths, cfg, tmp_path):
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(names_figures)
     assert sorted(p.name for p in out.table_files) == sorted(names_tables)
     back = pd.read_parquet(tmp_path / "tables" / "metrics.parquet")
-    pd.testing.assert_frame_equal(back, load_metrics(paths))
+    assert back["selected"].all()  # one variant per method: every row is shown
+    pd.testing.assert_frame_equal(back.drop(columns="selected"), load_metrics(paths))
     html = (tmp_path / "tables" / "shifts.html").read_text()
     assert html.count("<tr>") == 5 and "font-weight: bold" in html
     assert set(out.figures) == {Path(n).stem for n in names_figures}
@@ -431,10 +432,15 @@ def test_aggregate_run_logs_tables_and_figures_to_mlflow(paths, cfg, tmp_path, m
 
 def test_comparison_tags_split_an_evaluated_run():
     tags = {"rule": "evaluate_model", "wc.model": "m", "wc.dataset": "shapes", "wc.run": "saeft/seed2/alpha0.5"}
-    assert tracking.comparison_tags(tags) == {"model": "m", "dataset": "shapes",
-                                              "method": "wiseft_saeft", "seed": "2", "alpha": "0.5"}
-    assert tracking.comparison_tags({"wc.run": "zeroshot"}) == {"method": "zeroshot", "seed": "none", "alpha": "none"}
-    assert tracking.comparison_tags({"wc.method": "ft", "wc.seed": "0"}) == {"method": "ft", "seed": "0"}
+    assert tracking.comparison_tags(tags) == {"model": "m", "dataset": "shapes", "method": "wiseft_saeft",
+                                              "variant": "saeft", "seed": "2", "alpha": "0.5"}
+    assert tracking.comparison_tags({"wc.run": "zeroshot"}) == {"method": "zeroshot", "variant": "zeroshot", "seed": "none",
+                                                                "alpha": "none"}
+    assert tracking.comparison_tags({"wc.method": "ft", "wc.seed": "0"}) == {"method": "ft", "variant": "ft", "seed": "0"}
+    # A grid variant: its method, its name, and each grid value as a tag the UI can group by.
+    assert tracking.comparison_tags({"wc.method": "saeft@lambda=10,mu=1", "wc.seed": "0"}) == {
+        "method": "saeft", "variant": "saeft@lambda=10,mu=1", "param.lambda": "10", "param.mu": "1", "seed": "0"}
+    assert tracking.comparison_tags({"wc.run": "saeft@strong/seed1"})["variant"] == "saeft@strong"
 
 
 def test_a_study_without_shifts_still_gets_every_output(tmp_path):

@@ -154,3 +154,47 @@ def test_the_tables_show_the_selected_variant_and_refuse_an_unselected_grid():
     assert set(shown["variant"]) == {"saeft@lambda=100"}
     with pytest.raises(ValueError, match="d/saeft: several variants"):
         reported_mask(df, {})
+
+
+# -- intervals from per-image predictions ----------------------------------------------------
+
+
+def _evaluation(tmp_path, method, seed, correct_on):
+    """An evals.json and its predictions.parquet: 20 images per eval set, right on ``correct_on``."""
+    from saeft.evaluate import write_predictions
+
+    identity = {"study": "s", "model": "m", "dataset": "d", "method": method, "variant": method, "seed": seed}
+    target = np.arange(20) % 4
+    predictions, records = {}, {}
+    for evalset, role in (("test", "id"), ("a", "ood"), ("b", "ood")):
+        predicted = np.where(np.arange(20) < correct_on, target, (target + 1) % 4)
+        predictions[evalset] = {"predicted": predicted, "target": target, "group": None}
+        records[evalset] = {**identity, "evalset": evalset, "role": role, "metric": "top1",
+                            "value": float((predicted == target).mean()), "n": 20}
+    base = tmp_path / f"{method}{seed}"
+    (base.with_suffix(".json")).write_text(json.dumps({**identity, "dataset": "d", "evals": records}))
+    write_predictions(base.with_suffix(".parquet"), predictions)
+    return base.with_suffix(".json"), base.with_suffix(".parquet")
+
+
+def test_paired_differences_and_cells_come_from_the_predictions(tmp_path):
+    from saeft.config.aggregate import AggregateConfig
+    from saeft.intervals import Evaluations, add_intervals, comparisons
+    from saeft.results import load_metrics, summarize
+
+    files = [_evaluation(tmp_path, m, s, n) for m, n in (("saeft", 20), ("ft", 10)) for s in (0, 1)]
+    df = load_metrics([e for e, _ in files])
+    ev = Evaluations([e for e, _ in files], [p for _, p in files], {("d", e): "top1" for e in ("test", "a", "b")}, 2000)
+    diff = comparisons(df, ev, "saeft", ["ft", "lpft"], 0.95).iloc[0]
+    # Right on every image against right on half: +0.5 exactly; no seed spread, so the se is the
+    # bootstrap's of a mean of 20 paired differences in {0, 1} with p = 0.5: sqrt(0.25 / 20).
+    assert diff["other"] == "ft" and diff["ΔID mean"] == 0.5 and diff["ΔOOD mean"] == 0.5
+    assert diff["ΔID se"] == pytest.approx(np.sqrt(0.25 / 20), rel=0.1)
+    # The OOD average of two independently resampled sets: its se is smaller by sqrt(2).
+    assert diff["ΔOOD se"] == pytest.approx(np.sqrt(0.25 / 20 / 2), rel=0.1)
+    summary = add_intervals(summarize(df, AggregateConfig()), df, ev, 0.95)
+    ft = summary.set_index("method").loc["ft"]
+    assert ft["test low"] < ft["test mean"] == 0.5 < ft["test high"]
+    assert ft["test high"] - ft["test low"] == pytest.approx(2 * 1.959964 * np.sqrt(0.25 / 20), rel=0.1)
+    perfect = summary.set_index("method").loc["saeft"]
+    assert perfect["test low"] == perfect["test high"] == 1.0  # no resample can miss
