@@ -7,9 +7,9 @@ For each config (default: workflow/configs/paper_vitb16.yaml and paper_vitb32.ya
 job count and seconds. A config that does not exist is replaced, and the output says so, by a
 paper-scale stand-in generated from the default study: every trained method x 3 seeds, WiSE-FT
 of every method on a 9-point alpha grid. Then it plans the default study with an SAE-FT grid of
-``--variants`` points (default 300) on 3 seeds: once in an empty directory (every variant on the
-selection seed, up to the select_variants checkpoint) and once with a selection on disk (the
-whole DAG: the selected variant on every seed, its WiSE-FT curve, the aggregates). Then (unless
+``--variants`` points (default 300) on 3 seeds: with the variants on the selection seed (the
+default; the DAG up to the select_variants checkpoint) and on all three seeds (every variant on
+every seed, the largest DAG such a grid makes). Then (unless
 --no-rerun) it runs the tiny test study for real and times ``snakemake -n`` again, which must plan
 zero jobs.
 """
@@ -17,7 +17,6 @@ zero jobs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -50,8 +49,8 @@ def stand_in_config(folder: Path) -> Path:
 
 
 def grid_config(folder: Path, variants: int) -> tuple[Path, str]:
-    """The default study with an SAE-FT grid of ``variants`` points (lambda x mu x lambda_add),
-    and the name of one of its variants."""
+    """The default study with an SAE-FT grid of ``variants`` points (lambda x mu x lambda_add,
+    rounded down to a multiple of 30), and the name of one of its variants."""
     lambdas = [round(10 ** (i / 4), 4) for i in range(max(1, variants // 30))]
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     config["study"] = f"grid{variants}"
@@ -63,21 +62,20 @@ def grid_config(folder: Path, variants: int) -> tuple[Path, str]:
 
 
 def plan_grid(tmp: Path, variants: int) -> None:
-    """Plan the grid study before and after its selection exists; print jobs and seconds."""
-    config, some_variant = grid_config(tmp, variants)
-    n = len(yaml.safe_load(config.read_text())["methods"]["saeft"]["grid"]["lambda"]) * 30
-    workdir = tmp / "grid"
-    workdir.mkdir()
-    seconds, cpu, output = snakemake(workdir, config, "-n", "--cores", "all")
-    print(f"default study with a {n}-variant SAE-FT grid, 3 seeds: snakemake -n planned {planned_jobs(output)} jobs "
-          f"(up to the selection) in {seconds:.2f} s ({cpu:.2f} s CPU)")
+    """Plan the grid study in an empty directory, with its variants on the first seed (the
+    default: the DAG up to the select_variants checkpoint, which then adds the selected variant's
+    other seeds) and on all three; print jobs and seconds."""
+    config, _ = grid_config(tmp, variants)
     study = yaml.safe_load(config.read_text())
-    selection = workdir / "results" / study["study"] / "selection" / study["model"]["name"] / "shapes" / "selection.json"
-    selection.parent.mkdir(parents=True)
-    selection.write_text(json.dumps({"dataset": "shapes", "methods": {"saeft": {"selected": some_variant}}}))
-    seconds, cpu, output = snakemake(workdir, config, "-n", "--cores", "all")
-    print(f"  the same with its selection on disk (the whole DAG): planned {planned_jobs(output)} jobs in {seconds:.2f} s "
-          f"({cpu:.2f} s CPU)")
+    n = len(study["methods"]["saeft"]["grid"]["lambda"]) * 30
+    for seeds in ([0], [0, 1, 2]):
+        study["selection"] = {"seeds": seeds}
+        config.write_text(yaml.safe_dump(study, sort_keys=False))
+        workdir = tmp / f"grid-{len(seeds)}"
+        workdir.mkdir()
+        seconds, cpu, output = snakemake(workdir, config, "-n", "--cores", "all")
+        print(f"default study with a {n}-variant SAE-FT grid, variants on seed(s) {seeds}: snakemake -n planned "
+              f"{planned_jobs(output)} jobs in {seconds:.2f} s ({cpu:.2f} s CPU)")
 
 
 def snakemake(workdir: Path, config: Path, *args: str) -> tuple[float, float, str]:

@@ -100,6 +100,6 @@ def test_removing_a_grid_value_leaves_the_other_variants_untouched(grid_study, t
     selected = json.loads((_results(grid_study) / "selection" / "saeft-tiny-rn" / "shapes" / "selection.json").read_text())
     chosen = selected["methods"]["saeft"]["selected"]
     mu = chosen.split("mu=")[1]
-    jobs = _plan_with(grid_study, tmp_path, {"lambda": [1, 100], "mu": [float(mu)]})
+    jobs = _plan_with(grid_study, tmp_path, {"lambda": [1, 100], "mu": [yaml.safe_load(mu)]})  # 10, not 10.0: same params
     assert "finetune" not in jobs and "evaluate_model" not in jobs
     assert jobs["select_variants"] == 1 and jobs["aggregate_tables"] == 1
