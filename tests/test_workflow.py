@@ -103,9 +103,13 @@ def test_stage_outputs_follow_the_contracts(study):
     assert not list(base.rglob("*.partial")) and not list(base.rglob("checkpoint.pt"))
     assert not list(base.rglob(".*.tmp"))
     # One evaluation bundle per run: a record per eval set, in the dataset's order.
-    bundle = json.loads((base / "eval" / "saeft-tiny-rn" / "shapes" / "saeft" / "seed1" / "evals.json").read_text())
+    bundle_path = base / "eval" / "saeft-tiny-rn" / "shapes" / "saeft" / "seed1" / "evals.json"
+    bundle = json.loads(bundle_path.read_text())
     assert (bundle["method"], bundle["seed"], bundle["dataset"]) == ("saeft", 1, "shapes") and "environment" in bundle
-    assert list(bundle["evals"]) == ["test", "resampled", "sketch", "rendition", "hard"]
+    assert list(bundle["evals"]) == ["test", "resampled", "sketch", "rendition", "hard", "val"]
+    assert bundle["evals"]["val"]["role"] == "val" and bundle["variant"] == "saeft"
+    predictions = pd.read_parquet(bundle_path.with_name("predictions.parquet"))
+    assert predictions.groupby("evalset", sort=False).size().to_dict() == {e: r["n"] for e, r in bundle["evals"].items()}
     sketch = bundle["evals"]["sketch"]
     assert (sketch["evalset"], sketch["role"], sketch["seed"]) == ("sketch", "ood", 1)
     assert sum(sketch["per_class"]["total"]) == sketch["n"] == 30
