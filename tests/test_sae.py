@@ -22,6 +22,7 @@ from saeft.sae import (
     to_dense,
     train_sae,
 )
+from saeft.sae.model import ENCODER_INIT_NORM
 
 
 def _write_cache(path, embeddings: np.ndarray) -> None:
@@ -140,7 +141,9 @@ def test_forward_contract_prepares_and_freezes():
 def test_init_and_prepare():
     sae = TopKSAE(5, 10, 2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(10))
-    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    # Tied: each encoder row is its decoder column, scaled to ENCODER_INIT_NORM.
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T * ENCODER_INIT_NORM)
+    torch.testing.assert_close(sae.W_enc.norm(dim=1), torch.full((10,), ENCODER_INIT_NORM))
     assert (sae.b_pre == 0).all()
     x = torch.tensor([[3.0, 4.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(sae.prepare(x), x / 5)

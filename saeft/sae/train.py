@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from saeft.config import require
 from saeft.config.stages import SAETrainConfig
@@ -97,28 +96,14 @@ def train_saes(
     return {name: results[name] for name in cfgs}
 
 
-def total_variance(batch: torch.Tensor) -> torch.Tensor:
-    """The batch's summed squared deviation from its own mean (what its FVU divides by)."""
-    with torch.no_grad():
-        return (batch - batch.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The training loss of ``(B, d)`` rows: the squared error summed over the embedding dims,
+    averaged over the rows, so its gradients do not shrink with ``d``.
 
-
-def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
-    """The training loss: squared error summed over the batch, divided by ``total`` (the batch's
-    :func:`total_variance`; its own when not given): the batch FVU, Gao et al.'s normalised MSE.
-
-    Adam is invariant to the loss's scale except through its epsilon; a per-element mean would
-    make the gradients of a large (batch x d) batch small enough for epsilon to slow learning.
+    Adam is invariant to the loss's scale except through its epsilon: a mean over every element
+    made the gradients of a large (batch x d) batch small enough for epsilon to damp the steps.
     """
-    if _LOSS == "mse":
-        return F.mse_loss(recon, target)
-    if total is None:
-        total = total_variance(target)
-    return (recon - target).pow(2).sum() / total
-
-
-import os as _os
-_LOSS = _os.environ.get("SAEFT_LOSS", "fvu")
+    return (recon - target).pow(2).sum() / max(target.shape[0], 1)
 
 
 class Trainer:
@@ -172,12 +157,11 @@ class Trainer:
         with torch.no_grad():
             pre = sae.pre_activations(batch)
         out = sae(batch, pre=pre)
-        total = total_variance(batch)
-        loss = reconstruction_loss(out.recon, batch, total)
+        loss = reconstruction_loss(out.recon, batch)
         dead = self._update_fired(out.code, batch.shape[0])
         n_dead = int(dead.sum())
         if cfg.auxk_alpha > 0 and n_dead > 0:
-            loss = loss + cfg.auxk_alpha * self._auxk_loss(pre, batch, out.recon, dead, n_dead, total)
+            loss = loss + cfg.auxk_alpha * self._auxk_loss(pre, batch, out.recon, dead, n_dead)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_decoder_grad_()
@@ -197,7 +181,7 @@ class Trainer:
         self.since_fired[fired] = 0
         return self.since_fired >= self.dead_after
 
-    def _auxk_loss(self, pre, batch, recon, dead, n_dead: int, total) -> torch.Tensor:
+    def _auxk_loss(self, pre, batch, recon, dead, n_dead: int) -> torch.Tensor:
         """Dead latents learn to explain what the live ones miss (in the main loss's units)."""
         sae = self.sae
         k_aux = min(self.aux_k, n_dead)
@@ -208,7 +192,7 @@ class Trainer:
             values.reshape(-1), batch, sae.b_pre, sae.W_enc, sae.b_enc, indices.reshape(-1),
             rows, offsets, batch.shape[0], sae.relu,
         )
-        return reconstruction_loss(sparse_decode(aux_code, sae.W_dec), (batch - recon).detach(), total)
+        return reconstruction_loss(sparse_decode(aux_code, sae.W_dec), (batch - recon).detach())
 
 
 def _train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, cfgs, checkpoint):
