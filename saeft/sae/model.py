@@ -23,9 +23,7 @@ ENCODER_INIT_NORM = 1.0
 bench/sae_train.py's synthetic data 0.5 learned faster per step, but on the default study's
 embeddings it left 47% of the latents dead on the held-out photos (FVU 0.0078), against 7% at 1.0
 (FVU 0.0075; measured at commit bda83fe's training code, 20 epochs, AuxK 0.25): the study's
-dictionary matters more than the first steps' speed, so rows start at the decoder's norm.
-
-"""
+dictionary matters more than the first steps' speed, so rows start at the decoder's norm."""
 
 # EMA rate of the Batch-Top-K inference threshold (the smallest value kept in each batch).
 _THRESHOLD_MOMENTUM = 0.99
