@@ -50,11 +50,12 @@ def main(work: Path) -> None:
     print(f"check.py: finetune job {cancelled} cancelled; job {job_of_log[finetune_log]} resumed from epoch "
           f"{resumed.group(1)} of {resumed.group(2)}")
 
-    # One bundle per evaluated run (zero-shot, saeft seed 0), a record per eval set (5 each).
+    # One bundle per evaluated run (zero-shot, saeft seed 0), a record per eval set (5 each, and
+    # the ID validation split that variants are selected on).
     bundles = sorted((local / "results" / STUDY / "eval").rglob("evals.json"))
     evals = [(path, name) for path in bundles for name in json.loads(path.read_text())["evals"]]
-    if len(bundles) != 2 or len(evals) != 10:
-        fail(f"expected 10 evaluation results in 2 files in the local run, found {len(evals)} in {len(bundles)}")
+    if len(bundles) != 2 or len(evals) != 12:
+        fail(f"expected 12 evaluation results in 2 files in the local run, found {len(evals)} in {len(bundles)}")
     for path, name in evals:
         twin = slurm / path.relative_to(local)
         a = json.loads(path.read_text())["evals"][name]
