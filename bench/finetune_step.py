@@ -158,6 +158,8 @@ def interval(log_ratios: list[float]) -> tuple[float, float, float]:
     """(ratio, low, high): the geometric mean of the blocks' ratios and its 95% t-interval."""
     n = len(log_ratios)
     mean = statistics.mean(log_ratios)
+    if n < 2:
+        return math.exp(mean), 0.0, math.inf
     half = _T975[min(n - 1, len(_T975)) - 1] * statistics.stdev(log_ratios) / n**0.5
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 

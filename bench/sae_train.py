@@ -3,8 +3,12 @@
 Every implementation trains from its own library's initialisation on the *same* batches, in one
 process, one step each in turn (the order rotates every step), so load from other processes
 hits all alike; each step is timed on its own. Printed per size and architecture: samples/s
-(median step), held-out FVU after the same number of steps, the dead fraction (latents that
-never fire on the held-out rows), the peak memory of one step, and saeft's ratios to each peer.
+(median step), held-out FVU after the same number of steps (one dense computation from each
+model's weights; mean ± sd over ``--seeds`` initialisations), the dead fraction (latents that
+fire on no held-out row), the peak memory of one step (on CPU the profiler's allocations during
+the step, above what existed before it; on GPU torch's peak allocated), and saeft's ratios.
+saeft's FVU counts as equal to a peer's when it is higher by less than twice the standard error
+of the difference of the means.
 
 Implementations (Adam, the same learning rate, no AuxK, no schedule, unit-norm decoder with the
 parallel gradient removed):
@@ -14,10 +18,15 @@ parallel gradient removed):
   trainer steps it (``fvu`` loss, decoder renormalised before the step); its Triton decoder is
   GPU-only, so on CPU it takes its ``embedding_bag`` path. Its architecture is always its own:
   ReLU and a trained encoder bias;
+- ``sparsify, saeft's init`` (``sparsify-saeft-init``): the same, started from saeft's initial
+  weights (encoder, decoder, ``b_pre``), so that FVU compares the training code alone: saeft's
+  encoder rows start at the decoder's norm (1), sparsify's at ``nn.Linear``'s (1/sqrt(3)), which
+  learns faster in the first steps on this data (see ``saeft.sae.model.ENCODER_INIT_NORM``);
 - ``dense``: the public reference recipe, autograd through a dense code and a dense decode,
   from saeft's initial weights and with saeft's loss (the two must agree in FVU);
 - ``overcomplete`` (on request, ``--peers``): its ``TopKSAE`` with its default encoder (Linear
-  + BatchNorm), so its FVU is that of another architecture; a speed reference.
+  + BatchNorm), MSE loss; its FVU (by its own forward) is that of another architecture: a speed
+  reference.
 
 Architectures (``--archs``): ``saeft`` (the default: signed top-k, no encoder bias, as the
 reference code) and ``sparsify`` (ReLU on the kept values and a trained encoder bias), for saeft
@@ -33,6 +42,7 @@ import argparse
 import copy
 import importlib.metadata
 import importlib.util
+import math
 import os
 import platform
 import statistics
@@ -125,12 +135,18 @@ class Dense:
 class Sparsify:
     """EleutherAI's SparseCoder, stepped as sparsify's trainer steps it (``loss_fn="fvu"``)."""
 
-    def __init__(self, module, d, n_features, k, lr, device):
+    def __init__(self, module, d, n_features, k, lr, device, start: TopKSAE | None = None):
         SparseCoder, SparseCoderConfig = module
         cfg = SparseCoderConfig(num_latents=n_features, k=k)
         self.sae = SparseCoder(d, cfg, device=device, dtype=torch.float32)
+        self.first = start is None
+        if start is not None:  # saeft's initial weights (and b_pre from the data mean)
+            with torch.no_grad():
+                self.sae.encoder.weight.copy_(start.W_enc)
+                self.sae.encoder.bias.copy_(start.b_enc)
+                self.sae.W_dec.copy_(start.W_dec.T)
+                self.sae.b_dec.copy_(start.b_pre)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=lr)
-        self.first = True
 
     def step(self, batch):
         sae = self.sae
@@ -164,7 +180,21 @@ class Overcomplete:
         self.optimizer.step()
 
     def weights(self):
-        return None
+        return None  # not the shared architecture: measured by its own forward
+
+    @torch.no_grad()
+    def heldout(self, k: int, data: torch.Tensor) -> tuple[float, float]:
+        """(FVU, dead fraction) by its own forward in eval mode (BatchNorm's running stats)."""
+        self.sae.eval()
+        sse, fired = 0.0, None
+        for rows in data.split(2048):
+            _, codes, recon = self.sae(rows)
+            sse += (recon - rows).double().pow(2).sum().item()
+            hit = (codes != 0).any(dim=0)
+            fired = hit if fired is None else fired | hit
+        self.sae.train()
+        sst = (data.double() - data.double().mean(0)).pow(2).sum().item()
+        return sse / sst, 1.0 - fired.float().mean().item()
 
 
 def _stub_modules(names: dict[str, dict]) -> None:
@@ -295,6 +325,9 @@ def build(peer_modules, size, arch, args, seed, device, batches):
         impls["dense"] = Dense(impls["saeft"], args.lr)
     if peer_modules.get("sparsify"):
         impls["sparsify"] = Sparsify(peer_modules["sparsify"][0], d, n_features, k, args.lr, device)
+        if "sparsify-saeft-init" in args.peers:
+            start = impls["saeft"].trainer.sae
+            impls["sparsify, saeft's init"] = Sparsify(peer_modules["sparsify"][0], d, n_features, k, args.lr, device, start)
     if peer_modules.get("overcomplete"):
         impls["overcomplete"] = Overcomplete(peer_modules["overcomplete"][0], d, n_features, k, args.lr, device)
     return impls
@@ -319,8 +352,8 @@ def run_one(name, size, arch, peer_modules, args, device) -> dict:
             times.setdefault(impl_name, []).extend(impl_times)
         for impl_name, impl in impls.items():
             weights = impl.weights()
-            nan = (float("nan"), float("nan"))
-            metrics.setdefault(impl_name, []).append(heldout_metrics(weights, k, heldout) if weights is not None else nan)
+            measured = heldout_metrics(weights, k, heldout) if weights is not None else impl.heldout(k, heldout)
+            metrics.setdefault(impl_name, []).append(measured)
         for impl_name, impl in impls.items():  # after the FVUs: this extra step changes the weights
             peaks.setdefault(impl_name, peak_step_bytes(impl, data[0], device) / 2**20)
         del impls
@@ -329,7 +362,7 @@ def run_one(name, size, arch, peer_modules, args, device) -> dict:
         fvus = [fvu for fvu, _ in values]
         rows[impl_name] = {
             "samples_s": batch / statistics.median(times[impl_name]), "fvu": statistics.mean(fvus),
-            "fvu_sd": statistics.stdev(fvus) if len(fvus) > 1 else None,
+            "fvu_sd": statistics.stdev(fvus) if len(fvus) > 1 and all(map(math.isfinite, fvus)) else None,
             "dead": statistics.mean(dead for _, dead in values), "peak_mib": peaks[impl_name],
             "n": len(fvus),
         }
@@ -363,12 +396,14 @@ def print_table(name, size, arch, steps, warmup, rows, seeds) -> None:
         print(f"| {impl_name} | {r['samples_s']:.0f} | {fvu} | {r['dead']:.4f} | "
               f"{r['peak_mib']:.0f} | {ratio:.2f}x |")
     s = rows["saeft"]
-    if "sparsify" in rows:
-        p = rows["sparsify"]
-        speed, verdict = s["samples_s"] / p["samples_s"], fvu_verdict(s, p)
-        met = speed >= 1.0 and verdict != "WORSE"
-        print(f"\nsaeft / sparsify: speed {speed:.2f}x, FVU {s['fvu']:.4f} vs {p['fvu']:.4f} ({verdict}); "
-              f"target speed >= 1.0 at equal or better FVU: {'met' if met else 'NOT met'}")
+    print()
+    for peer in ("sparsify", "sparsify, saeft's init"):
+        if peer in rows:
+            p = rows[peer]
+            speed, verdict = s["samples_s"] / p["samples_s"], fvu_verdict(s, p)
+            met = speed >= 1.0 and verdict != "WORSE"
+            print(f"saeft / {peer}: speed {speed:.2f}x, FVU {s['fvu']:.4f} vs {p['fvu']:.4f} ({verdict}); "
+                  f"target speed >= 1.0 at equal or better FVU: {'met' if met else 'NOT met'}")
     if "dense" in rows:
         rel = abs(s["fvu"] - rows["dense"]["fvu"]) / rows["dense"]["fvu"]
         print(f"saeft / dense: speed {s['samples_s'] / rows['dense']['samples_s']:.2f}x, "
@@ -379,8 +414,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=list(ARCHS))
-    parser.add_argument("--peers", nargs="*", default=["dense", "sparsify"],
-                        choices=["dense", "sparsify", "overcomplete"])
+    parser.add_argument("--peers", nargs="*", default=["dense", "sparsify", "sparsify-saeft-init"],
+                        choices=["dense", "sparsify", "sparsify-saeft-init", "overcomplete"],
+                        help="sparsify-saeft-init: sparsify's coder and step from saeft's initial weights")
     parser.add_argument("--steps", type=int, default=None, help="steps per initialisation (default: 14 large, 200 small)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -394,7 +430,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     peer_modules = {}
-    if "sparsify" in args.peers:
+    if "sparsify" in args.peers or "sparsify-saeft-init" in args.peers:
         peer_modules["sparsify"] = import_sparsify(device)
     if "overcomplete" in args.peers:
         peer_modules["overcomplete"] = import_overcomplete()
