@@ -10,12 +10,13 @@ data. Two measurements:
   by torch; on CPU the peak resident set size minus the RSS before the model was built (so
   torch's own import does not dilute the ratios). ``ft`` runs first and last: their spread is
   the noise between processes;
-- the targets (``saeft (cache)``, ``saeft (live)``) against ``ft``, paired: one process holds
-  ``ft``, a second ``ft`` and the target models, and steps them in turn (the order rotating each
-  round), so load from other processes hits all alike. Each block of ``--block`` rounds gives one
-  ratio per model (its median step over ``ft``'s); blocks repeat (at least ``--min-blocks``)
+- the targets (``saeft (cache)``, ``saeft (live)``) against ``ft``, paired: one process builds
+  ``ft``, a second ``ft`` and the target models afresh every block and steps them in turn (a
+  random order each round), so load from other processes hits all alike. Each block of
+  ``--block`` rounds gives one ratio per model (its median step over ``ft``'s); blocks repeat
+  (at least ``--min-blocks``)
   until the 95% interval of every ratio (t-interval of the blocks' log-ratios) is narrower than
-  ``--precision`` (default ±3%), or ``--max-blocks`` is reached. The ``ft (repeat)`` / ``ft``
+  ``--precision`` (default ±2%), or ``--max-blocks`` is reached. The ``ft (repeat)`` / ``ft``
   interval is the noise check: it should contain 1.
 
 On a CPU device a step's time is the process's CPU time (``--clock``): with one torch thread that
@@ -31,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -179,19 +181,22 @@ def paired(rows: list[str], args) -> dict:
     setup_torch(0, args.threads)
     names = ["ft", "ft (repeat)", *[r for r in rows if r not in ("ft", "ft (repeat)")]]
     clock = clock_of(args.clock, args.device)
-    steps = {name: build_step(*VARIANTS[name], args.batch, args.device, clock)[0] for name in names}
-    for name in names:
-        for _ in range(args.warmup):
-            steps[name]()
+    order = random.Random(0)
     blocks: dict[str, list[float]] = {name: [] for name in names[1:]}
     ft_medians: list[float] = []
     limit = math.log(1 + args.precision)
     for block in range(args.max_blocks):
+        # Fresh models every block: what one instance's memory placement costs or saves
+        # averages out over the blocks instead of biasing every one of them alike.
+        steps = {name: build_step(*VARIANTS[name], args.batch, args.device, clock)[0] for name in names}
+        for name in names:
+            for _ in range(args.warmup):
+                steps[name]()
         times = {name: [] for name in names}
-        for round_ in range(args.block):
-            shift = (block * args.block + round_) % len(names)
-            for name in names[shift:] + names[:shift]:
+        for _ in range(args.block):
+            for name in order.sample(names, len(names)):  # no model always follows the same one
                 times[name].append(steps[name]())
+        del steps
         ft = statistics.median(times["ft"])
         ft_medians.append(ft)
         for name in names[1:]:
@@ -244,8 +249,8 @@ def print_paired(measured: dict, args) -> None:
     blocks, fts = measured["blocks"], measured["ft_medians"]
     spread = statistics.stdev(fts) / statistics.mean(fts) if len(fts) > 1 else 0.0
     clock = "wall" if clock_of(args.clock, args.device) is time.perf_counter else "CPU"
-    print(f"\npaired, in one process, {clock} time: {len(fts)} blocks of {args.block} rounds (each model one step per "
-          f"round, rotating); ft's median step per block {min(fts) * 1e3:.1f}-{max(fts) * 1e3:.1f} ms "
+    print(f"\npaired, in one process, {clock} time: {len(fts)} blocks of {args.block} rounds (models built afresh "
+          f"each block, one step each per round in a random order); ft's median step per block {min(fts) * 1e3:.1f}-{max(fts) * 1e3:.1f} ms "
           f"(coefficient of variation {100 * spread:.1f}%: the load the measurement ran under)\n")
     print("| ratio to ft | geometric mean | 95% interval | target | |")
     print("|---|---:|---:|---:|---|")
@@ -270,8 +275,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="rows of the table to run (default: all)")
     parser.add_argument("--block", type=int, default=10, help="rounds per block of the paired measurement")
     parser.add_argument("--min-blocks", type=int, default=5)
-    parser.add_argument("--max-blocks", type=int, default=40)
-    parser.add_argument("--precision", type=float, default=0.03, help="stop when every target's interval is narrower than ± this")
+    parser.add_argument("--max-blocks", type=int, default=60)
+    parser.add_argument("--precision", type=float, default=0.02,
+                        help="stop when every ratio's 95%% interval is narrower than ± this (default ±2%%: the ±3%% the targets need, with room)")
     parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                         help="what a step's time is: the process's CPU time (auto on CPU: blind to other processes holding the core) or wall-clock time (auto on GPU)")
     parser.add_argument("--no-table", action="store_true", help="only the paired measurement of the targets")

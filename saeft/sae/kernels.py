@@ -91,7 +91,8 @@ def scatter_rows(dense: torch.Tensor, weights: torch.Tensor, order: LatentOrder)
 def bag_sum(W: torch.Tensor, weights: torch.Tensor, indices, offsets, bags: int) -> torch.Tensor:
     """``out[b] = sum_{i in bag b} weights[i] * W[indices[i]]``, a ``(bags, d)`` tensor
     (bag ``b`` is entries ``offsets[b]:offsets[b+1]``)."""
-    out = F.embedding_bag(indices, W, offsets, mode="sum", per_sample_weights=weights)
+    # The aten op itself: F.embedding_bag's argument checks cost more than a small bag sum.
+    out = torch.embedding_bag(W, indices, offsets, False, _SUM, False, weights)[0]
     if out.shape[0] != bags:  # trailing empty bags get no row on some versions
         out = F.pad(out, (0, 0, 0, bags - out.shape[0]))
     return out
@@ -169,10 +170,7 @@ def sparse_decode(code: SparseCode, W_dec: torch.Tensor) -> torch.Tensor:
 
 def to_dense(code: SparseCode, n_features: int) -> torch.Tensor:
     """The ``(B, n_features)`` dense form of ``code`` (differentiable in the values)."""
-    dense = code.values.new_zeros(code.batch * n_features)
-    return dense.index_put((code.rows * n_features + code.indices,), code.values).view(
-        code.batch, n_features
-    )
+    return code.values.new_zeros(code.batch, n_features).index_put_((code.rows, code.indices), code.values)
 
 
 def gathered_code(values, z, b_pre, W, b, indices, rows, offsets, batch, relu) -> SparseCode:
