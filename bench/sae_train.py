@@ -8,7 +8,9 @@ model's weights; mean ± sd over ``--seeds`` initialisations), the dead fraction
 fire on no held-out row), the peak memory of one step (on CPU the profiler's allocations during
 the step, above what existed before it; on GPU torch's peak allocated), and saeft's ratios.
 saeft's FVU counts as equal to a peer's when it is higher by less than twice the standard error
-of the difference of the means.
+of the difference of the means. The verdicts pair like initialisations (saeft with sparsify from
+saeft's init; saeft at sparsify's init scale with sparsify), so that they judge the training
+code; saeft's default against sparsify's own init is printed for information.
 
 Implementations (Adam, the same learning rate, no AuxK, no schedule, unit-norm decoder with the
 parallel gradient removed):
@@ -22,6 +24,8 @@ parallel gradient removed):
   weights (encoder, decoder, ``b_pre``), so that FVU compares the training code alone: saeft's
   encoder rows start at the decoder's norm (1), sparsify's at ``nn.Linear``'s (1/sqrt(3)), which
   learns faster in the first steps on this data (see ``saeft.sae.model.ENCODER_INIT_NORM``);
+- ``saeft, init 1/sqrt(3)`` (``saeft-sparsify-init``): saeft with its encoder rows started at
+  sparsify's norm (``sae.encoder_init_norm``), the like-for-like partner of ``sparsify``;
 - ``dense``: the public reference recipe, autograd through a dense code and a dense decode,
   from saeft's initial weights and with saeft's loss (the two must agree in FVU);
 - ``overcomplete`` (on request, ``--peers``): its ``TopKSAE`` with its default encoder (Linear
@@ -54,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from saeft.sae import SAETrainConfig, TopKSAE, Trainer
+from saeft.sae.model import ENCODER_INIT_NORM
 from saeft.sae.train import reconstruction_loss
 
 SIZES = {
@@ -63,6 +68,9 @@ SIZES = {
 }
 ARCHS = {"saeft": {"relu": False, "encoder_bias": False}, "sparsify": {"relu": True, "encoder_bias": True}}
 HELDOUT_ROWS = 8192
+SPARSIFY_INIT_NORM = 3**-0.5
+"""Norm of sparsify's initial encoder rows: ``nn.Linear``'s uniform(+-1/sqrt(d)) entries."""
+SAEFT_AT_SPARSIFY_INIT = "saeft, init 1/sqrt(3)"
 
 
 def synthetic_batches(d: int, n_atoms: int, active: int, batch: int, count: int, seed: int):
@@ -85,10 +93,10 @@ def synthetic_batches(d: int, n_atoms: int, active: int, batch: int, count: int,
 class Saeft:
     """saeft's own trainer."""
 
-    def __init__(self, d, n_features, k, lr, arch, seed, device, train_mean):
+    def __init__(self, d, n_features, k, lr, arch, seed, device, train_mean, encoder_init_norm=ENCODER_INIT_NORM):
         cfg = SAETrainConfig(
             expansion=n_features // d, k=k, normalize="none", lr=lr, warmup_steps=0,
-            lr_decay="none", auxk_alpha=0.0, seed=seed, **ARCHS[arch],
+            lr_decay="none", auxk_alpha=0.0, seed=seed, encoder_init_norm=encoder_init_norm, **ARCHS[arch],
         )
         self.trainer = Trainer("saeft", cfg, d, total_steps=10**6, n_train=10**9, device=device)
         with torch.no_grad():
@@ -321,6 +329,8 @@ def build(peer_modules, size, arch, args, seed, device, batches):
     train_mean = torch.cat(batches).mean(dim=0)
     torch.manual_seed(seed)  # the peers initialise from torch's global generator
     impls = {"saeft": Saeft(d, n_features, k, args.lr, arch, seed, device, train_mean)}
+    if "saeft-sparsify-init" in args.peers:
+        impls[SAEFT_AT_SPARSIFY_INIT] = Saeft(d, n_features, k, args.lr, arch, seed, device, train_mean, SPARSIFY_INIT_NORM)
     if "dense" in args.peers:
         impls["dense"] = Dense(impls["saeft"], args.lr)
     if peer_modules.get("sparsify"):
@@ -397,13 +407,19 @@ def print_table(name, size, arch, steps, warmup, rows, seeds) -> None:
               f"{r['peak_mib']:.0f} | {ratio:.2f}x |")
     s = rows["saeft"]
     print()
-    for peer in ("sparsify", "sparsify, saeft's init"):
-        if peer in rows:
-            p = rows[peer]
-            speed, verdict = s["samples_s"] / p["samples_s"], fvu_verdict(s, p)
+    # Each pair says what differs besides the code: only a pair with the same init and architecture
+    # judges the training code alone (sparsify's coder always has a ReLU and an encoder bias).
+    same_arch = ARCHS[arch]["relu"] and ARCHS[arch]["encoder_bias"]
+    for ours_name, peer, init in (("saeft", "sparsify, saeft's init", "same initial weights"),
+                                  (SAEFT_AT_SPARSIFY_INIT, "sparsify", "same init scale"),
+                                  ("saeft", "sparsify", "init scales differ")):
+        if peer in rows and ours_name in rows:
+            ours, p = rows[ours_name], rows[peer]
+            speed, verdict = ours["samples_s"] / p["samples_s"], fvu_verdict(ours, p)
             met = speed >= 1.0 and verdict != "WORSE"
-            print(f"saeft / {peer}: speed {speed:.2f}x, FVU {s['fvu']:.4f} vs {p['fvu']:.4f} ({verdict}); "
-                  f"target speed >= 1.0 at equal or better FVU: {'met' if met else 'NOT met'}")
+            like = f"{init}, {'same architecture' if same_arch else 'architectures differ'}"
+            print(f"{ours_name} / {peer} ({like}): speed {speed:.2f}x, FVU {ours['fvu']:.4f} vs {p['fvu']:.4f} "
+                  f"({verdict}); speed >= 1.0 at equal or better FVU: {'met' if met else 'NOT met'}")
     if "dense" in rows:
         rel = abs(s["fvu"] - rows["dense"]["fvu"]) / rows["dense"]["fvu"]
         print(f"saeft / dense: speed {s['samples_s'] / rows['dense']['samples_s']:.2f}x, "
@@ -414,9 +430,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=list(ARCHS))
-    parser.add_argument("--peers", nargs="*", default=["dense", "sparsify", "sparsify-saeft-init"],
-                        choices=["dense", "sparsify", "sparsify-saeft-init", "overcomplete"],
-                        help="sparsify-saeft-init: sparsify's coder and step from saeft's initial weights")
+    parser.add_argument("--peers", nargs="*", default=["dense", "sparsify", "sparsify-saeft-init", "saeft-sparsify-init"],
+                        choices=["dense", "sparsify", "sparsify-saeft-init", "saeft-sparsify-init", "overcomplete"],
+                        help="sparsify-saeft-init: sparsify's coder and step from saeft's initial weights; "
+                             "saeft-sparsify-init: saeft with encoder rows at sparsify's initial norm")
     parser.add_argument("--steps", type=int, default=None, help="steps per initialisation (default: 14 large, 200 small)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--lr", type=float, default=1e-3)

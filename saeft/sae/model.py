@@ -19,7 +19,7 @@ ARCHITECTURES: tuple[str, ...] = get_args(SaeArchitecture)
 a learned threshold at inference (from the config's ``sae.architecture``)."""
 
 ENCODER_INIT_NORM = 1.0
-"""Norm of each encoder row under ``tied_init`` (the decoder's columns have norm 1). On
+"""Default norm of each encoder row under ``tied_init`` (the decoder's columns have norm 1). On
 bench/sae_train.py's synthetic data 0.5 learned faster per step, but on the default study's
 embeddings it left 47% of the latents dead on the held-out photos (FVU 0.0078), against 7% at 1.0
 (FVU 0.0075; measured at commit bda83fe's training code, 20 epochs, AuxK 0.25): the study's
@@ -69,12 +69,13 @@ class TopKSAE(torch.nn.Module):
         architecture: str = "topk",
         relu: bool = False,
         tied_init: bool = True,
+        encoder_init_norm: float = ENCODER_INIT_NORM,
         generator: torch.Generator | None = None,
     ) -> None:
         """Build an SAE for ``d``-dim embeddings with ``n_features`` features, ``k`` active.
 
-        ``tied_init`` starts the encoder as the decoder's transpose; ``generator`` makes the
-        random initialisation reproducible.
+        ``tied_init`` starts the encoder as the decoder's transpose with rows of norm
+        ``encoder_init_norm``; ``generator`` makes the random initialisation reproducible.
         """
         super().__init__()
         _check_shape_args(d, n_features, k, normalize, architecture)
@@ -90,7 +91,7 @@ class TopKSAE(torch.nn.Module):
         self.b_pre = torch.nn.Parameter(torch.zeros(d))
         if tied_init:
             # Each feature starts by reading the direction it writes, at a smaller scale.
-            W_enc = (W_dec.T * ENCODER_INIT_NORM).contiguous()  # row-major: rows contiguous
+            W_enc = (W_dec.T * encoder_init_norm).contiguous()  # row-major: rows contiguous
         else:
             W_enc = torch.randn(n_features, d, generator=generator) / d**0.5
         self.W_enc = torch.nn.Parameter(W_enc)

@@ -122,7 +122,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed)
         self.sae = TopKSAE(
             d, n_features, cfg.k, cfg.normalize, architecture=cfg.architecture, relu=cfg.relu,
-            tied_init=cfg.tied_init, generator=generator,
+            tied_init=cfg.tied_init, encoder_init_norm=cfg.encoder_init_norm, generator=generator,
         )
         self.sae.b_enc.requires_grad_(cfg.encoder_bias)
         self.sae.to(device)
