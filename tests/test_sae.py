@@ -15,6 +15,7 @@ from saeft.io import save_tensors
 from saeft.sae import (
     SAETrainConfig,
     TopKSAE,
+    Trainer,
     load_sae,
     read_embeddings,
     run,
@@ -148,6 +149,15 @@ def test_init_and_prepare():
     x = torch.tensor([[3.0, 4.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(sae.prepare(x), x / 5)
     assert TopKSAE(5, 10, 2, normalize="none").prepare(x) is x
+
+
+def test_trainer_honours_the_encoder_init_norm():
+    cfg = SAETrainConfig(expansion=2, k=2, encoder_init_norm=3**-0.5)
+    sae = Trainer("t", cfg, 8, total_steps=1, n_train=16, device=torch.device("cpu")).sae
+    torch.testing.assert_close(sae.W_enc.norm(dim=1), torch.full((16,), 3**-0.5))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T * 3**-0.5)
+    with pytest.raises(ConfigError, match="encoder_init_norm"):
+        SAETrainConfig(encoder_init_norm=0.0)
 
 
 @pytest.mark.parametrize(
