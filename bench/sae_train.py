@@ -65,7 +65,9 @@ SIZES = {
     # name: (d, n_features, k, batch, steps, initialisations)
     "large": (512, 16384, 32, 4096, 14, 1),
     "small": (128, 4096, 16, 1024, 200, 3),
+    "tiny": (32, 256, 8, 256, 6, 1),  # bench/gpu.sh --tiny: the code path in seconds, not a measurement
 }
+DEFAULT_SIZES = ["large", "small"]
 ARCHS = {"saeft": {"relu": False, "encoder_bias": False}, "sparsify": {"relu": True, "encoder_bias": True}}
 HELDOUT_ROWS = 8192
 SPARSIFY_INIT_NORM = 3**-0.5
@@ -428,7 +430,7 @@ def print_table(name, size, arch, steps, warmup, rows, seeds) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=DEFAULT_SIZES)
     parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=list(ARCHS))
     parser.add_argument("--peers", nargs="*", default=["dense", "sparsify", "sparsify-saeft-init", "saeft-sparsify-init"],
                         choices=["dense", "sparsify", "sparsify-saeft-init", "saeft-sparsify-init", "overcomplete"],
