@@ -24,6 +24,7 @@ is the step's own work, and the time other processes hold the core does not coun
 
     PYTHONPATH=. python bench/finetune_step.py [--batch 32] [--steps 12] [--device cpu]
     PYTHONPATH=. python bench/finetune_step.py --only ft "saeft (cache)"   # the target alone
+    PYTHONPATH=. python bench/finetune_step.py --device cuda --model ViT-B-16 --batch 128 --dtype bf16  # bench/gpu.sh
 """
 
 from __future__ import annotations
@@ -67,10 +68,20 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_step(method: str, teacher: str, batch: int, device_name: str, clock=time.perf_counter):
+def image_size_of(arch: str) -> int:
+    """The input resolution open_clip's config of ``arch`` declares."""
+    from saeft.models import open_clip_module
+
+    size = open_clip_module().get_model_config(arch)["vision_cfg"]["image_size"]
+    return size if isinstance(size, int) else size[0]
+
+
+def build_step(method: str, teacher: str, batch: int, device_name: str, clock=time.perf_counter,
+               arch: str = ARCH, image_size: int | None = None, precision: str = "fp32"):
     """A closure running one full training step of ``method`` (its own model, optimiser and
     loss context) and returning its duration on ``clock``, and the RSS before its model was
-    built."""
+    built. ``arch`` (random weights) at ``image_size`` (default: the architecture's own);
+    ``precision`` bf16 runs the loss under the autocast fine-tuning uses (on GPU only, as there)."""
     import torch
 
     from saeft import finetune
@@ -83,21 +94,22 @@ def build_step(method: str, teacher: str, batch: int, device_name: str, clock=ti
     from saeft.training import warmup_cosine
 
     device = torch.device(device_name)
-    n_classes, size = len(CLASSNAMES), 32
+    n_classes, size = len(CLASSNAMES), image_size or image_size_of(arch)
     data = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=data).to(device)
     labels = torch.arange(batch, device=device) % n_classes
     base_rss = _rss_bytes()
     torch.manual_seed(0)
-    clip = create_clip(ARCH).to(device)
+    clip = create_clip(arch).to(device)
     head = torch.randn(n_classes, clip.visual.output_dim, device=device)
     model = ImageClassifier(clip.visual, head)
     params = {"lp_epochs": 1} if method == "lpft" else {}
-    cfg = finetune.FinetuneConfig(method=method, method_params=params, teacher="live" if teacher == "live" else "auto")
+    cfg = finetune.FinetuneConfig(method=method, method_params=params, teacher="live" if teacher == "live" else "auto",
+                                  precision=precision)
     hooks = get_method(method)
     trained: torch.nn.Module = model
     if hooks.build_trained is not None:  # e.g. flyp's two towers, with the synthetic world's class prompts
-        trained = hooks.build_trained(Towers(clip=clip, arch=ARCH, classifier=model, spec=get_dataset("shapes"))).to(device)
+        trained = hooks.build_trained(Towers(clip=clip, arch=arch, classifier=model, spec=get_dataset("shapes"))).to(device)
     d = clip.visual.output_dim
     sae = TopKSAE(d, 4 * d, 32, generator=torch.Generator().manual_seed(0)).to(device) if "sae" in hooks.needs else None
     ctx = build_context(cfg, trained, model.visual, sae, live_teacher=teacher == "live")
@@ -113,7 +125,8 @@ def build_step(method: str, teacher: str, batch: int, device_name: str, clock=ti
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = clock()
-        loss, _ = method_loss(ctx, images, labels, f_0)
+        with finetune.autocast_for(cfg, device):
+            loss, _ = method_loss(ctx, images, labels, f_0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
@@ -136,7 +149,7 @@ def clock_of(name: str, device_name: str):
 
 
 def child(method: str, teacher: str, batch: int, steps: int, warmup: int, device_name: str, threads: int,
-          clock: str = "auto") -> dict:
+          clock: str = "auto", arch: str = ARCH, image_size: int | None = None, precision: str = "fp32") -> dict:
     """Time one method's training step and its peak memory; runs in its own process."""
     import torch
 
@@ -147,7 +160,7 @@ def child(method: str, teacher: str, batch: int, steps: int, warmup: int, device
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    step, base_rss = build_step(method, teacher, batch, device_name, clock_of(clock, device_name))
+    step, base_rss = build_step(method, teacher, batch, device_name, clock_of(clock, device_name), arch, image_size, precision)
     times = [step() for _ in range(warmup + steps)][warmup:]
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base_cuda
@@ -188,7 +201,8 @@ def paired(rows: list[str], args) -> dict:
     for block in range(args.max_blocks):
         # Fresh models every block: what one instance's memory placement costs or saves
         # averages out over the blocks instead of biasing every one of them alike.
-        steps = {name: build_step(*VARIANTS[name], args.batch, args.device, clock)[0] for name in names}
+        steps = {name: build_step(*VARIANTS[name], args.batch, args.device, clock, args.model, args.image_size, args.dtype)[0]
+                 for name in names}
         for name in names:
             for _ in range(args.warmup):
                 steps[name]()
@@ -220,7 +234,14 @@ def run_child(argv: list[str]) -> dict:
 def common_args(args) -> list[str]:
     return ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--device", args.device, "--threads", str(args.threads), "--block", str(args.block),
-            "--min-blocks", str(args.min_blocks), "--max-blocks", str(args.max_blocks), "--precision", str(args.precision), "--clock", args.clock]
+            "--min-blocks", str(args.min_blocks), "--max-blocks", str(args.max_blocks), "--precision", str(args.precision), "--clock", args.clock,
+            "--model", args.model, "--dtype", args.dtype] + (["--image-size", str(args.image_size)] if args.image_size else [])
+
+
+def setup_note(args) -> str:
+    """The options that differ from the defaults (the model's input size, the dtype), for the headers."""
+    note = f", {args.image_size} px" if args.image_size else ""
+    return note + (f", {args.dtype} autocast" if args.dtype != "fp32" else "")
 
 
 def print_table(results: dict, args) -> None:
@@ -228,7 +249,7 @@ def print_table(results: dict, args) -> None:
     fts = [results[r] for r in ("ft", "ft (repeat)") if r in results]
     ft = {k: statistics.mean(r[k] for r in fts) for k in ("step_s", "peak_bytes")}
     clock = "wall" if clock_of(args.clock, args.device) is time.perf_counter else "CPU"
-    print(f"model {ARCH}, batch {args.batch}, device {args.device}, threads {args.threads}, {clock} time, "
+    print(f"model {args.model}{setup_note(args)}, batch {args.batch}, device {args.device}, threads {args.threads}, {clock} time, "
           f"median of {args.steps} steps after {args.warmup} warm-up, one process per method; "
           f"ratios to the mean of {len(fts)} ft measurement(s)\n")
     print("| method | step (ms) | time / ft | peak memory (MiB) | memory / ft |")
@@ -249,7 +270,7 @@ def print_paired(measured: dict, args) -> None:
     blocks, fts = measured["blocks"], measured["ft_medians"]
     spread = statistics.stdev(fts) / statistics.mean(fts) if len(fts) > 1 else 0.0
     clock = "wall" if clock_of(args.clock, args.device) is time.perf_counter else "CPU"
-    print(f"\npaired, in one process, {clock} time: {len(fts)} blocks of {args.block} rounds (models built afresh "
+    print(f"\npaired, in one process, {clock} time{setup_note(args)}: {len(fts)} blocks of {args.block} rounds (models built afresh "
           f"each block, one step each per round in a random order); ft's median step per block {min(fts) * 1e3:.1f}-{max(fts) * 1e3:.1f} ms "
           f"(coefficient of variation {100 * spread:.1f}%: the load the measurement ran under)\n")
     print("| ratio to ft | geometric mean | 95% interval | target | |")
@@ -280,12 +301,17 @@ def main() -> None:
                         help="stop when every ratio's 95%% interval is narrower than ± this (default ±2%%: the ±3%% the targets need, with room)")
     parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                         help="what a step's time is: the process's CPU time (auto on CPU: blind to other processes holding the core) or wall-clock time (auto on GPU)")
+    parser.add_argument("--model", default=ARCH, help=f"open_clip architecture, random weights (default {ARCH})")
+    parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the architecture's own)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: the loss under fine-tuning's bf16 autocast (GPU only; CPU runs fp32 as fine-tuning does)")
     parser.add_argument("--no-table", action="store_true", help="only the paired measurement of the targets")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "TEACHER"), help=argparse.SUPPRESS)
     parser.add_argument("--paired", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.batch, args.steps, args.warmup, args.device, args.threads, args.clock)))
+        print(json.dumps(child(*args.child, args.batch, args.steps, args.warmup, args.device, args.threads, args.clock,
+                              args.model, args.image_size, args.dtype)))
         return
     if args.paired is not None:
         print(json.dumps(paired(args.paired, args)))
