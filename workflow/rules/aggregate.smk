@@ -12,13 +12,13 @@ def aggregate_inputs(wildcards):
 def aggregate_tables_files(wildcards, input, output):
     # Until select_variants has run, Snakemake plans with its output as the only input.
     files = {name: list(input.get(name, [])) for name in ("evals", "predictions", "train", "selections")}
+    folders = {os.path.basename(os.path.dirname(path)): os.path.dirname(path) for path in output}  # tables/, figures/
     return {"--evals": files["evals"], "--predictions": files["predictions"], "--train": files["train"],
-            "--selections": files["selections"] or None}
+            "--selections": files["selections"] or None, "--tables": folders["tables"], "--figures": folders["figures"]}
 
 
 def aggregate_tables_settings(wildcards):
-    return {"--tables": f"{R}/tables", "--figures": f"{R}/figures", "--config": aggregate_config(),
-            "--variants": variant_table()}
+    return {"--config": aggregate_config(), "--variants": variant_table()}
 
 
 rule aggregate_tables:
@@ -31,5 +31,6 @@ rule aggregate_tables:
         settings=job_settings("aggregate_tables", aggregate_tables_settings),
     log: job_log("aggregate_tables"),
     benchmark: job_benchmark("aggregate_tables"),
+    conda: "../envs/saeft.yaml"
     shell:
         "saeft aggregate {params.files} {params.settings} > {log} 2>&1"

@@ -36,6 +36,7 @@ rule analyze_features:
         settings=job_settings("analyze_features", analyze_settings),
     log: job_log("analyze_features", "{model}/{dataset}/{run}"),
     benchmark: job_benchmark("analyze_features", "{model}/{dataset}/{run}"),
+    conda: "../envs/saeft.yaml"
     shell:
         "saeft analyze-features {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
@@ -54,12 +55,12 @@ def card_outputs():
 
 def cards_files(wildcards, input, output):
     images = [f"{RunId.parse(run).row}={path}" for run, path in zip(analysis_runs(wildcards.dataset), input.images)]
-    return {"--images": images, "--sae": input.sae, "--head": input.head}
+    return {"--images": images, "--sae": input.sae, "--head": input.head, "--out-dir": os.path.dirname(output[0])}
 
 
 def cards_settings(wildcards):
     return {"--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
-            "--config": config["analysis"]["cards"], "--out-dir": f"{R}/analysis/{wildcards.model}/{wildcards.dataset}/cards"}
+            "--config": config["analysis"]["cards"]}
 
 
 rule plot_feature_cards:
@@ -72,6 +73,7 @@ rule plot_feature_cards:
         settings=job_settings("plot_feature_cards", cards_settings),
     log: job_log("plot_feature_cards", "{model}/{dataset}"),
     benchmark: job_benchmark("plot_feature_cards", "{model}/{dataset}"),
+    conda: "../envs/saeft.yaml"
     shell:
         "saeft feature-cards {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
@@ -85,12 +87,12 @@ def aggregate_features_inputs(wildcards):
 
 def aggregate_features_files(wildcards, input, output):
     # Until select_variants has run, Snakemake plans with its output as the only input.
-    return {f"--{name}": list(input.get(name, [])) for name in ("analyses", "images", "evals")}
+    return {**{f"--{name}": list(input.get(name, [])) for name in ("analyses", "images", "evals")},
+            "--tables": os.path.dirname(output.tables[0]), "--figures": os.path.dirname(output.figures[0])}
 
 
 def aggregate_features_settings(wildcards):
-    return {"--top": config["analysis"]["top_features"], "--tables": f"{R}/tables", "--figures": f"{R}/figures",
-            "--config": config["aggregate"]}
+    return {"--top": config["analysis"]["top_features"], "--config": config["aggregate"]}
 
 
 rule aggregate_features:
@@ -104,5 +106,6 @@ rule aggregate_features:
         settings=job_settings("aggregate_features", aggregate_features_settings),
     log: job_log("aggregate_features"),
     benchmark: job_benchmark("aggregate_features"),
+    conda: "../envs/saeft.yaml"
     shell:
         "saeft aggregate-features {params.files} {params.settings} > {log} 2>&1"

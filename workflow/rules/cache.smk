@@ -31,8 +31,8 @@ rule cache_activations:
         settings=job_settings("cache_activations", cache_settings),
     log: job_log("cache_activations", "{model}/{dataset}/{split}"),
     benchmark: job_benchmark("cache_activations", "{model}/{dataset}/{split}"),
-    resources:
-        gpu=1,
+    conda: "../envs/saeft.yaml"
+    resources: gpu=1
     shell:
         "saeft cache {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
@@ -47,5 +47,6 @@ rule cache_views:
         settings=job_settings("cache_views", cache_views_settings),
     log: job_log("cache_views", "{model}/{dataset}/{split}"),
     benchmark: job_benchmark("cache_views", "{model}/{dataset}/{split}"),
+    conda: "../envs/saeft.yaml"
     shell:
         "saeft cache {params.files} {params.settings} --threads {threads} > {log} 2>&1"

@@ -18,5 +18,6 @@ rule check_dataset:
         settings=job_settings("check_dataset", check_dataset_settings),
     log: job_log("check_dataset", "{dataset}/{split}"),
     benchmark: job_benchmark("check_dataset", "{dataset}/{split}"),
+    conda: "../envs/saeft.yaml"
     shell:
         "saeft check-data {params.files} {params.settings} > {log} 2>&1"

@@ -77,7 +77,7 @@ rule evaluate_model:
         settings=job_settings("evaluate_model", evaluate_settings),
     log: job_log("evaluate_model", "{model}/{dataset}/{run}"),
     benchmark: job_benchmark("evaluate_model", "{model}/{dataset}/{run}"),
-    resources:
-        gpu=1,
+    conda: "../envs/saeft.yaml"
+    resources: gpu=1
     shell:
         "saeft evaluate {params.files} {params.settings} --threads {threads} > {log} 2>&1"

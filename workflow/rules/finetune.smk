@@ -36,7 +36,7 @@ rule finetune:
         settings=job_settings("finetune", finetune_settings),
     log: job_log("finetune", "{model}/{dataset}/{method}/seed{seed}"),
     benchmark: job_benchmark("finetune", "{model}/{dataset}/{method}/seed{seed}"),
-    resources:
-        gpu=1,
+    conda: "../envs/saeft.yaml"
+    resources: gpu=1
     shell:
         "saeft finetune {params.files} {params.settings} --threads {threads} > {log} 2>&1"

@@ -29,8 +29,13 @@ def sae_settings(wildcards):
     return {"--config": sae_config()}
 
 
+def sae_sweep_files(wildcards, input, output):
+    """sae_files, and the folder of the entries' folders (from the outputs: <out-dir>/<name>/<leaf>)."""
+    return {**sae_files(wildcards, input, output), "--out-dir": os.path.dirname(os.path.dirname(output[0]))}
+
+
 def sae_sweep_settings(wildcards):
-    return {"--config": config["sae"], "--out-dir": f"{R}/sae/{wildcards.model}/{wildcards.dataset}"}
+    return {"--config": config["sae"]}
 
 
 rule train_sae:
@@ -44,8 +49,8 @@ rule train_sae:
         settings=job_settings("train_sae", sae_settings),
     log: job_log("train_sae", "{model}/{dataset}"),
     benchmark: job_benchmark("train_sae", "{model}/{dataset}"),
-    resources:
-        gpu=1,
+    conda: "../envs/saeft.yaml"
+    resources: gpu=1
     shell:
         "saeft train-sae {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
@@ -58,11 +63,11 @@ if SAE_SWEEP:
         output:
             [f"{R}/sae/{{model}}/{{dataset}}/{name}/{leaf}" for name in SAE_SWEEP for leaf in ("sae.safetensors", "sae.json")],
         params:
-            files=job_files(sae_files),
+            files=job_files(sae_sweep_files),
             settings=job_settings("train_sae_sweep", sae_sweep_settings),
         log: job_log("train_sae_sweep", "{model}/{dataset}"),
         benchmark: job_benchmark("train_sae_sweep", "{model}/{dataset}"),
-        resources:
-            gpu=1,
+        conda: "../envs/saeft.yaml"
+        resources: gpu=1
         shell:
             "saeft train-sae-sweep {params.files} {params.settings} --threads {threads} > {log} 2>&1"

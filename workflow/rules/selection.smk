@@ -27,5 +27,6 @@ checkpoint select_variants:
         settings=job_settings("select_variants", select_variants_settings),
     log: job_log("select_variants", "{model}/{dataset}"),
     benchmark: job_benchmark("select_variants", "{model}/{dataset}"),
+    conda: "../envs/saeft.yaml"
     shell:
         "saeft select-variants {params.files} {params.settings} > {log} 2>&1"
