@@ -164,7 +164,7 @@ def _build(zeroshot_model: str | os.PathLike, head: str | os.PathLike, dataset: 
     head_state, _ = load_tensors(head)
     model = ImageClassifier(clip.visual, head_state["weight"])
     preprocess = preprocess_for(model.visual)
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset, dataset_options)
     train = TrainingViews(spec.load(spec.train_split, keep_pil, dataset_options), preprocess, cfg.view_config, cfg.seed)
     heldout = spec.load(spec.heldout_split, preprocess, dataset_options)
     towers = Towers(clip=clip, arch=arch, classifier=model, spec=spec)

@@ -31,10 +31,11 @@ def run_model(arch: str, pretrained: str | None, out: str | os.PathLike) -> dict
     return {"n_params": n_params, "embed_dim": model.visual.output_dim}
 
 
-def run_head(model_path: str | os.PathLike, dataset: str, out: str | os.PathLike) -> dict[str, Any]:
-    """Build the zero-shot head of ``dataset`` from its class names and prompt templates."""
+def run_head(model_path: str | os.PathLike, dataset: str, out: str | os.PathLike, dataset_options: Any = None) -> dict[str, Any]:
+    """Build the zero-shot head of ``dataset`` from its class names and prompt templates (of
+    the class subset and template count that the loader ``dataset_options`` set, if any)."""
     model, arch = load_clip(model_path)
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset, dataset_options)
     head = zeroshot_head(model, arch, spec.classnames, spec.templates)
     save_tensors(out, {"weight": head}, {"dataset": dataset, "classnames": list(spec.classnames),
                                          "templates": list(spec.templates), "kind": "zeroshot_head"})

@@ -131,7 +131,7 @@ def load_card_images(dataset: str, options: Any, cards: Sequence[dict[str, Any]]
     with no normalisation."""
     from PIL import Image
 
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset, options)
     wanted: dict[str, set[int]] = {}
     for card in cards:
         for image in card["top_images"]:
@@ -217,7 +217,7 @@ def run(
 ) -> dict[str, float]:
     """Cards of every method of ``image_tables`` (method -> its per-image Parquet files, one per
     seed) into ``out_dir``: ``{method}.png``, ``{method}.json`` and ``cards.md``."""
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset, dataset_options)
     sae = load_sae(sae_path)
     head, _ = load_tensors(head_path)
     text = head["weight"]

@@ -230,7 +230,7 @@ def run(
     ``caches`` (split -> HDF5 cache of its zero-shot embeddings); write ``out_json`` and the
     per-image Parquet ``out_images``. Returns headline numbers per split for the job's log."""
     setup_torch(0)
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset, dataset_options)
     if not caches:
         raise ValueError("analyze_features: no eval-set caches given")
     classifier = load_run_model(model, head, wiseft)

@@ -286,7 +286,8 @@ def _check_sae_sizes(cfg: StudyConfig) -> None:
 
 def _check_data(cfg: StudyConfig) -> None:
     """Datasets on disk need ``data_root``; ``data`` and ``transfer`` name datasets of the study;
-    a transfer set's name must not shadow an eval split of the dataset it is evaluated from."""
+    a transfer set's name must not shadow an eval split of the dataset it is evaluated from; a
+    class subset names classes of its dataset and leaves every split a class."""
     from saeft.data.registry import get_dataset
 
     on_disk = [d for d in cfg.datasets if get_dataset(d).on_disk]
@@ -298,8 +299,11 @@ def _check_data(cfg: StudyConfig) -> None:
         on_disk += [t for t in targets if get_dataset(t).on_disk]
     require(not on_disk or bool(cfg.data_root), "data_root",
             f"not set, but {', '.join(sorted(set(on_disk)))} are read from it (--config data_root=/path)")
-    for name in cfg.data:
+    from saeft.data.subset import check_reductions
+
+    for name, options in cfg.data.items():
         require(name in on_disk, f"data.{name}", "not a dataset (or transfer set) of this study read from data_root")
+        check_reductions(name, get_dataset(name), options or {})
 
 
 __all__ = ["ConfigError", "PRETRAIN_SOURCE", "SCHEMA_PATH", "StudyConfig", "coerce_strings", "embed_dim",

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from saeft.data import fashion_mnist, imagenet, samples, smallsets, synthetic, wilds
+from saeft.data import fashion_mnist, imagenet, samples, smallsets, subset, synthetic, wilds
 from saeft.data.samples import RealDataOptions, Samples
 
 if TYPE_CHECKING:
@@ -324,12 +324,17 @@ def _reference_templates(name: str) -> list[str]:
 _register_real()
 
 
-def get_dataset(name: str) -> DatasetSpec:
-    """The registered dataset ``name``; the error lists the known ones."""
+def get_dataset(name: str, options: Any = None) -> DatasetSpec:
+    """The registered dataset ``name``; the error lists the known ones. With the loader
+    ``options`` of a dataset on disk that set a class subset, an image cap or a template count
+    (``data.<dataset>``), the dataset as reduced by them (:func:`saeft.data.subset.restrict`)."""
     try:
-        return REGISTRY[name]
+        spec = REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+    if isinstance(options, RealDataOptions) and options.reduced:
+        return subset.restrict(spec, options)
+    return spec
 
 
 def dataset_names() -> Sequence[str]:

@@ -41,9 +41,24 @@ class RealDataOptions(StageConfig):
     verify_images: bool = False
     """check_dataset also opens every image file and fails on any that does not decode (reads
     every file: minutes for ImageNet)."""
+    classes: list[str | int] | None = None
+    """A class subset (e.g. an ImageNet-100 list): class names as in prompts or label indices of
+    the dataset; every split, head and shift keeps only these classes, relabelled in the
+    dataset's order (saeft.data.subset; README, 'Paper studies on a subset'). None: every class."""
+    max_images_per_class: PositiveInt | None = None
+    """At most this many images of each class in every split (the first in the reader's order:
+    file names, metadata rows), for quick iterations. None: every image."""
+    templates: PositiveInt | None = None
+    """Zero-shot heads (and FLYP's prompts) use only the first N prompt templates of the
+    dataset. None: every template."""
 
     def validate(self) -> None:
         require(bool(self.data_root), "data_root", "is not set: real datasets are read from it (--config data_root=/path)")
+
+    @property
+    def reduced(self) -> bool:
+        """Whether a class subset, an image cap or a template count is set."""
+        return self.classes is not None or self.max_images_per_class is not None or self.templates is not None
 
     @property
     def root(self) -> Path:
@@ -81,6 +96,14 @@ class Samples:
 
     def class_counts(self, n_classes: int) -> np.ndarray:
         return np.bincount(self.labels, minlength=n_classes)
+
+    def select(self, keep: np.ndarray, labels: np.ndarray | None = None) -> Samples:
+        """The samples at the (sorted) indices ``keep``, with new ``labels`` for them if given."""
+        return dataclasses.replace(
+            self, labels=self.labels[keep] if labels is None else np.asarray(labels, dtype=np.int64),
+            files=[self.files[i] for i in keep] if self.files is not None else None,
+            images=self.images[keep] if self.images is not None else None,
+            groups=self.groups[keep] if self.groups is not None else None)
 
 
 def require_dir(path: Path, what: str) -> Path:

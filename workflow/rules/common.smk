@@ -10,6 +10,7 @@ import subprocess
 
 from saeft.config.study import pretrained_kind, validate_config
 from saeft.data.registry import get_dataset
+from saeft.data.subset import REDUCTION_KEYS
 from saeft.methods import get_method
 from saeft.outputs import output_names
 from saeft.runs import PATTERN as RUN_PATTERN, RunId
@@ -164,14 +165,24 @@ def dataset_options(dataset):
     if dataset == "shapes":
         return config["synthetic"]
     if get_dataset(dataset).on_disk:
-        return {"data_root": config["data_root"]}
+        return {"data_root": config["data_root"], **reductions(dataset)}
     return config.get(dataset, {})
+
+
+def reductions(dataset):
+    """The data.<dataset> keys that reduce a dataset on disk (class subset, image cap, template
+    count; saeft.data.subset) and that every job reading it gets; {} when none is set, so a study
+    without them plans exactly the same jobs."""
+    data = config["data"].get(dataset) or {}
+    return {key: data[key] for key in REDUCTION_KEYS if data.get(key) is not None}
 
 
 def check_options(dataset):
     """check_dataset's options: data_root and the data.<dataset> keys (expected counts), which
-    only the check reads. (A rerun check rewrites its marker, so the jobs reading the split follow.)"""
-    return {**dataset_options(dataset), **config["data"].get(dataset, {})}
+    only the check reads; it checks the whole split, whatever subset the study reads. (A rerun
+    check rewrites its marker, so the jobs reading the split follow.)"""
+    data = {key: value for key, value in (config["data"].get(dataset) or {}).items() if key not in REDUCTION_KEYS}
+    return {"data_root": config["data_root"], **data}
 
 
 def check_marker(dataset, split):

@@ -73,7 +73,9 @@ def head_files(wildcards, input, output):
 
 
 def head_settings(wildcards):
-    return {"--dataset": wildcards.dataset}
+    """--dataset, and the dataset's options where its classes or templates are reduced."""
+    options = dataset_options(wildcards.dataset) if reductions(wildcards.dataset) else None
+    return {"--dataset": wildcards.dataset, "--dataset-options": options}
 
 
 rule build_zeroshot_head:
