@@ -69,8 +69,18 @@ def _git_commit():
 # Jobs read the commit from the environment for their MLflow tag: as a rule param it would make
 # every commit rerun every job.
 os.environ["SAEFT_GIT_COMMIT"] = os.environ.get("SAEFT_GIT_COMMIT") or _git_commit()
+# The checkout whose Snakefile runs: the rules' conda environment (workflow/envs/saeft.yaml)
+# installs its requirements.lock and saeft from it under --sdm conda.
+os.environ["SAEFT_ROOT"] = os.path.abspath(workflow.basedir)
 # Jobs share the cores: spinning OpenMP threads waiting for work slowed a job 20-fold under load.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# Set above; declared so that Snakemake passes them on to jobs on remote executors.
+envvars:
+    "SAEFT_GIT_COMMIT",
+    "SAEFT_ROOT",
+    "OMP_WAIT_POLICY",
 
 
 def tracking_queue():
@@ -95,11 +105,11 @@ def track(rule_name, wildcards):
     the job itself (saeft.tracking.comparison_tags)."""
     items = dict(wildcards.items())
     tags = {"rule": rule_name, "study": STUDY, **{f"wc.{k}": v for k, v in items.items()}}
-    name = rule_name + ("/" + ",".join(f"{k}={v}" for k, v in items.items()) if items else "")
+    name = f"{rule_name}/{','.join(f'{k}={v}' for k, v in items.items())}" if items else rule_name
     return {"experiment": STUDY, "run_name": name, "tags": tags}
 
 
-# Every rule takes its log, benchmark and command-line flags from these: the log and benchmark
+# Rules take their log, benchmark and command-line flags from these: the log and benchmark
 # named by rule and wildcards; the flags from two named functions per rule, each returning a dict
 # (flag -> value): <rule>_files(wildcards, input, output), the paths the job reads and writes, and
 # <rule>_settings(wildcards), what the config and the wildcards set, to which the job's --track is
@@ -119,7 +129,8 @@ def job_benchmark(rule_name, wildcards=""):
 
 
 def _job_file(folder, rule_name, wildcards, ext):
-    return f"{folder}/{STUDY}/{rule_name}{'/' + wildcards if wildcards else ''}.{ext}"
+    parts = [folder, STUDY, rule_name] + ([wildcards] if wildcards else [])
+    return f"{os.path.join(*parts)}.{ext}"
 
 
 def job_files(flags):
@@ -229,7 +240,7 @@ def sae_config():
 
 def sae_path(model, dataset, name=None):
     """Weights of the main SAE, or of the sweep entry ``name``."""
-    return f"{R}/sae/{model}/{dataset}/{name + '/' if name else ''}sae.safetensors"
+    return os.path.join(R, "sae", model, dataset, *([name] if name else []), "sae.safetensors")
 
 
 def sae_sweep_targets():
@@ -376,7 +387,7 @@ def aggregate_outputs():
         out.append(path if ext == "md" else in_report(path, f"table_{stem}"))
     for path in FIGURES:
         stem = os.path.basename(path).rsplit(".", 1)[0]
-        kind = next((k for k in PER_DATASET_FIGURES if stem.startswith(k + "_")), None)
+        kind = next((k for k in PER_DATASET_FIGURES if stem.startswith(f"{k}_")), None)
         out.append(in_report(path, f"figure_{kind}", stem[len(kind) + 1:]) if kind else in_report(path, f"figure_{stem}"))
     return out
 

@@ -20,9 +20,9 @@ rule pretrain_clip:
         settings=job_settings("pretrain_clip", pretrain_settings),
     log: job_log("pretrain_clip", "{model}"),
     benchmark: job_benchmark("pretrain_clip", "{model}"),
+    conda: "../envs/saeft.yaml"
     threads: all_cores
-    resources:
-        gpu=1,
+    resources: gpu=1
     shell:
         "saeft pretrain {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
@@ -64,6 +64,7 @@ rule prepare_model:
         settings=job_settings("prepare_model", prepare_settings),
     log: job_log("prepare_model", "{model}"),
     benchmark: job_benchmark("prepare_model", "{model}"),
+    conda: "../envs/saeft.yaml"
     shell:
         "saeft prepare {params.files} {params.settings} > {log} 2>&1"
 
@@ -88,5 +89,6 @@ rule build_zeroshot_head:
         settings=job_settings("build_zeroshot_head", head_settings),
     log: job_log("build_zeroshot_head", "{model}/{dataset}"),
     benchmark: job_benchmark("build_zeroshot_head", "{model}/{dataset}"),
+    conda: "../envs/saeft.yaml"
     shell:
         "saeft head {params.files} {params.settings} --threads {threads} > {log} 2>&1"
