@@ -21,17 +21,19 @@ from PIL import Image
 from saeft.config.stages import PretrainConfig
 from saeft.data.registry import get_dataset
 from saeft.models import create_clip, open_clip_module, preprocess_for, save_clip, tokenizer_for
-from saeft.training import CHECKPOINT_NAME, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
+from saeft.training import CHECKPOINT_NAME, Curve, CurveSink, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
 
 def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
-        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        on_step: Callable[[int], None] | None = None, curve: CurveSink | None = None) -> dict[str, Any]:
     """Pretrain ``arch`` on the corpus of dataset ``cfg.dataset`` and save it to ``out`` (safetensors).
 
     ``options`` are that dataset's loader options (for the shapes world its ``WorldConfig``).
-    ``on_step(step)`` is called after each step (progress hooks, fault injection in tests)."""
+    ``on_step(step)`` is called after each step (progress hooks, fault injection in tests);
+    ``curve`` receives the training curve, ``loss`` and ``lr`` averaged over windows of steps
+    (:class:`~saeft.training.Curve`)."""
     setup_torch(cfg.seed)
     model = create_clip(arch, pretrained=None)
     preprocess = preprocess_for(model)
@@ -47,6 +49,7 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
     progress = Progress(cfg.steps, "pretrain")
+    points = Curve(curve, cfg.steps)
     rng = np.random.default_rng(cfg.seed)
     checkpoint = Path(out).with_name(CHECKPOINT_NAME)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
@@ -71,6 +74,7 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
         with torch.no_grad():  # CLIP caps its inverse temperature at 100
             model.logit_scale.clamp_(0, np.log(100))
         losses.append(loss.item())
+        points.add(step, loss=losses[-1], lr=scheduler.get_last_lr()[0])
         progress.update(step, loss=float(np.mean(losses[-20:])))
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save_checkpoint(checkpoint, identity, parts, {"numpy_rng": rng.bit_generator.state, "losses": losses})

@@ -11,11 +11,22 @@ down, store locked, disk full), the job logs one warning and writes that call an
 to a queue file, ``mlflow-queue/<run key>.jsonl`` in the working directory (``SAEFT_MLFLOW_QUEUE``
 moves it); ``saeft sync-tracking`` (rule ``sync_mlflow``) replays the queue later into the run of
 the same key. Replaying is idempotent: metrics keep the timestamps they were logged with.
+
+What a researcher sees: every job of a study (its ``study`` tag) is nested under one parent run
+named after the study (tag ``saeft.study_parent``), found by that tag or created once, under a
+lock for a local store (two jobs starting together make one parent); metrics are named by what
+they are (``top1/sketch``: metric / eval set); evaluations log their eval sets as dataset inputs
+(name, source, digest and counts, never the images); pretraining and SAE training log per-step
+curves, buffered and sent in batches (:meth:`JobRun.log_curve`); fine-tuning logs a reference to
+its weights (``model/reference.json`` and an MLflow logged model holding it), not a copy. A local
+SQLite store keeps its artifacts beside it (``mlruns/<experiment>`` next to ``mlflow.db``), not in
+whichever working directory created the experiment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -36,12 +47,66 @@ logger = logging.getLogger(__name__)
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_QUEUE = "mlflow-queue"
 RUN_KEY_TAG = "saeft.run_key"
+PARENT_TAG = "saeft.study_parent"
+"""Tag of a study's parent run; its value is the study's name."""
+PARENT_RUN_TAG = "mlflow.parentRunId"
+"""MLflow's tag of a nested run: the id of its parent (the UI nests runs by it)."""
 MAX_PARAMS_PER_CALL = 100  # MLflow's limit per log_batch
+MAX_METRICS_PER_CALL = 1000  # MLflow's limit per log_batch
+CURVE_FLUSH_SECONDS = 30.0
+"""A job's buffered curve points go to the store at least this often (and when 1000 wait)."""
 
 
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else the SQLite store in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
+
+
+def local_store() -> Path | None:
+    """The file of a local SQLite store or the folder of a local file store; None for a server."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if uri.startswith("file:"):
+        from urllib.parse import urlparse
+
+        return Path(urlparse(uri).path)
+    return Path(uri) if "://" not in uri else None
+
+
+def artifact_location(experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: for a SQLite store ``mlruns/<experiment>``
+    beside the store, so the store and its artifacts stay together whatever directory a job
+    runs in; None (MLflow's default) for a file store (already beside it) or a server, whose
+    ``mlflow-artifacts:/`` locations are relative to its ``--artifacts-destination``."""
+    store = local_store()
+    if store is None or not tracking_uri().startswith("sqlite:"):
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment) or "experiment"
+    return str(store.resolve().parent / "mlruns" / safe)
+
+
+@contextlib.contextmanager
+def _store_lock() -> Iterator[None]:
+    """An exclusive lock beside a local store (none for a server): jobs that start together
+    look up or create a study's parent run one at a time."""
+    store = local_store()
+    if store is None:
+        yield
+        return
+    path = store.with_name(store.name + ".saeft-lock") if not store.is_dir() else store / ".saeft-lock"
+    try:
+        handle = open(path, "a+b")
+    except OSError as exc:
+        logger.debug("no lock at %s: %s", path, exc)
+        yield
+        return
+    with handle:  # flock: one lock per open file, so threads exclude each other as processes do
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def queue_dir() -> Path:
@@ -61,17 +126,54 @@ def _mlflow() -> Any:
     return mlflow
 
 
-def init_store(experiment: str) -> bool:
-    """Create the tracking store and ``experiment`` if missing; False (and a warning) on failure."""
+def init_store(experiment: str, study: str | None = None) -> bool:
+    """Create the tracking store and ``experiment`` if missing and, given ``study``, the study's
+    parent run; False (and a warning) on failure."""
     try:
-        mlflow = _mlflow()
-        if mlflow.get_experiment_by_name(experiment) is None:
-            mlflow.create_experiment(experiment)
+        store = _Store(_mlflow())
+        experiment_id = store.experiment_id(experiment)
+        if study:
+            store.study_parent(experiment_id, study)
         logger.info("MLflow store %s ready, experiment %r", tracking_uri(), experiment)
         return True
     except Exception as exc:  # tracking must never stop the pipeline
         logger.warning("MLflow store %s could not be prepared: %s", tracking_uri(), exc)
         return False
+
+
+def dataset_record(name: str, source: str, digest: str, profile: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata of one dataset input (:meth:`JobRun.log_inputs`): ``source`` a path (MLflow
+    source type ``local``) or, for images made in memory, a description such as
+    ``generated:shapes/test`` (type ``code``); ``profile``: counts such as the number of images."""
+    generated = not source or source.startswith("generated:")
+    return {"name": name, "digest": digest, "source_type": "code" if generated else "local",
+            "source": {"uri": source}, "profile": dict(profile)}
+
+
+def model_reference(weights: str | os.PathLike, summary: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What MLflow keeps of a fine-tuned classifier instead of a copy of its weights: their path
+    (as the job named it, relative to the workflow's directory, and absolute), size and SHA-256,
+    the architecture and run identity from the file's metadata, and how to load it back."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    with safe_open(str(weights), framework="pt") as handle:
+        meta = {key: _json_or_text(value) for key, value in (handle.metadata() or {}).items()}
+    return {"weights": str(weights), "weights_absolute": os.path.abspath(weights), "bytes": os.path.getsize(weights),
+            "sha256": digest.hexdigest(), "format": "safetensors", "metadata": meta,
+            "summary": str(summary) if summary else None,
+            "load": "saeft.models.load_classifier(weights) -> (ImageClassifier: visual tower + head, metadata)",
+            "export": f"saeft export --run {os.path.dirname(str(weights)) or '.'} --out <folder> (an open_clip checkpoint)"}
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def run_key(track: Mapping[str, Any], params: Mapping[str, Any]) -> str:
@@ -88,10 +190,53 @@ class _Store:
     def __init__(self, mlflow: Any) -> None:
         self.client = mlflow.tracking.MlflowClient(tracking_uri())
 
+        self._parents: dict[tuple[str, str], str] = {}
+
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``, created (artifacts at :func:`artifact_location`) if missing."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location(name))
+        except Exception:  # another job created it meanwhile
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def study_parent(self, experiment_id: str, study: str) -> str:
+        """The id of the parent run of ``study``: the oldest run tagged ``saeft.study_parent`` =
+        ``study``, created (and marked FINISHED: it only groups) if there is none. Under a lock for
+        a local store, so concurrent jobs make one; with a server, where no lock is shared, a job
+        that finds an older parent than the one it just made deletes its own (the workflow makes
+        the parent before any job starts, in ``saeft init-tracking``)."""
+        if (experiment_id, study) in self._parents:
+            return self._parents[experiment_id, study]
+        with _store_lock():
+            parents = self._find_parents(experiment_id, study)
+            if not parents:
+                note = f"Study {study}: every job's run of this study is nested under this run."
+                created = self.client.create_run(experiment_id, run_name=study, tags={
+                    PARENT_TAG: study, "study": study, "mlflow.note.content": note}).info.run_id
+                self.client.set_terminated(created, status="FINISHED")
+                parents = self._find_parents(experiment_id, study) or [created]
+                if parents[0] != created:
+                    self.client.delete_run(created)
+            run_id = parents[0]
+        self._parents[experiment_id, study] = run_id
+        return run_id
+
+    def _find_parents(self, experiment_id: str, study: str) -> list[str]:
+        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{study}'", max_results=100)
+        return [run.info.run_id for run in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
+
     def open_run(self, experiment: str, run_name: str | None, key: str, tags: Mapping[str, str]) -> str:
-        """The run of ``key`` in ``experiment``, reopened as RUNNING, or a new one."""
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+        """The run of ``key`` in ``experiment``, reopened as RUNNING, or a new one; a run tagged
+        with a ``study`` is nested under that study's parent run."""
+        experiment_id = self.experiment_id(experiment)
+        if tags.get("study"):
+            tags = {**tags, PARENT_RUN_TAG: self.study_parent(experiment_id, tags["study"])}
         existing = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
         if existing:
             run_id = existing[0].info.run_id
@@ -114,6 +259,16 @@ class _Store:
         elif kind == "metrics":
             metrics = [Metric(k, v, op["timestamp"], op.get("step") or 0) for k, v in op["metrics"].items()]
             self.client.log_batch(run_id, metrics=metrics)
+        elif kind == "curve":
+            metrics = [Metric(k, v, timestamp, step) for k, v, step, timestamp in op["points"]]
+            for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
+                self.client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_CALL])
+        elif kind == "inputs":
+            self._log_inputs(run_id, op["datasets"], op["context"])
+        elif kind == "dict":
+            self.client.log_dict(run_id, op["data"], op["artifact_file"])
+        elif kind == "model":
+            self._log_model(run_id, op)
         elif kind == "artifact":
             self.client.log_artifact(run_id, op["path"], op.get("artifact_path"))
         elif kind == "table":
@@ -130,6 +285,36 @@ class _Store:
         else:
             raise ValueError(f"unknown tracking operation {kind!r}")
 
+    def _log_inputs(self, run_id: str, datasets: list[Mapping[str, Any]], context: str) -> None:
+        """Dataset inputs described by metadata (MLflow keeps one per name and digest)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], json.dumps(d["source"], sort_keys=True),
+                                       None, json.dumps(d["profile"], sort_keys=True)),
+                               [InputTag("mlflow.data.context", context)]) for d in datasets]
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    def _log_model(self, run_id: str, op: Mapping[str, Any]) -> None:
+        """A logged model of the run (one per name, a replay or retry reuses it) that holds the
+        reference to the weights, ``reference.json``, as its artifact; the run lists it as output."""
+        import tempfile
+
+        from mlflow.entities import LoggedModelOutput
+
+        run = self.client.get_run(run_id)
+        name = op["name"]
+        found = self.client.search_logged_models([run.info.experiment_id], max_results=1,
+                                                 filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
+        model = found[0] if found else self.client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=run_id, params=op["params"], tags=op["tags"], model_type=op["model_type"])
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "reference.json"
+            path.write_text(json.dumps(op["reference"], indent=1, sort_keys=True), encoding="utf-8")
+            self.client.log_model_artifact(model.model_id, str(path))
+        self.client.finalize_logged_model(model.model_id, "READY")
+        if model.model_id not in {m.model_id for m in run.outputs.model_outputs}:
+            self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+
 
 class JobRun:
     """The MLflow run of one job. Calls go to the store while it answers; after the first failure
@@ -143,6 +328,8 @@ class JobRun:
         self._store: _Store | None = None
         self._run_id: str | None = None
         self.queued = False
+        self._curve: list[list[Any]] = []
+        self._curve_sent = time.monotonic()
 
     @property
     def queue_file(self) -> Path:
@@ -208,6 +395,44 @@ class JobRun:
         if numeric:
             self._do({"op": "metrics", "metrics": numeric, "step": step, "timestamp": int(time.time() * 1000)})
 
+    def log_curve(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Add one point at ``step`` to each curve of ``metrics`` (finite numbers only). Points wait
+        in memory and go to the store in batches (1000 points, or every 30 s, and when the run
+        ends), so a training loop may call this every step at no cost to its speed."""
+        if not self.enabled:
+            return
+        timestamp = int(time.time() * 1000)
+        self._curve.extend([k, float(v), int(step), timestamp] for k, v in _flatten(metrics).items() if _is_number(v))
+        if len(self._curve) >= MAX_METRICS_PER_CALL or time.monotonic() - self._curve_sent >= CURVE_FLUSH_SECONDS:
+            self.flush_curves()
+
+    def flush_curves(self) -> None:
+        """Send the buffered curve points now."""
+        if self._curve:
+            points, self._curve = self._curve, []
+            self._do({"op": "curve", "points": points})
+        self._curve_sent = time.monotonic()
+
+    def log_inputs(self, datasets: list[Mapping[str, Any]], context: str = "eval") -> None:
+        """Log datasets as the run's inputs from their metadata (:func:`dataset_record`): MLflow
+        shows name, digest, source and profile; no data is copied."""
+        if datasets:
+            self._do({"op": "inputs", "datasets": [dict(d) for d in datasets], "context": context})
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        """Log ``data`` as a JSON artifact ``artifact_file`` (e.g. ``model/reference.json``)."""
+        self._do({"op": "dict", "data": dict(data), "artifact_file": artifact_file})
+
+    def log_model_reference(self, name: str, reference: Mapping[str, Any], params: Mapping[str, Any] | None = None,
+                            model_type: str = "saeft") -> None:
+        """Reference a model written elsewhere (its weights are not copied): ``reference`` (the
+        weights' path, digest and how to load them) as ``model/reference.json`` of the run and
+        as the artifact of an MLflow logged model ``name`` with ``params``, output of the run."""
+        flat = {k: str(v)[:6000] for k, v in _flatten(params or {}).items()}
+        self.log_dict(reference, "model/reference.json")
+        self._do({"op": "model", "name": name, "reference": dict(reference), "params": flat, "model_type": model_type,
+                  "tags": {"weights": str(reference.get("weights", ""))}})
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Attach a file to the run (under the folder ``artifact_path`` of its artifacts)."""
         self._do({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
@@ -224,7 +449,8 @@ class JobRun:
         self._do({"op": "figure", "figure": figure, "artifact_file": artifact_file})
 
     def end(self, status: str, tags: Mapping[str, str] | None = None) -> None:
-        """End the run with ``status``, first setting ``tags``."""
+        """End the run with ``status``, first sending the buffered curves and setting ``tags``."""
+        self.flush_curves()
         self._do({"op": "end", "status": status, "tags": dict(tags or {})})
 
 

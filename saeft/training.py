@@ -1,4 +1,5 @@
-"""Pieces every training loop shares: threads and seeds, the learning-rate schedule, progress."""
+"""Pieces every training loop shares: threads and seeds, the learning-rate schedule, progress,
+training curves, checkpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import os
 import random
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,36 @@ class Progress:
                 self.bar.refresh()
             self.bar.close()
             self.done = True
+
+
+CurveSink = Callable[[int, Mapping[str, float]], None]
+"""Receives one point of a training curve: ``(step, {name: value})``."""
+
+
+class Curve:
+    """Per-step training values averaged over windows of steps, handed to ``sink(step, means)``
+    at the end of each window and at the last step: at most about ``points`` points per curve
+    whatever the number of steps, so the tracking store and its UI stay light. Each ``add`` is
+    a few float additions; values must already be Python floats (no device sync here)."""
+
+    def __init__(self, sink: CurveSink | None, total_steps: int, points: int = 500) -> None:
+        self.sink = sink
+        self.total = total_steps
+        self.every = max(1, -(-total_steps // max(points, 1)))
+        """Steps per window: ``ceil(total_steps / points)``."""
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def add(self, step: int, **values: float) -> None:
+        """Add the values of ``step`` (1-based); at a window's end, send the window's means."""
+        if self.sink is None:
+            return
+        for name, value in values.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value
+        self._count += 1
+        if step % self.every == 0 or step >= self.total:
+            self.sink(step, {name: total / self._count for name, total in self._sums.items()})
+            self._sums, self._count = {}, 0
 
 
 def save_checkpoint(path: Path, config: dict[str, Any], parts: dict[str, Any], extra: dict[str, Any]) -> None:

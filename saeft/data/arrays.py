@@ -53,12 +53,14 @@ class FileImageDataset(torch.utils.data.Dataset):
 
 def samples_dataset(samples: Samples, transform: Callable[[Image.Image], torch.Tensor]) -> torch.utils.data.Dataset:
     """A Dataset of ``samples``; per-sample groups (FMoW regions) ride along as attributes
-    ``groups`` and ``group_names``, which the evaluator reads."""
+    ``groups`` and ``group_names``, which the evaluator reads, and where they were read from as
+    ``source``."""
     if samples.files is not None:
         data: torch.utils.data.Dataset = FileImageDataset(samples.files, samples.labels, transform, samples.crop_border)
     else:
         assert samples.images is not None
         data = ArrayImageDataset(samples.images, samples.labels, transform)
     data.groups = samples.groups  # type: ignore[attr-defined]
+    data.source = samples.source  # type: ignore[attr-defined]
     data.group_names = samples.group_names  # type: ignore[attr-defined]
     return data

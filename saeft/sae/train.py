@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,18 @@ from saeft.sae.files import save_sae, shape_metadata
 from saeft.sae.kernels import gathered_code, sparse_decode
 from saeft.sae.metrics import evaluate_sae, stream_fvu
 from saeft.sae.model import TopKSAE
-from saeft.training import CHECKPOINT_NAME, resume_checkpoint, save_checkpoint, warmup_cosine
+from saeft.training import CHECKPOINT_NAME, Curve, resume_checkpoint, save_checkpoint, warmup_cosine
 
 log = logging.getLogger(__name__)
 
 # Keys that fix the order in which batches are read: SAEs sharing them train in one pass.
 _DATA_KEYS = ("epochs", "batch_size", "seed", "normalize", "shuffle_buffer")
+
+CurvesSink = Callable[[str, int, Mapping[str, float]], None]
+"""Receives a point of an SAE's training curve: ``(SAE name, step, {name: value})`` with
+``loss`` (the squared error per embedding element, as the epoch log), ``fvu`` (the batch's
+squared error over the training data's variance) and ``dead_fraction``, averaged over windows
+of steps (:class:`~saeft.training.Curve`)."""
 
 
 def sweep_configs(section: Mapping[str, Any]) -> dict[str, SAETrainConfig]:
@@ -41,6 +47,7 @@ def train_sae(
     head: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     evals: Mapping[str, str | os.PathLike] | None = None,
+    curves: CurvesSink | None = None,
 ) -> tuple[TopKSAE, dict[str, Any]]:
     """Train one SAE on the cache ``train_h5``; metrics are measured on ``heldout_h5`` and, per
     name, on each cache of ``evals`` (``metrics["splits"][name]``: FVU, L0, dead fraction... on
@@ -50,9 +57,10 @@ def train_sae(
     ``fvu``, ``explained_variance``, ``l0``, ``dead_fraction``, ``dense_fraction``, ``mse``
     (held-out; with ``head`` also the zero-shot accuracies), ``train_fvu``, ``n_train``,
     ``n_heldout``, ``d``, ``n_features``. With ``checkpoint``, state is saved there after every
-    epoch and a matching one is resumed from (see :func:`train_saes`).
+    epoch and a matching one is resumed from (see :func:`train_saes`). ``curves`` receives the
+    training curves (:data:`CurvesSink`, the SAE named ``sae``).
     """
-    result = train_saes(train_h5, heldout_h5, {"sae": cfg}, head=head, checkpoint=checkpoint, evals=evals)
+    result = train_saes(train_h5, heldout_h5, {"sae": cfg}, head=head, checkpoint=checkpoint, evals=evals, curves=curves)
     return result["sae"]
 
 
@@ -64,6 +72,7 @@ def train_saes(
     head: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     evals: Mapping[str, str | os.PathLike] | None = None,
+    curves: CurvesSink | None = None,
 ) -> dict[str, tuple[TopKSAE, dict[str, Any]]]:
     """Train several SAEs on one cache; those sharing the data keys (epochs, batch size, seed,
     normalisation, shuffle buffer) train side by side on the same batches, in one pass.
@@ -71,7 +80,7 @@ def train_saes(
     With ``checkpoint`` (a file path; groups after the first add ``.{i}``), each group saves its
     state after every epoch and resumes from a checkpoint saved under the same configs; the
     checkpoint is removed when its group is done. Resuming gives bitwise the same weights as an
-    uninterrupted run on CPU.
+    uninterrupted run on CPU. ``curves`` receives each SAE's training curves (:data:`CurvesSink`).
     """
     heldout_raw, labels = read_cache(heldout_h5, labels=True)
     head_weight = None
@@ -88,7 +97,7 @@ def train_saes(
         path = None
         if checkpoint is not None:
             path = Path(checkpoint) if i == 0 else Path(f"{checkpoint}.{i}")
-        results.update(_train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, group, path))
+        results.update(_train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, group, path, curves))
     for name, path in (evals or {}).items():
         raw, split_labels = read_cache(path, labels=True)
         for sae, metrics in results.values():
@@ -150,9 +159,11 @@ class Trainer:
             f"{self.name}/scheduler": self.scheduler,
         }
 
-    def step(self, batch: torch.Tensor) -> None:
+    def step(self, batch: torch.Tensor) -> tuple[float, int]:
         """One optimiser step on a prepared batch: :func:`reconstruction_loss` + AuxK, the
-        decoder's parallel gradient removed and its columns renormalised after the step."""
+        decoder's parallel gradient removed and its columns renormalised after the step.
+        Returns the batch's summed squared error and the count of dead latents (both already
+        read back for the epoch's statistics and AuxK: no extra device sync)."""
         sae, cfg = self.sae, self.cfg
         with torch.no_grad():
             pre = sae.pre_activations(batch)
@@ -169,7 +180,9 @@ class Trainer:
         self.scheduler.step()
         sae.normalize_decoder_()
         with torch.no_grad():
-            self.epoch_sse += (out.recon - batch).double().pow(2).sum().item()
+            sse = (out.recon - batch).double().pow(2).sum().item()
+        self.epoch_sse += sse
+        return sse, n_dead
 
     @torch.no_grad()
     def _update_fired(self, code, batch_size: int) -> torch.Tensor:
@@ -195,7 +208,7 @@ class Trainer:
         return reconstruction_loss(sparse_decode(aux_code, sae.W_dec), (batch - recon).detach())
 
 
-def _train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, cfgs, checkpoint):
+def _train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, cfgs, checkpoint, curves=None):
     """Train the SAEs ``cfgs`` (sharing the data keys) in one pass over the streamed cache and
     measure them; the checkpoint is removed once they are done."""
     first = next(iter(cfgs.values()))
@@ -206,7 +219,7 @@ def _train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, cfgs, c
         steps_per_epoch = -(-n_train // first.batch_size)
         members = [Trainer(name, cfg, d, steps_per_epoch * first.epochs, n_train=n_train) for name, cfg in cfgs.items()]
         train_sst = _init_b_pre(members, batches, train_h5)
-        _fit(members, batches, train_h5, checkpoint, train_sst)
+        _fit(members, batches, train_h5, checkpoint, train_sst, curves)
         results = _measure(members, batches, heldout_raw, heldout_h5, labels, head_weight, train_sst)
     finally:
         batches.close()
@@ -254,9 +267,11 @@ def _init_b_pre(members: list[Trainer], batches: ChunkBatches, train_h5) -> floa
     return train_sst
 
 
-def _fit(members: list[Trainer], batches: ChunkBatches, train_h5, checkpoint, train_sst: float) -> None:
+def _fit(members: list[Trainer], batches: ChunkBatches, train_h5, checkpoint, train_sst: float,
+         curves: CurvesSink | None = None) -> None:
     """Run the epochs (from a matching checkpoint's, if any), every member stepping on the same
-    batches; logs each epoch and checkpoints after all but the last."""
+    batches; logs each epoch, hands ``curves`` each member's per-step curve points and
+    checkpoints after all but the last epoch."""
     first = members[0].cfg
     n_train, d = batches.n, batches.d
     prepare = members[0].sae.prepare
@@ -278,13 +293,21 @@ def _fit(members: list[Trainer], batches: ChunkBatches, train_h5, checkpoint, tr
         len(members), ", ".join(m.name for m in members), n_train, d, first.epochs,
         first.batch_size, start_epoch,
     )
+    steps_per_epoch = -(-n_train // first.batch_size)
+    step = (start_epoch - 1) * steps_per_epoch
+    sink = (lambda name: lambda at, values: curves(name, at, values)) if curves is not None else (lambda name: None)
+    points = {m.name: Curve(sink(m.name), steps_per_epoch * first.epochs) for m in members}
+    variance = max(train_sst / n_train, 1e-30)  # summed over the dims, per row
     for epoch in range(start_epoch, first.epochs + 1):
         for m in members:
             m.epoch_sse = 0.0
         for batch in batches.epoch(generator):
             batch = prepare(batch)
+            step += 1
             for m in members:
-                m.step(batch)
+                sse, n_dead = m.step(batch)
+                points[m.name].add(step, loss=sse / (batch.shape[0] * d), fvu=sse / (batch.shape[0] * variance),
+                                   dead_fraction=n_dead / m.sae.n_features)
         for m in members:
             # Running FVU over the epoch (the weights change within it): a cheap progress signal.
             label = "" if len(members) == 1 else f" [{m.name}]"
@@ -351,13 +374,15 @@ def run(
     cfg: SAETrainConfig,
     head: str | os.PathLike | None = None,
     evals: Mapping[str, str | os.PathLike] | None = None,
+    curves: CurvesSink | None = None,
 ) -> dict[str, Any]:
     """Stage ``train_sae``: train, write ``sae.safetensors`` and ``sae.json``; return the metrics.
 
     The resumable state lives in ``checkpoint.pt`` beside the weights, never among the outputs.
+    ``curves``: see :data:`CurvesSink`.
     """
     checkpoint = Path(out_weights).with_name(CHECKPOINT_NAME)
-    sae, metrics = train_sae(train_h5, heldout_h5, cfg, head=head, checkpoint=checkpoint, evals=evals)
+    sae, metrics = train_sae(train_h5, heldout_h5, cfg, head=head, checkpoint=checkpoint, evals=evals, curves=curves)
     _write_outputs(sae, metrics, cfg, out_weights, out_json, train_h5, heldout_h5)
     return metrics
 
@@ -369,13 +394,14 @@ def run_sweep(
     cfgs: Mapping[str, SAETrainConfig],
     head: str | os.PathLike | None = None,
     evals: Mapping[str, str | os.PathLike] | None = None,
+    curves: CurvesSink | None = None,
 ) -> dict[str, Any]:
     """Stage ``train_sae_sweep``: train every named SAE (one pass where they share the data
     keys) and write ``{out_dir}/{name}/sae.safetensors`` and ``sae.json`` for each; returns the
-    metrics as ``{name}.{metric}``."""
+    metrics as ``{name}.{metric}``. ``curves``: see :data:`CurvesSink`."""
     out_dir = Path(out_dir)
     results = train_saes(
-        train_h5, heldout_h5, cfgs, head=head, checkpoint=out_dir / f"sweep-{CHECKPOINT_NAME}", evals=evals
+        train_h5, heldout_h5, cfgs, head=head, checkpoint=out_dir / f"sweep-{CHECKPOINT_NAME}", evals=evals, curves=curves
     )
     flat: dict[str, Any] = {}
     for name, (sae, metrics) in results.items():
