@@ -17,6 +17,8 @@ atomically once every eval set is scored, so a job killed midway leaves no outpu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -102,6 +104,26 @@ def eval_sets(
     return sets
 
 
+def fingerprint(data: torch.utils.data.Dataset, target: np.ndarray, dataset: str, split: str, options: Any) -> dict[str, str]:
+    """Where an eval set's images came from (``source``: a folder or file, or
+    ``generated:<dataset>/<split>`` for images made in memory) and a ``digest`` of what was read:
+    the dataset and split names, the labels in the loader's order and the image files' paths
+    relative to the source or, without files, the loader options that generate the images.
+    Cheap: no image is read."""
+    source = str(getattr(data, "source", "") or f"generated:{dataset}/{split}")
+    digest = hashlib.sha256(f"{dataset}/{split}\0".encode())
+    digest.update(np.ascontiguousarray(target, dtype=np.int64).tobytes())
+    files = getattr(data, "files", None)
+    if files is not None:
+        for path in files:
+            name = os.path.relpath(path, source) if os.path.isabs(str(path)) and os.path.isabs(source) else str(path)
+            digest.update(name.encode() + b"\0")
+    else:
+        plain = options.to_dict() if hasattr(options, "to_dict") else options
+        digest.update(json.dumps(plain, sort_keys=True, default=str).encode())
+    return {"source": source, "digest": digest.hexdigest()[:16]}
+
+
 def score_split(
     classifier: ImageClassifier,
     evalset: EvalSet,
@@ -109,17 +131,19 @@ def score_split(
     identity: dict[str, Any],
     transfer_from: str | None = None,
     predictions: dict[str, dict[str, np.ndarray]] | None = None,
+    inputs: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The result record of ``classifier`` on one eval set (a transfer set is scored through its
     head): identity, dataset, eval set, role, metric and value, n, per-class counts, classnames.
     ``transfer_from``: the dataset the model was fine-tuned on, when ``evalset`` is a transfer
     set; the record is filed under that dataset, eval set ``evalset.dataset``, role 'transfer'.
     ``predictions``, if given, gets the per-image predicted and true labels (and region names)
-    under the record's eval set name (:func:`write_predictions`)."""
+    under the record's eval set name (:func:`write_predictions`); ``inputs``, if given, the eval
+    set's source and digest (:func:`fingerprint`) under that name."""
     dataset, split = evalset.dataset, evalset.split
     if evalset.head is not None:
         classifier = with_head(classifier, evalset.head)
-    spec = get_dataset(dataset)
+    spec = get_dataset(dataset, evalset.options)
     data = spec.load(split, preprocess_for(classifier.visual), evalset.options)
     predicted, target = predict(classifier, data, cfg.batch_size, f"evaluate {dataset}/{split}", spec, split)
     classnames = spec.evalset_classnames(split)
@@ -130,6 +154,8 @@ def score_split(
     if predictions is not None:
         names = None if groups is None else np.asarray(group_names, dtype=object)[np.asarray(groups)]
         predictions[dataset if transfer_from else split] = {"predicted": predicted, "target": target, "group": names}
+    if inputs is not None:
+        inputs[dataset if transfer_from else split] = fingerprint(data, target, dataset, split, evalset.options)
     result = {
         **identity,
         "dataset": transfer_from or dataset,
@@ -159,6 +185,7 @@ def run(
     wiseft: tuple[str | os.PathLike, str | os.PathLike, float] | None = None,
     transfer: Mapping[str, tuple[str | os.PathLike, Any]] | None = None,
     out_predictions: str | os.PathLike | None = None,
+    inputs: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one run on every eval set and write the bundle JSON ``out``; returns the records
     by eval set name. ``identity`` holds study, model, method and seed (and alpha). ``splits``:
@@ -167,7 +194,8 @@ def run(
     zero-shot head, alpha) to evaluate the interpolation of ``model`` with the zero-shot model
     instead of ``model`` itself. The model is loaded once; the bundle is written once, after the
     last eval set, as ``{**identity, "dataset": dataset, "evals": {name: record}}``, and, given
-    ``out_predictions``, the per-image predictions behind it (:func:`write_predictions`)."""
+    ``out_predictions``, the per-image predictions behind it (:func:`write_predictions`).
+    ``inputs``, if given, gets each eval set's source and digest (:func:`fingerprint`) by name."""
     sets = eval_sets(dataset, splits, dataset_options, transfer)
     setup_torch(0)
     classifier = load_run_model(model, head, wiseft)
@@ -176,7 +204,7 @@ def run(
     for evalset in sets:
         setup_torch(0)  # each eval set from the same seeds, as in a job of its own
         transfer_from = dataset if evalset.head is not None else None
-        results[evalset.name] = score_split(classifier, evalset, cfg, identity, transfer_from, predictions)
+        results[evalset.name] = score_split(classifier, evalset, cfg, identity, transfer_from, predictions, inputs)
         maybe_kill("evalset")
     if out_predictions is not None:
         write_predictions(out_predictions, predictions)
