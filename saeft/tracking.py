@@ -166,7 +166,7 @@ def model_reference(weights: str | os.PathLike, summary: str | os.PathLike | Non
             "sha256": digest.hexdigest(), "format": "safetensors", "metadata": meta,
             "summary": str(summary) if summary else None,
             "load": "saeft.models.load_classifier(weights) -> (ImageClassifier: visual tower + head, metadata)",
-            "export": f"saeft export --run {os.path.dirname(str(weights)) or '.'} --out <folder> (an open_clip checkpoint)"}
+            "export": f"saeft export --run {weights} --out <folder> (an open_clip checkpoint folder)"}
 
 
 def _json_or_text(value: str) -> Any:
