@@ -219,4 +219,4 @@ def test_ci_runs_the_readme_test_command_which_installs_the_lock():
         assert "pip install -r requirements.lock && pip install --no-deps -e ." in command
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci, ".ci/run must run the README's test command verbatim"
-    assert "-r ../requirements.lock" in (ROOT / "envs" / "saeft.yaml").read_text()
+    assert "-r ${SAEFT_ROOT}/requirements.lock" in (ROOT / "workflow" / "envs" / "saeft.yaml").read_text()
