@@ -287,6 +287,13 @@ def test_chunk_batches_cover_every_row_once(caches):
     assert torch.equal(rows.sort(dim=0).values, expected.sort(dim=0).values)
     assert sizes[:-1] == [96] * (len(sizes) - 1) and sum(sizes) == 1000
 
+    # Fewer rows than a batch: one batch of them all, no empty one (a 10-class subset's SAE).
+    small = ChunkBatches(caches[0], batch_size=4096, buffer_rows=8192)
+    try:
+        assert [len(b) for b in small.epoch(generator)] == [1000]
+    finally:
+        small.close()
+
 
 def test_old_sae_files_keep_loading(tmp_path):
     sae = TopKSAE(4, 8, 2, generator=torch.Generator().manual_seed(0))

@@ -98,7 +98,8 @@ class ChunkBatches:
             if shuffle:
                 buffer = buffer[torch.randperm(buffer.shape[0], generator=generator)]
             full = buffer.shape[0] // self.batch_size * self.batch_size
-            yield from buffer[:full].split(self.batch_size)
+            if full:  # an empty tensor splits into one empty batch
+                yield from buffer[:full].split(self.batch_size)
             carry = buffer[full:]
         if carry.shape[0]:
             yield carry
