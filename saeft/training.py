@@ -113,6 +113,7 @@ class Curve:
         """Steps per window: ``ceil(total_steps / points)``."""
         self._sums: dict[str, float] = {}
         self._count = 0
+        self._step = 0
 
     def add(self, step: int, **values: float) -> None:
         """Add the values of ``step`` (1-based); at a window's end, send the window's means."""
@@ -120,10 +121,16 @@ class Curve:
             return
         for name, value in values.items():
             self._sums[name] = self._sums.get(name, 0.0) + value
-        self._count += 1
+        self._count, self._step = self._count + 1, step
         if step % self.every == 0 or step >= self.total:
-            self.sink(step, {name: total / self._count for name, total in self._sums.items()})
-            self._sums, self._count = {}, 0
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the means of the steps added since the last point (none: nothing), at the last
+        step added: the end of a loop that ran fewer steps than ``total_steps``."""
+        if self.sink is not None and self._count:
+            self.sink(self._step, {name: total / self._count for name, total in self._sums.items()})
+        self._sums, self._count = {}, 0
 
 
 def save_checkpoint(path: Path, config: dict[str, Any], parts: dict[str, Any], extra: dict[str, Any]) -> None:

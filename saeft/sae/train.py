@@ -306,7 +306,8 @@ def _fit(members: list[Trainer], batches: ChunkBatches, train_h5, checkpoint, tr
             step += 1
             for m in members:
                 sse, n_dead = m.step(batch)
-                points[m.name].add(step, loss=sse / (batch.shape[0] * d), fvu=sse / (batch.shape[0] * variance),
+                rows = max(batch.shape[0], 1)
+                points[m.name].add(step, loss=sse / (rows * d), fvu=sse / (rows * variance),
                                    dead_fraction=n_dead / m.sae.n_features)
         for m in members:
             # Running FVU over the epoch (the weights change within it): a cheap progress signal.
@@ -320,6 +321,8 @@ def _fit(members: list[Trainer], batches: ChunkBatches, train_h5, checkpoint, tr
             extra = {"epoch": epoch, "generator": generator.get_state()}
             extra.update({f"{m.name}/since_fired": m.since_fired for m in members})
             save_checkpoint(Path(checkpoint), identity, parts, extra)
+    for curve in points.values():  # a last window cut short (fewer batches than planned)
+        curve.flush()
 
 
 def _measure(members, batches, heldout_raw, heldout_h5, labels, head_weight, train_sst):
