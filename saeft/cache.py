@@ -45,13 +45,17 @@ def run(
     out: str | os.PathLike,
     provenance: dict[str, Any] | None = None,
     views: ViewConfig | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Embed every image of ``dataset``/``split`` with the CLIP at ``model_path`` into ``out``;
-    with a bank of ``views``, every view of every image (row ``image * views + view``)."""
+    with a bank of ``views``, every view of every image (row ``image * views + view``). The
+    encoder runs in float32 on ``device`` (default: the GPU if there is one, as fine-tuning)."""
     setup_torch(0)
     out = Path(out)
+    device = torch.device(device) if device is not None else default_device()
     clip, arch = load_clip(model_path)
-    spec = get_dataset(dataset)
+    clip = clip.to(device)
+    spec = get_dataset(dataset, dataset_options)
     if views is not None and views.banked:
         data: torch.utils.data.Dataset = ViewBank(spec.load(split, keep_pil, dataset_options), preprocess_for(clip), views)
         per_image = views.views
@@ -66,9 +70,10 @@ def run(
         if not done:
             _create_layout(handle, n, dim, identity)
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(data, range(done, n)), batch_size=cfg.batch_size, num_workers=cfg.workers
+            torch.utils.data.Subset(data, range(done, n)), batch_size=cfg.batch_size, num_workers=cfg.workers,
+            pin_memory=device.type == "cuda",
         )
-        _embed_rows(clip, loader, handle, done, per_image, Progress(n, f"cache {dataset}/{split}"))
+        _embed_rows(clip, loader, handle, done, per_image, Progress(n, f"cache {dataset}/{split}"), device)
         handle.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat()
         for key, value in runtime_tags().items():  # env.torch, env.device...: who finished the cache
             handle.attrs[key] = value
@@ -102,21 +107,39 @@ def _identity(clip: torch.nn.Module, arch: str, model_path: str | os.PathLike, d
     return identity
 
 
+def default_device() -> torch.device:
+    """The first visible GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @torch.no_grad()
 def _embed_rows(clip: torch.nn.Module, loader: torch.utils.data.DataLoader, handle: h5py.File, row: int,
-                per_image: int, progress: Progress) -> None:
-    """Embed the loader's images into the file from ``row`` on, recording progress after each batch."""
-    for images, labels in loader:
-        embeddings = clip.encode_image(images).float().numpy()
-        stop = row + len(labels)
-        handle["embeddings"][row:stop] = embeddings
-        handle["labels"][row:stop] = labels.numpy()
-        handle["index"][row:stop] = np.arange(row, stop) // per_image
-        row = stop
-        handle.attrs["rows_done"] = row
-        handle.flush()
-        progress.update(row)
-        maybe_kill("cache_rows")
+                per_image: int, progress: Progress, device: torch.device = torch.device("cpu")) -> None:
+    """Embed the loader's images on ``device`` into the file from ``row`` on, recording progress
+    after each batch. A batch's forward is launched before the previous batch is written and the
+    next one loaded, so that on a GPU (whose kernels run asynchronously) loading and writing
+    overlap the forward instead of leaving the GPU idle."""
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    for images, labels in loader:  # loads this batch while the GPU runs the previous one
+        if pending is not None:
+            row = _write_rows(handle, row, per_image, *pending, progress)
+        pending = clip.encode_image(images.to(device, non_blocking=True)), labels
+    if pending is not None:
+        _write_rows(handle, row, per_image, *pending, progress)
+
+
+def _write_rows(handle: h5py.File, row: int, per_image: int, embeddings: torch.Tensor, labels: torch.Tensor,
+                progress: Progress) -> int:
+    """Write one batch at ``row`` (waiting for its forward), record it as done; the next row."""
+    stop = row + len(labels)
+    handle["embeddings"][row:stop] = embeddings.float().cpu().numpy()
+    handle["labels"][row:stop] = labels.numpy()
+    handle["index"][row:stop] = np.arange(row, stop) // per_image
+    handle.attrs["rows_done"] = stop
+    handle.flush()
+    progress.update(stop)
+    maybe_kill("cache_rows")
+    return stop
 
 
 def _create_layout(handle: h5py.File, n: int, dim: int, identity: dict[str, Any]) -> None:

@@ -74,3 +74,73 @@ def test_unfinished_or_foreign_files_are_rejected(tmp_path):
     junk.write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="junk.h5: not a readable HDF5"):
         read_cache(junk)
+
+
+def test_default_device_is_the_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cache.default_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cache.default_device() == torch.device("cpu")
+
+
+class _Logged(torch.utils.data.Dataset):
+    """Items i -> (image of value i, label i), logging every load."""
+
+    def __init__(self, n, events):
+        self.n, self.events = n, events
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.events.append(("load", i))
+        return torch.full((3, 2, 2), float(i)), i
+
+
+class _Encoder(torch.nn.Module):
+    """encode_image: the device it was given and the per-image mean, logging every forward."""
+
+    def __init__(self, events):
+        super().__init__()
+        self.events, self.devices = events, []
+
+    def encode_image(self, images):
+        self.devices.append(images.device)
+        self.events.append(("forward", len(self.devices) - 1))
+        if images.device.type == "meta":  # no values on the meta device: the batch's number instead
+            return torch.full((len(images), 4), float(len(self.devices) - 1))
+        return images.flatten(1).mean(1, keepdim=True).expand(-1, 4)
+
+
+class _Progress:
+    def __init__(self, events):
+        self.events = events
+
+    def update(self, row):
+        self.events.append(("write", row))
+
+
+def test_rows_go_to_the_device_and_the_next_batch_loads_before_the_last_is_written(tmp_path):
+    events: list = []
+    encoder = _Encoder(events)
+    loader = torch.utils.data.DataLoader(_Logged(6, events), batch_size=2)
+    with h5py.File(tmp_path / "x.h5", "w") as handle:
+        cache._create_layout(handle, 6, 4, {})
+        cache._embed_rows(encoder, loader, handle, 0, 1, _Progress(events), torch.device("meta"))
+        rows = handle["embeddings"][:]
+        assert handle["labels"][:].tolist() == list(range(6)) and handle.attrs["rows_done"] == 6
+    assert encoder.devices == [torch.device("meta")] * 3
+    np.testing.assert_array_equal(rows[:, 0], [0, 0, 1, 1, 2, 2])  # batch b's rows hold forward b
+    # Batch b+1 is loaded while batch b's forward runs, before b is written (GPU kernels are asynchronous).
+    assert [e for e in events if e[0] != "load" or e[1] % 2] == [
+        ("load", 1), ("forward", 0), ("load", 3), ("write", 2), ("forward", 1), ("load", 5), ("write", 4),
+        ("forward", 2), ("write", 6)]
+
+
+def test_embedding_on_an_explicit_device_matches_the_default(tiny_world, clip_file, tmp_path):
+    cache.run(clip_file, "shapes", "val", tiny_world, cache.CacheConfig(batch_size=5), tmp_path / "a.h5")
+    cache.run(clip_file, "shapes", "val", tiny_world, cache.CacheConfig(batch_size=5), tmp_path / "b.h5", device="cpu")
+    a, _, attrs = read_cache(tmp_path / "a.h5")
+    b, _, _ = read_cache(tmp_path / "b.h5")
+    np.testing.assert_array_equal(a, b)
+    assert attrs["env.device"] == "cpu"
