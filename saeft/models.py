@@ -7,10 +7,11 @@ stage after ``prepare_model`` rebuilds the model offline from one local file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -85,12 +86,34 @@ def save_clip(path: str | os.PathLike, model: nn.Module, name: str, source: str 
     save_tensors(path, model.state_dict(), {"arch": name, "source": source, "kind": "clip"})
 
 
+@contextlib.contextmanager
+def skip_random_init() -> Iterator[None]:
+    """Build modules without ``torch.nn.init``'s random initialisation (parameters keep whatever
+    memory they were given), for a model whose every weight is then loaded strictly from a file:
+    initialising a ViT-B only to overwrite it costs seconds of CPU per stage."""
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")
+             and callable(getattr(nn.init, name))]
+    saved = {name: getattr(nn.init, name) for name in names}
+
+    def keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor
+
+    try:
+        for name in names:
+            setattr(nn.init, name, keep)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 def load_clip(path: str | os.PathLike) -> tuple[nn.Module, str]:
     """Load a CLIP model saved by :func:`save_clip`; returns (model in eval mode, arch name)."""
     state, meta = load_tensors(path)
     if meta.get("kind") != "clip" or "arch" not in meta:
         raise ValueError(f"{path}: not a saeft CLIP weight file (metadata {meta})")
-    model = open_clip_module().create_model(meta["arch"], pretrained=None)
+    with skip_random_init():  # every weight comes from the file (load_state is strict)
+        model = open_clip_module().create_model(meta["arch"], pretrained=None)
     load_state(model, state, path)
     return model.eval(), meta["arch"]
 
@@ -160,7 +183,8 @@ def load_classifier(path: str | os.PathLike) -> tuple[ImageClassifier, dict[str,
         raise ValueError(f"{path}: not a saeft classifier weight file (metadata {meta})")
     if "head.weight" not in state:
         raise ValueError(f"{path}: classifier weights lack 'head.weight'")
-    clip = open_clip_module().create_model(meta["arch"], pretrained=None)
+    with skip_random_init():  # every weight of the classifier comes from the file (load_state is strict)
+        clip = open_clip_module().create_model(meta["arch"], pretrained=None)
     classifier = ImageClassifier(clip.visual, state["head.weight"])
     load_state(classifier, state, path)
     return classifier.eval(), meta

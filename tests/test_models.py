@@ -57,3 +57,22 @@ def test_zeroshot_head_is_scaled_unit_rows(clip_file, head_file):
     classifier, _ = classifier_from_zeroshot(clip_file, head_file)
     logits, features = classifier(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10) and features.shape == (2, 128)
+
+
+def test_loading_a_weight_file_skips_the_random_init_and_restores_it(clip_file, monkeypatch):
+    from saeft.io import load_tensors
+    from saeft.models import skip_random_init
+
+    calls = []
+    for name in ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_"):
+        original = getattr(torch.nn.init, name)
+        monkeypatch.setattr(torch.nn.init, name, lambda t, *a, _f=original, **k: calls.append(t.shape) or _f(t, *a, **k))
+    clip, _ = load_clip(clip_file)
+    assert calls == []  # no initialiser ran while building the model
+    saved, _ = load_tensors(clip_file)
+    assert saved.keys() == clip.state_dict().keys()
+    assert all(torch.equal(clip.state_dict()[k], v) for k, v in saved.items())  # every weight is the file's
+    with pytest.raises(RuntimeError, match="boom"), skip_random_init():
+        raise RuntimeError("boom")
+    torch.nn.init.normal_(torch.empty(3))  # restored, even after an error
+    assert calls == [(3,)]
