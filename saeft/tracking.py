@@ -51,6 +51,8 @@ PARENT_TAG = "saeft.study_parent"
 """Tag of a study's parent run; its value is the study's name."""
 PARENT_RUN_TAG = "mlflow.parentRunId"
 """MLflow's tag of a nested run: the id of its parent (the UI nests runs by it)."""
+WEIGHTS_TAG = "saeft.weights"
+"""Tag of a logged model: the absolute path of its weights file, by which evaluations link to it."""
 MAX_PARAMS_PER_CALL = 100  # MLflow's limit per log_batch
 MAX_METRICS_PER_CALL = 1000  # MLflow's limit per log_batch
 CURVE_FLUSH_SECONDS = 30.0
@@ -191,6 +193,7 @@ class _Store:
         self.client = mlflow.tracking.MlflowClient(tracking_uri())
 
         self._parents: dict[tuple[str, str], str] = {}
+        self._models: dict[str, str | None] = {}
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment ``name``, created (artifacts at :func:`artifact_location`) if missing."""
@@ -257,7 +260,11 @@ class _Store:
             for start in range(0, len(params), MAX_PARAMS_PER_CALL):
                 self.client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_CALL])
         elif kind == "metrics":
-            metrics = [Metric(k, v, op["timestamp"], op.get("step") or 0) for k, v in op["metrics"].items()]
+            links = op.get("links") or {}
+            model_id = self._model_of(run_id, op["model_weights"]) if op.get("model_weights") and links else None
+            metrics = [Metric(k, v, op["timestamp"], op.get("step") or 0, model_id=model_id if k in links else None,
+                              dataset_name=links[k][0] if k in links else None,
+                              dataset_digest=links[k][1] if k in links else None) for k, v in op["metrics"].items()]
             self.client.log_batch(run_id, metrics=metrics)
         elif kind == "curve":
             metrics = [Metric(k, v, timestamp, step) for k, v, step, timestamp in op["points"]]
@@ -284,6 +291,16 @@ class _Store:
             self.client.set_terminated(run_id, status=op["status"])
         else:
             raise ValueError(f"unknown tracking operation {kind!r}")
+
+    def _model_of(self, run_id: str, weights: str) -> str | None:
+        """The id of the logged model of the weights file ``weights`` (tag ``saeft.weights``, its
+        absolute path) in the run's experiment; None when no job logged one (a zero-shot model)."""
+        if weights not in self._models:
+            experiment_id = self.client.get_run(run_id).info.experiment_id
+            found = self.client.search_logged_models([experiment_id], max_results=1,
+                                                     filter_string=f"tags.`{WEIGHTS_TAG}` = '{weights}'")
+            self._models[weights] = found[0].model_id if found else None
+        return self._models[weights]
 
     def _log_inputs(self, run_id: str, datasets: list[Mapping[str, Any]], context: str) -> None:
         """Dataset inputs described by metadata (MLflow keeps one per name and digest)."""
@@ -329,6 +346,8 @@ class JobRun:
         self._run_id: str | None = None
         self.queued = False
         self._curve: list[list[Any]] = []
+        self._links: dict[str, list[str]] = {}
+        self._model_weights: str | None = None
         self._curve_sent = time.monotonic()
 
     @property
@@ -389,11 +408,23 @@ class JobRun:
                 return
         self._append(op)
 
+    def link_metrics(self, datasets: Mapping[str, tuple[str, str]], model_weights: str | os.PathLike | None = None) -> None:
+        """Link the metrics logged from now on: each key of ``datasets`` to that dataset (name and
+        digest, as logged by :meth:`log_inputs`) and, with ``model_weights``, to the logged model
+        of that weights file (:meth:`log_model_reference` of the job that wrote it), so MLflow
+        shows them per dataset and on the model's page."""
+        self._links = {key: [name, digest] for key, (name, digest) in datasets.items()}
+        self._model_weights = os.path.abspath(model_weights) if model_weights else None
+
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log the finite numeric entries of ``metrics``."""
+        """Log the finite numeric entries of ``metrics`` (linked as :meth:`link_metrics` says)."""
         numeric = {k: float(v) for k, v in _flatten(metrics).items() if _is_number(v)}
         if numeric:
-            self._do({"op": "metrics", "metrics": numeric, "step": step, "timestamp": int(time.time() * 1000)})
+            op: dict[str, Any] = {"op": "metrics", "metrics": numeric, "step": step, "timestamp": int(time.time() * 1000)}
+            links = {k: self._links[k] for k in numeric if k in self._links}
+            if links:
+                op.update(links=links, model_weights=self._model_weights)
+            self._do(op)
 
     def log_curve(self, metrics: Mapping[str, Any], step: int) -> None:
         """Add one point at ``step`` to each curve of ``metrics`` (finite numbers only). Points wait
@@ -431,7 +462,7 @@ class JobRun:
         flat = {k: str(v)[:6000] for k, v in _flatten(params or {}).items()}
         self.log_dict(reference, "model/reference.json")
         self._do({"op": "model", "name": name, "reference": dict(reference), "params": flat, "model_type": model_type,
-                  "tags": {"weights": str(reference.get("weights", ""))}})
+                  "tags": {WEIGHTS_TAG: str(reference.get("weights_absolute", ""))}})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Attach a file to the run (under the folder ``artifact_path`` of its artifacts)."""
