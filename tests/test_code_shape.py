@@ -108,7 +108,7 @@ def test_no_import_cycle():
 
 # Stage modules: each may import shared helpers, never another stage (the CLI sits above them all).
 STAGES = ("saeft.pretrain", "saeft.prepare", "saeft.cache", "saeft.finetune", "saeft.evaluate")
-SHARED = ("saeft.config", "saeft.runs", "saeft.io", "saeft.methods", "saeft.data", "saeft.tracking", "saeft.environment")
+SHARED = ("saeft.config", "saeft.runs", "saeft.io", "saeft.methods", "saeft.data", "saeft.tracking", "saeft.mlflow_store", "saeft.environment")
 
 
 @pytest.mark.parametrize("stage", STAGES)
