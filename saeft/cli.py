@@ -47,7 +47,7 @@ def _dataset_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="registered dataset name")
     parser.add_argument("--dataset-options", type=_json_arg, default={},
                         help="the dataset's options as JSON (the shapes world: config key 'synthetic'; "
-                             "datasets on disk: {data_root, expected_images})")
+                             "datasets on disk: {data_root, expected_images, classes, max_images_per_class, templates})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub)
     _add_evaluation_commands(sub)
     _add_analysis_commands(sub)
+    _add_export_command(sub)
     return parser
 
 
@@ -77,8 +78,9 @@ def _add_setup_commands(sub: Any) -> None:
     p = add("sync-tracking", commands.cmd_sync_tracking, "replay the tracking calls that jobs queued while MLflow was unreachable")
     p.add_argument("--queue", default=None, help="queue folder (default: $SAEFT_MLFLOW_QUEUE or ./mlflow-queue)")
 
-    p = add("init-tracking", commands.cmd_init_tracking, "create the MLflow store and experiment (once, before parallel jobs)")
+    p = add("init-tracking", commands.cmd_init_tracking, "create the MLflow store, experiment and study parent run (once, before parallel jobs)")
     p.add_argument("--experiment", required=True, help="experiment name (the study)")
+    p.add_argument("--study", default=None, help="also create this study's parent run, under which its jobs' runs nest")
 
     p = add("pretrain", commands.cmd_pretrain, "pretrain a small CLIP contrastively on a dataset's captioned corpus")
     p.add_argument("--arch", required=True, help="open_clip architecture name")
@@ -100,6 +102,8 @@ def _add_setup_commands(sub: Any) -> None:
     p = add("head", commands.cmd_head, "build a dataset's zero-shot head from its prompt templates")
     p.add_argument("--model", required=True, help="zero-shot CLIP weights from 'saeft prepare'")
     p.add_argument("--dataset", required=True, help="registered dataset name")
+    p.add_argument("--dataset-options", type=_json_arg, default={},
+                   help="options of a dataset on disk as JSON: its class subset and template count (classes, templates)")
     p.add_argument("--out", required=True, help="output head (.safetensors)")
 
 
@@ -232,6 +236,23 @@ def _add_analysis_commands(sub: Any) -> None:
     p.add_argument("--tables", required=True, help="output folder of tables")
     p.add_argument("--figures", required=True, help="output folder of figures")
     _config(p, "aggregation (display)")
+
+
+def _add_export_command(sub: Any) -> None:
+    """Add the command that exports a run's model for use outside saeft."""
+    p = _subcommand(sub, "export", commands.cmd_export,
+                    "write a fine-tuned (or WiSE-FT) model as an open_clip checkpoint folder, its head beside it")
+    p.add_argument("--run", required=True,
+                   help="the fine-tuning run: results/<study>/finetune/<model>/<dataset>/<variant>/seed<N> "
+                        "(or its model.safetensors)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="WiSE-FT: export (1-alpha)*zero-shot + alpha*fine-tuned (visual tower and head)")
+    p.add_argument("--zeroshot-model", default=None,
+                   help="zero-shot CLIP weights (default: results/<study>/models/<model>/zeroshot/model.safetensors)")
+    p.add_argument("--zeroshot-head", default=None,
+                   help="WiSE-FT: the dataset's zero-shot head (default: that study's zeroshot/heads/<dataset>.safetensors)")
+    p.add_argument("--out", required=True,
+                   help="output folder: open_clip_model.safetensors, open_clip_config.json, head.safetensors, export.json")
 
 
 def _nproc(args: argparse.Namespace) -> int:

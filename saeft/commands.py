@@ -30,6 +30,18 @@ class NoRun:
     def log_figure(self, *args: Any, **kwargs: Any) -> None:
         pass
 
+    def log_curve(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_inputs(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_model_reference(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def link_metrics(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
 
 RUN: Any = NoRun()
 """The running job's MLflow run (:func:`saeft.tracking.job_run`), set by :func:`saeft.cli.main`."""
@@ -38,7 +50,7 @@ RUN: Any = NoRun()
 def cmd_init_tracking(args: argparse.Namespace) -> dict[str, Any]:
     from saeft.tracking import init_store
 
-    return {"ok": init_store(args.experiment)}
+    return {"ok": init_store(args.experiment, args.study)}
 
 
 def cmd_sync_tracking(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,7 +70,7 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = pretrain.PretrainConfig.from_dict(args.config, "pretrain.")
     options = get_dataset(cfg.dataset).options(args.dataset_options)
-    metrics = pretrain.run(args.arch, options, cfg, args.out)
+    metrics = pretrain.run(args.arch, options, cfg, args.out, curve=lambda step, values: RUN.log_curve(_prefixed("train/", values), step))
     record = quality.measure(load_clip(args.out)[0], args.arch, cfg.dataset, options)
     write_json(args.quality, record)
     return {**metrics, "quality": record}
@@ -76,8 +88,10 @@ def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_head(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import prepare
+    from saeft.data.registry import get_dataset
 
-    return prepare.run_head(args.model, args.dataset, args.out)
+    options = get_dataset(args.dataset).options(args.dataset_options) if args.dataset_options else None
+    return prepare.run_head(args.model, args.dataset, args.out, options)
 
 
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,7 +112,8 @@ def cmd_train_sae(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = sae.SAETrainConfig.from_dict(args.config, "sae.")
     evals = _split_paths(args.eval, "--eval")
-    return sae.run(args.train, args.heldout, args.out_weights, args.out_json, cfg, head=args.head, evals=evals)
+    return sae.run(args.train, args.heldout, args.out_weights, args.out_json, cfg, head=args.head, evals=evals,
+                   curves=lambda name, step, values: RUN.log_curve(_prefixed("train/", values), step))
 
 
 def cmd_train_sae_sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,7 +122,12 @@ def cmd_train_sae_sweep(args: argparse.Namespace) -> dict[str, Any]:
     cfgs = sae.sweep_configs(args.config)
     if not cfgs:
         raise ValueError("train-sae-sweep: the config lists no sae.sweep entries")
-    return sae.run_sweep(args.train, args.heldout, args.out_dir, cfgs, head=args.head, evals=_split_paths(args.eval, "--eval"))
+    return sae.run_sweep(args.train, args.heldout, args.out_dir, cfgs, head=args.head, evals=_split_paths(args.eval, "--eval"),
+                         curves=lambda name, step, values: RUN.log_curve(_prefixed(f"{name}/train/", values), step))
+
+
+def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {prefix + name: value for name, value in values.items()}
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,8 +136,13 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = finetune.FinetuneConfig.from_dict(args.config, "finetune.")
-    return finetune.run(args.model, args.head, args.dataset, options, cfg, args.out_model, args.out_json,
-                        sae_path=args.sae, teacher_cache=args.teacher_cache, on_epoch=lambda record: RUN.log_metrics(record, step=int(record["epoch"])))
+    final = finetune.run(args.model, args.head, args.dataset, options, cfg, args.out_model, args.out_json,
+                         sae_path=args.sae, teacher_cache=args.teacher_cache, on_epoch=lambda record: RUN.log_metrics(record, step=int(record["epoch"])))
+    if os.path.isfile(args.out_model):  # rank 0 wrote it (the other ranks have no MLflow run)
+        from saeft.tracking import model_reference
+
+        RUN.log_model_reference("classifier", model_reference(args.out_model, args.out_json), params=cfg.to_dict())
+    return final
 
 
 def _wiseft(args: argparse.Namespace, stage: str) -> tuple[str, str, float] | None:
@@ -141,19 +166,52 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"--transfer-options: {', '.join(unknown)} not among the --transfer sets")
     transfer = {name: (head, get_dataset(name).options(args.transfer_options.get(name, {}))) for name, head in heads.items()}
+    inputs: dict[str, dict[str, str]] = {}
     results = evaluate.run(args.model, args.head, args.dataset, args.split, options, cfg, args.out, args.identity,
-                           wiseft=wiseft, transfer=transfer, out_predictions=args.out_predictions)
-    return _evaluation_metrics(results)
+                           wiseft=wiseft, transfer=transfer, out_predictions=args.out_predictions, inputs=inputs)
+    datasets = _evaluation_inputs(results, inputs)
+    RUN.log_inputs(datasets, context="eval")
+    metrics = _evaluation_metrics(results)
+    # Each eval set's metrics name its dataset input and, but for a WiSE-FT interpolation (made in
+    # memory, never logged), the logged model of the evaluated weights.
+    links = {key: (d["name"], d["digest"]) for name, d in zip(results, datasets) for key in metrics if key.endswith(f"/{name}")}
+    RUN.link_metrics(links, model_weights=None if wiseft else args.model)
+    return metrics
+
+
+def _evaluation_inputs(results: dict[str, dict[str, Any]], inputs: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
+    """The eval sets as MLflow dataset inputs: ``<dataset>/<eval set>`` (a transfer set:
+    ``<its dataset>/<its split>``), source and digest (:func:`saeft.evaluate.fingerprint`) and a
+    profile of counts; no image goes to MLflow."""
+    from saeft.tracking import dataset_record
+
+    records = []
+    for name, result in results.items():
+        read = result.get("transfer") or {"dataset": result["dataset"], "split": result["evalset"]}
+        found = inputs.get(name, {"source": "", "digest": "unknown"})
+        profile = {"num_images": result["n"], "num_classes": len(result["classnames"]), "role": result["role"],
+                   "metric": result["metric"], "eval_set": name}
+        records.append(dataset_record(f"{read['dataset']}/{read['split']}", found["source"], found["digest"], profile))
+    return records
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import export
+
+    files = export.resolve(args.run, args.alpha, args.zeroshot_model, args.zeroshot_head)
+    record = export.run(files, args.out, args.alpha)
+    return {"alpha": 1.0 if record["alpha"] is None else record["alpha"]}
 
 
 def _evaluation_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """MLflow metrics of an evaluation, per eval set: ``<set>.<metric>``, ``<set>.top1`` (also
-    beside macro-F1 or worst-region accuracy) and ``<set>.n``."""
+    """MLflow metrics of an evaluation, named metric / eval set: ``<metric>/<set>`` (e.g.
+    ``macro_f1/id_test``, ``worst_region_acc/ood_test``), ``top1/<set>`` (also beside macro-F1
+    or worst-region accuracy) and ``n/<set>`` (its image count)."""
     out: dict[str, float] = {}
     for name, result in results.items():
-        out[f"{name}.{result['metric']}"] = result["value"]
-        out[f"{name}.top1"] = result.get("average_accuracy", result["value"])
-        out[f"{name}.n"] = result["n"]
+        out[f"{result['metric']}/{name}"] = result["value"]
+        out[f"top1/{name}"] = result.get("average_accuracy", result["value"])
+        out[f"n/{name}"] = result["n"]
     return out
 
 

@@ -147,7 +147,7 @@ def test_evaluate_records_the_environment_in_its_json_and_mlflow_run(tiny_world,
     # One job, one run: a record per eval set in the JSON, metrics per eval set in the run.
     assert list(result["evals"]) == ["test", "sketch"]
     for name, record in result["evals"].items():
-        assert run.data.metrics[f"{name}.top1"] == record["value"] and run.data.metrics[f"{name}.n"] == record["n"]
+        assert run.data.metrics[f"top1/{name}"] == record["value"] and run.data.metrics[f"n/{name}"] == record["n"]
 
 
 def test_a_queued_run_gets_its_environment_tags_on_replay(tmp_path, monkeypatch):

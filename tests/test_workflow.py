@@ -121,10 +121,14 @@ def test_mlflow_has_one_run_per_job_with_params_and_metrics(study):
     client = mlflow.tracking.MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    # One parent run for the study, every job's run nested under it (what the MLflow UI groups).
+    [parent] = [run for run in runs if run.data.tags.get("saeft.study_parent") == "tiny"]
+    runs = [run for run in runs if run is not parent]
+    assert {run.data.tags.get("mlflow.parentRunId") for run in runs} == {parent.info.run_id}
     names = [run.info.run_name for run in runs]
     jobs = len(list((study / "logs" / "tiny").rglob("*.log")))
     assert len(runs) == jobs and len(set(names)) == len(names)
-    assert all(run.info.status == "FINISHED" for run in runs)
+    assert all(run.info.status == "FINISHED" for run in runs + [parent])
     assert not list((study / "mlflow-queue").glob("*.jsonl"))  # no job had to queue its tracking
     finetune = [r for r in runs if r.data.tags.get("rule") == "finetune"]
     assert len(finetune) == 4
@@ -142,7 +146,8 @@ def test_mlflow_has_one_run_per_job_with_params_and_metrics(study):
     evaluations = [r for r in runs if r.data.tags.get("rule") == "evaluate_model" and r.data.tags["method"] == "saeft"]
     assert sorted(r.data.tags["seed"] for r in evaluations) == ["0", "1"]
     for r in evaluations:
-        assert {f"{e}.{m}" for e in ("test", "resampled", "sketch", "rendition", "hard") for m in ("top1", "n")} <= set(r.data.metrics)
+        assert {f"{m}/{e}" for e in ("test", "resampled", "sketch", "rendition", "hard") for m in ("top1", "n")} <= set(r.data.metrics)
+        assert {i.dataset.name for i in r.inputs.dataset_inputs} >= {"shapes/test", "shapes/sketch"}
     assert {r.data.tags["method"] for r in finetune} == {"ft", "saeft"}
 
 

@@ -3,8 +3,9 @@
 
 
 onstart:
-    # Create the MLflow store and experiment once: parallel jobs creating it would race.
-    shell(f"saeft init-tracking --experiment {STUDY} --log-level WARNING")
+    # Create the MLflow store, experiment and the study's parent run once: parallel jobs creating
+    # them would race (jobs nest their runs under that parent).
+    shell(f"saeft init-tracking --experiment {STUDY} --study {STUDY} --log-level WARNING")
 
 
 onsuccess:
