@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from saeft.io import atomic_path, save_tensors, write_json
+from saeft.io import atomic_path, read_metadata, save_tensors, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -60,24 +60,6 @@ class RunFiles:
     of the head's rows (None: unknown; no WiSE-FT then)."""
 
 
-def _metadata(path: Path) -> dict[str, Any]:
-    """The decoded safetensors metadata of ``path`` (no tensors read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = handle.metadata() or {}
-    except Exception as exc:  # safetensors raises several types for a damaged header
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-    out = {}
-    for key, value in raw.items():
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def run_model_file(run: str | os.PathLike) -> Path:
     """The classifier file of ``run``: a run folder (holding ``model.safetensors``) or that file.
     Raises FileNotFoundError or ValueError naming the path when it is neither."""
@@ -89,7 +71,7 @@ def run_model_file(run: str | os.PathLike) -> Path:
                                     f"fine-tuning run folder ({LAYOUT}) or its {RUN_MODEL_NAME}")
     elif not path.is_file():
         raise FileNotFoundError(f"export --run {run}: no such run folder or file (expected {LAYOUT})")
-    kind = _metadata(path).get("kind")
+    kind = read_metadata(path).get("kind")
     if kind == "clip":
         raise ValueError(f"export --run {run}: this is a zero-shot CLIP, not a fine-tuned run; "
                          f"it is an open_clip checkpoint already")
@@ -135,7 +117,7 @@ def run(files: RunFiles, out: str | os.PathLike, alpha: float | None = None) -> 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"export --out {out}: exists and is not a folder")
-    tuned_meta, zeroshot_arch = _metadata(files.model), _metadata(files.zeroshot_model).get("arch")
+    tuned_meta, zeroshot_arch = read_metadata(files.model), read_metadata(files.zeroshot_model).get("arch")
     if zeroshot_arch != tuned_meta.get("arch"):
         raise ValueError(f"export: {files.model} is a {tuned_meta.get('arch')} model, the zero-shot model "
                          f"{files.zeroshot_model} a {zeroshot_arch}")
@@ -174,7 +156,7 @@ def _classnames(zeroshot_head: Path | None, dataset: str | None, n_classes: int)
     from saeft.data.registry import REGISTRY
 
     if zeroshot_head is not None:
-        names = _metadata(zeroshot_head).get("classnames")
+        names = read_metadata(zeroshot_head).get("classnames")
         if isinstance(names, list) and len(names) == n_classes:
             return [str(name) for name in names]
     spec = REGISTRY.get(dataset) if dataset else None

@@ -93,26 +93,37 @@ def save_tensors(
             raise OSError(f"{path}: could not be written ({exc})") from exc
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The decoded metadata of a safetensors file (no tensor read). Raises ValueError naming the
+    path for a file that is not readable safetensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for a damaged header
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+    meta = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    return meta
+
+
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a safetensors file written by :func:`save_tensors`: (tensors, decoded metadata)."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such safetensors file")
+    meta = read_metadata(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw_meta = handle.metadata() or {}
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for a damaged header
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-    meta = {}
-    for key, value in raw_meta.items():
-        try:
-            meta[key] = json.loads(value)
-        except json.JSONDecodeError:
-            meta[key] = value
     return tensors, meta
 
 
