@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from saeft.io import config_hash
+from saeft.io import config_hash, read_metadata
 from saeft.mlflow_store import (  # noqa: F401 (the store's names, re-exported for callers of tracking)
     DEFAULT_STORE,
     MAX_METRICS_PER_CALL,
@@ -99,26 +99,16 @@ def model_reference(weights: str | os.PathLike, summary: str | os.PathLike | Non
     """What MLflow keeps of a fine-tuned classifier instead of a copy of its weights: their path
     (as the job named it, relative to the workflow's directory, and absolute), size and SHA-256,
     the architecture and run identity from the file's metadata, and how to load it back."""
-    from safetensors import safe_open
-
     digest = hashlib.sha256()
     with open(weights, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
-    with safe_open(str(weights), framework="pt") as handle:
-        meta = {key: _json_or_text(value) for key, value in (handle.metadata() or {}).items()}
+    meta = read_metadata(weights)
     return {"weights": str(weights), "weights_absolute": os.path.abspath(weights), "bytes": os.path.getsize(weights),
             "sha256": digest.hexdigest(), "format": "safetensors", "metadata": meta,
             "summary": str(summary) if summary else None,
             "load": "saeft.models.load_classifier(weights) -> (ImageClassifier: visual tower + head, metadata)",
             "export": f"saeft export --run {weights} --out <folder> (an open_clip checkpoint folder)"}
-
-
-def _json_or_text(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
 
 
 def run_key(track: Mapping[str, Any], params: Mapping[str, Any]) -> str:
