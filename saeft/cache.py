@@ -27,7 +27,7 @@ from saeft.data.registry import get_dataset
 from saeft.environment import runtime_tags
 from saeft.io import config_hash
 from saeft.models import load_clip, preprocess_for
-from saeft.training import Progress, setup_torch
+from saeft.training import Progress, default_device, setup_torch
 from saeft.views import ViewBank, ViewConfig, keep_pil
 
 logger = logging.getLogger(__name__)
@@ -105,11 +105,6 @@ def _identity(clip: torch.nn.Module, arch: str, model_path: str | os.PathLike, d
     if views is not None and views.banked:
         identity.update(views=views.views, augment=views.augment, view_seed=views.view_seed, crop_scale=views.crop_scale)
     return identity
-
-
-def default_device() -> torch.device:
-    """The first visible GPU, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()

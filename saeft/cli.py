@@ -21,7 +21,7 @@ from saeft import commands
 
 logger = logging.getLogger("saeft")
 
-GPU_COMMANDS = frozenset({"pretrain", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate"})
+GPU_COMMANDS = frozenset({"pretrain", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "analyze-features"})
 """Stages that run on a GPU when there is one; each gets a GPU of its own (:mod:`saeft.gpu`)."""
 
 
@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.track = None  # one MLflow run and one log per job: rank 0's
         logging.getLogger().setLevel(logging.WARNING)
     from saeft.config import ConfigError
-    from saeft.tracking import job_run
+    from saeft.tracking import JobRun, job_run
 
     params = {k: v for k, v in vars(args).items() if k not in {"fn", "track", "log_level", "threads"}}
     started = time.monotonic()
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     finally:
-        commands.RUN = commands.NoRun()
+        commands.RUN = JobRun()  # untracked: calls outside a job do nothing
     logger.info("done in %.1fs", time.monotonic() - started)
     return 0
 

@@ -33,21 +33,24 @@ from saeft.data.registry import DatasetSpec, get_dataset
 from saeft.faults import maybe_kill
 from saeft.io import write_json
 from saeft.models import ImageClassifier, load_run_model, preprocess_for, with_head
-from saeft.training import Progress, setup_torch
+from saeft.training import Progress, default_device, eval_loader, setup_torch
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict(model: ImageClassifier, data: torch.utils.data.Dataset, batch_size: int, label: str, spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: ImageClassifier, data: torch.utils.data.Dataset, cfg: EvaluateConfig, label: str, spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true labels of every item of ``data``, predictions over the eval set's
-    classes (its class sub-list or projection applied to the logits)."""
+    classes (its class sub-list or projection applied to the logits, on the CPU). The model runs
+    on the device it is on."""
     model.eval()
+    device = next(model.parameters()).device
     hooks = spec.evalset(split)
     predictions, targets = [], []
     progress = Progress(len(data), label)
-    for images, labels in torch.utils.data.DataLoader(data, batch_size=batch_size):
-        predictions.append(metrics.eval_logits(model(images)[0], hooks).argmax(-1))
+    for images, labels in eval_loader(data, cfg.batch_size, cfg.workers, device):
+        logits = model(images.to(device, non_blocking=True))[0].float().cpu()
+        predictions.append(metrics.eval_logits(logits, hooks).argmax(-1))
         targets.append(labels)
         progress.update(sum(len(t) for t in targets))
     return torch.cat(predictions).numpy(), torch.cat(targets).numpy()
@@ -142,10 +145,10 @@ def score_split(
     set's source and digest (:func:`fingerprint`) under that name."""
     dataset, split = evalset.dataset, evalset.split
     if evalset.head is not None:
-        classifier = with_head(classifier, evalset.head)
+        classifier = with_head(classifier, evalset.head).to(next(classifier.parameters()).device)
     spec = get_dataset(dataset, evalset.options)
     data = spec.load(split, preprocess_for(classifier.visual), evalset.options)
-    predicted, target = predict(classifier, data, cfg.batch_size, f"evaluate {dataset}/{split}", spec, split)
+    predicted, target = predict(classifier, data, cfg, f"evaluate {dataset}/{split}", spec, split)
     classnames = spec.evalset_classnames(split)
     total = np.bincount(target, minlength=len(classnames))
     correct = np.bincount(target[predicted == target], minlength=len(classnames))
@@ -198,7 +201,7 @@ def run(
     ``inputs``, if given, gets each eval set's source and digest (:func:`fingerprint`) by name."""
     sets = eval_sets(dataset, splits, dataset_options, transfer)
     setup_torch(0)
-    classifier = load_run_model(model, head, wiseft)
+    classifier = load_run_model(model, head, wiseft).to(default_device())
     results: dict[str, dict[str, Any]] = {}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     for evalset in sets:

@@ -26,6 +26,17 @@ CHECKPOINT_NAME = "checkpoint.pt"
 """Resumable training state, kept beside (never among) a stage's declared outputs."""
 
 
+def default_device() -> torch.device:
+    """The first visible GPU, else the CPU (caching, evaluation and analysis run there)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def eval_loader(data: torch.utils.data.Dataset, batch_size: int, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """In-order batches of ``data`` for inference: ``workers`` loader processes (0: in this one),
+    pinned memory when the model is on a GPU."""
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+
+
 def setup_torch(seed: int, threads: int | None = None) -> torch.Generator:
     """Seed Python, NumPy and torch, pin the thread count, and return a generator for data order.
 

@@ -56,8 +56,10 @@ EXPECTED_JOBS = {
 }
 
 
-@pytest.mark.slow  # a dry run of ~1600 jobs: about a minute on 2 cores
-@pytest.mark.parametrize("name", ["paper_vitb16", "paper_vitb32"])
+# paper_vitb16 in full; paper_vitb32 (the same DAG on another model) runs for real, reduced, in
+# tests/test_paper_study.py.
+@pytest.mark.slow  # a dry run of 569 jobs: about 15 s on 2 cores
+@pytest.mark.parametrize("name", ["paper_vitb16"])
 def test_paper_config_dry_run_builds_the_full_dag(data_root, tmp_path, name):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
@@ -157,3 +159,37 @@ def test_transfer_evaluation_scores_through_the_transfer_head(data_root, tmp_pat
     assert list(bundle["evals"]) == ["imagenet_r", "stl10"] and bundle["method"] == "zeroshot"
     assert bundle["evals"]["stl10"]["per_class"] == result["per_class"]
     assert bundle["evals"]["imagenet_r"]["role"] == "ood"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_evaluation_runs_on_the_default_device_with_loader_workers(data_root, tmp_path, clip_file, monkeypatch, device):
+    """evaluate puts the model on default_device() (the GPU of a GPU job) and decodes images in
+    loader workers; the scores equal those of the plain CPU evaluation of the same model."""
+    import torch
+
+    from saeft import evaluate
+    from saeft.data.samples import RealDataOptions
+    from saeft.io import save_tensors
+
+    torch.manual_seed(0)
+    head = tmp_path / "imagenet.safetensors"
+    save_tensors(head, {"weight": torch.randn(1000, classifier_from_zeroshot_dim(clip_file))}, {"kind": "zeroshot_head"})
+    options = RealDataOptions(data_root=str(data_root))
+    identity = {"study": "t", "model": "m", "method": "zeroshot", "seed": None}
+    reference = evaluate.run(clip_file, head, "imagenet", ["imagenet_r"], options, evaluate.EvaluateConfig(batch_size=64),
+                             tmp_path / "cpu.json", identity)["imagenet_r"]
+    seen = []
+    real_predict = evaluate.predict
+
+    def predict(model, *args, **kwargs):
+        seen.append(next(model.parameters()).device.type)
+        return real_predict(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "default_device", lambda: torch.device(device))
+    monkeypatch.setattr(evaluate, "predict", predict)
+    result = evaluate.run(clip_file, head, "imagenet", ["imagenet_r"], options, evaluate.EvaluateConfig(batch_size=64, workers=2),
+                          tmp_path / "device.json", identity)["imagenet_r"]
+    assert seen == [device]
+    assert result["n"] == reference["n"] == 200
+    assert result["value"] == pytest.approx(reference["value"], abs=1 / 200)  # a tie may flip on a GPU

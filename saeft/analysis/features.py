@@ -41,7 +41,7 @@ from saeft.data.registry import get_dataset
 from saeft.io import atomic_path, write_json
 from saeft.models import ImageClassifier, load_run_model, preprocess_for
 from saeft.sae import TopKSAE, load_sae
-from saeft.training import Progress, setup_torch
+from saeft.training import Progress, default_device, eval_loader, setup_torch
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +59,15 @@ added and removed feature ids, and both sparse codes (``code0_*``: zero-shot ``s
 
 
 @torch.no_grad()
-def embed(classifier: ImageClassifier, data: torch.utils.data.Dataset, batch_size: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-projection embeddings (unnormalised, as the cache stores them) and labels of ``data``."""
+def embed(classifier: ImageClassifier, data: torch.utils.data.Dataset, batch_size: int, label: str, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-projection embeddings (unnormalised, as the cache stores them, on the CPU) and labels of
+    ``data``; the classifier runs on the device it is on."""
     classifier.eval()
+    device = next(classifier.parameters()).device
     embeddings, labels = [], []
     progress = Progress(len(data), label)
-    for images, targets in torch.utils.data.DataLoader(data, batch_size=batch_size):
-        embeddings.append(classifier.embed(images).float())
+    for images, targets in eval_loader(data, batch_size, workers, device):
+        embeddings.append(classifier.embed(images.to(device, non_blocking=True)).float().cpu())
         labels.append(targets)
         progress.update(sum(len(t) for t in labels))
     return torch.cat(embeddings), torch.cat(labels)
@@ -233,7 +235,7 @@ def run(
     spec = get_dataset(dataset, dataset_options)
     if not caches:
         raise ValueError("analyze_features: no eval-set caches given")
-    classifier = load_run_model(model, head, wiseft)
+    classifier = load_run_model(model, head, wiseft).to(default_device())
     sae = load_sae(sae_path)
     transform = preprocess_for(classifier.visual)
     evalsets: dict[str, Any] = {}
@@ -244,7 +246,7 @@ def run(
         if attrs.get("dataset") != dataset or attrs.get("split") != split:
             raise ValueError(f"{cache_path}: cache of {attrs.get('dataset')}/{attrs.get('split')}, expected {dataset}/{split}")
         data = spec.load(split, transform, dataset_options)
-        e_theta, labels = embed(classifier, data, cfg.batch_size, f"analyze {dataset}/{split}")
+        e_theta, labels = embed(classifier, data, cfg.batch_size, f"analyze {dataset}/{split}", cfg.workers)
         if not np.array_equal(labels.numpy(), cached_labels):
             raise ValueError(f"{cache_path}: labels differ from those of {dataset}/{split}: the cache is stale")
         summary, table = analyze_split(torch.from_numpy(cached), e_theta, labels, sae, spec.classnames, cfg.top_features)

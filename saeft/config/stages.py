@@ -235,7 +235,9 @@ class EvaluateConfig(StageConfig):
 
     section = "evaluate"
     batch_size: PositiveInt = 256
-    """Images per forward pass."""
+    """Images per forward pass (on the GPU if there is one)."""
+    workers: NonNegInt = 0
+    """DataLoader worker processes decoding images (0: in the main process)."""
 
 
 @dataclasses.dataclass
@@ -276,7 +278,9 @@ class AnalysisConfig(StageConfig):
     enabled: bool = True
     """Run the feature analysis of every fine-tuned model (and WiSE-FT at the reported alpha)."""
     batch_size: PositiveInt = 256
-    """Images per forward pass of the fine-tuned model."""
+    """Images per forward pass of the fine-tuned model (on the GPU if there is one)."""
+    workers: NonNegInt = 0
+    """DataLoader worker processes decoding images (0: in the main process)."""
     top_features: PositiveInt = 10
     """Most often added and most often removed features listed per eval set, class and method."""
     cards: CardsConfig = dataclasses.field(default_factory=CardsConfig)

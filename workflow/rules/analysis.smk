@@ -37,6 +37,7 @@ rule analyze_features:
     log: job_log("analyze_features", "{model}/{dataset}/{run}"),
     benchmark: job_benchmark("analyze_features", "{model}/{dataset}/{run}"),
     conda: "../envs/saeft.yaml"
+    resources: gpu=1
     shell:
         "saeft analyze-features {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
