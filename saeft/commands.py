@@ -12,39 +12,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from saeft.tracking import JobRun
+
 logger = logging.getLogger("saeft")
 
-
-class NoRun:
-    """The MLflow run of a job that is not tracked: every call does nothing."""
-
-    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_table(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_figure(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_curve(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_inputs(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_model_reference(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def link_metrics(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-RUN: Any = NoRun()
-"""The running job's MLflow run (:func:`saeft.tracking.job_run`), set by :func:`saeft.cli.main`."""
+RUN: Any = JobRun()
+"""The running job's MLflow run (:func:`saeft.tracking.job_run`), set by :func:`saeft.cli.main`; outside
+a job an untracked run, whose every call does nothing."""
 
 
 def cmd_init_tracking(args: argparse.Namespace) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from saeft.mlflow_store import (  # noqa: F401 (the store's names, re-exported f
     WEIGHTS_TAG,
     artifact_location,
     local_store,
+    tracking_enabled,
     tracking_uri,
 )
 from saeft.mlflow_store import Store as _Store
@@ -73,7 +74,10 @@ def queue_dir() -> Path:
 
 def init_store(experiment: str, study: str | None = None) -> bool:
     """Create the tracking store and ``experiment`` if missing and, given ``study``, the study's
-    parent run; False (and a warning) on failure."""
+    parent run; False (and a warning) on failure. Nothing (True) when tracking is off."""
+    if not tracking_enabled():
+        logger.info("MLflow tracking is off (SAEFT_TRACKING): no store prepared")
+        return True
     try:
         store = _Store(_mlflow())
         experiment_id = store.experiment_id(experiment)
@@ -277,11 +281,14 @@ class JobRun:
 def job_run(track: Mapping[str, Any] | None, params: Mapping[str, Any]) -> Iterator[JobRun]:
     """Open the MLflow run described by ``track`` (experiment, run_name, tags) with ``params``.
 
-    ``track`` None disables tracking. The run ends FINISHED when the body succeeds and FAILED
+    ``track`` None, or ``SAEFT_TRACKING=off`` in the environment, disables tracking (MLflow is
+    then never imported). The run ends FINISHED when the body succeeds and FAILED
     when it raises; the body's exception always propagates, tracking errors never do. The run's
     ``env.*`` tags record the job's environment (:func:`saeft.environment.runtime_tags`): set when
     it opens, and again when it ends, with the thread count and device the stage ended up using.
     """
+    if not tracking_enabled():
+        track = None
     run = JobRun(track, params)
     if track:
         tags = {**track.get("tags", {}), **comparison_tags(track.get("tags", {})), "config_hash": config_hash(params),

@@ -20,7 +20,7 @@ STUDY = Path(__file__).resolve().parent / "data" / "all_methods_study.yaml"
 
 def test_every_method_gets_a_table_row(tmp_path):
     shutil.copy(STUDY, tmp_path / "study.yaml")
-    snakemake(tmp_path, "--cores", "2")
+    snakemake(tmp_path, "--cores", "2", env={"SAEFT_TRACKING": "off"})  # MLflow is tested in test_workflow.py
     results = tmp_path / "results" / "allmethods"
     summary = pd.read_csv(results / "tables" / "shifts.csv")
     assert set(summary["method"]) == {"zeroshot", "wiseft", *trained_methods()}

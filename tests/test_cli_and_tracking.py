@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -76,3 +77,23 @@ def test_unreachable_store_warns_and_the_job_goes_on(tmp_path, monkeypatch, capl
     assert done == [True]
     assert "MLflow run could not be started" in caplog.text
     assert not tracking.init_store("study")
+
+
+@pytest.mark.parametrize("switch, tracked", [("off", False), ("on", True)])
+def test_saeft_tracking_off_leaves_mlflow_alone(tmp_path, switch, tracked):
+    """SAEFT_TRACKING=off: a job's run logs nothing, creates no store and never imports MLflow
+    (its ~3 s import is most of a short job's start-up); on (the default) it does all three."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\n"
+            "from saeft.tracking import job_run, init_store\n"
+            "init_store('e', 'study')\n"
+            "with job_run({'experiment': 'e', 'run_name': 'r', 'tags': {'study': 'study'}}, {'a': 1}) as run:\n"
+            "    run.log_metrics({'x': 1.0})\n"
+            "print('mlflow' in sys.modules, os.path.exists('mlflow.db'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "SAEFT_MLFLOW_QUEUE")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**env, "SAEFT_TRACKING": switch}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == [str(tracked), str(tracked)]

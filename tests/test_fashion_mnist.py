@@ -28,7 +28,7 @@ EVALSETS = {"test", "corrupted", "inverted", "sketch"}
 def study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fmnist")
     shutil.copy(CI_STUDY, workdir / "study.yaml")
-    snakemake(workdir, "--cores", "2")
+    snakemake(workdir, "--cores", "2", env={"SAEFT_TRACKING": "off"})  # MLflow is tested in test_workflow.py
     return workdir
 
 

@@ -33,7 +33,7 @@ def test_before_the_selection_only_the_first_stage_is_planned(tmp_path):
 def grid_study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("grid")
     shutil.copy(GRID, workdir / "study.yaml")
-    snakemake(workdir, "--cores", "2")
+    snakemake(workdir, "--cores", "2", env={"SAEFT_TRACKING": "off"})  # MLflow is tested in test_workflow.py
     return workdir
 
 

@@ -12,6 +12,7 @@ from saeft.config.study import pretrained_kind, validate_config
 from saeft.data.registry import get_dataset
 from saeft.data.subset import REDUCTION_KEYS
 from saeft.methods import get_method
+from saeft.mlflow_store import tracking_enabled
 from saeft.outputs import output_names
 from saeft.runs import PATTERN as RUN_PATTERN, RunId
 from saeft.variants import PATTERN as VARIANT_PATTERN, grid_values, method_of, study_variants
@@ -76,8 +77,14 @@ os.environ["SAEFT_ROOT"] = os.path.abspath(workflow.basedir)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+# SAEFT_TRACKING=off: jobs log nothing to MLflow (and save its ~3 s import); an environment
+# variable, not a config key, so switching it reruns nothing.
+os.environ.setdefault("SAEFT_TRACKING", "on")
+
+
 # Set above; declared so that Snakemake passes them on to jobs on remote executors.
 envvars:
+    "SAEFT_TRACKING",
     "SAEFT_GIT_COMMIT",
     "SAEFT_ROOT",
     "OMP_WAIT_POLICY",

@@ -4,8 +4,9 @@
 
 onstart:
     # Create the MLflow store, experiment and the study's parent run once: parallel jobs creating
-    # them would race (jobs nest their runs under that parent).
-    shell(f"saeft init-tracking --experiment {STUDY} --study {STUDY} --log-level WARNING")
+    # them would race (jobs nest their runs under that parent). Not with SAEFT_TRACKING=off.
+    if tracking_enabled():
+        shell(f"saeft init-tracking --experiment {STUDY} --study {STUDY} --log-level WARNING")
 
 
 onsuccess:
