@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "tests" / "slurm" / "study.yaml"
-GPU_RULES = ("pretrain_clip", "cache_activations", "train_sae", "finetune", "evaluate_model")
+GPU_RULES = ("pretrain_clip", "cache_activations", "train_sae", "finetune", "evaluate_model", "analyze_features")
 
 
 def _dry_run(tmp_path: Path, *args: str, env: dict[str, str]) -> str:
@@ -30,7 +30,7 @@ def _dry_run(tmp_path: Path, *args: str, env: dict[str, str]) -> str:
 def _resources(text: str) -> dict[str, str]:
     """Rule -> its jobs' 'resources:' line in a dry run."""
     found = {}
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+    for block in re.split(r"\n(?=\s*(?:local)?rule \w+:)", text):  # members of a group job are indented
         rule = re.match(r"(?:local)?rule (\w+):", block.strip())
         line = re.search(r"^\s*resources: (.*)$", block, re.M)
         if rule and line:
@@ -52,6 +52,46 @@ def test_slurm_profile_without_gpus_and_account(tmp_path):
     env = {"SAEFT_SLURM_GPUS": "0", "SAEFT_SLURM_ACCOUNT": "", "SAEFT_SLURM_PARTITION": ""}
     resources = _resources(_dry_run(tmp_path, "--profile", "slurm", env=env))
     assert "gpu=0" in resources["finetune"] and "slurm_account" not in resources["finetune"]
+
+
+# A dry run through the SLURM profile that also prints each group job's size and resources
+# (Snakemake's dry run lists a group's members but not what the group asks SLURM for).
+GROUP_PRINTER = """
+import sys, snakemake.jobs as jobs
+shown = jobs.GroupJob.log_info
+def log_info(self, *args, **kwargs):
+    res = dict(self.resources)
+    print("SLURM-GROUP", len(self.jobs), sorted({job.rule.name for job in self.jobs}), res.get("gpu", 0), res["runtime"])
+    return shown(self, *args, **kwargs)
+jobs.GroupJob.log_info = log_info
+from snakemake.cli import main
+sys.argv = ["snakemake", *sys.argv[1:]]
+main()
+"""
+
+
+def test_slurm_profile_submits_the_paper_dag_as_a_tenth_of_its_jobs_one_gpu_per_group(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", GROUP_PRINTER, "-n", "--profile", "slurm", "--directory", str(tmp_path),
+                             "--configfile", "workflow/configs/paper_vitb16.yaml", "--config", "data_root=/data"],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-3000:]
+    groups = [line.split(" ", 2)[1:] for line in text.splitlines() if line.startswith("SLURM-GROUP ")]
+    # Top-level jobs (group members are indented), but 'all': a rule without an action, never submitted.
+    alone = [rule for rule in re.findall(r"^rule (\w+):", text, re.M) if rule != "all"]
+    grouped = {"check_dataset", "build_zeroshot_head", "train_sae", "evaluate_model", "analyze_features",
+               "plot_feature_cards", "aggregate_features", "aggregate_tables"}
+    assert not grouped & set(alone)
+    assert sorted(alone) == ["cache_activations"] * 15 + ["finetune"] * 99 + ["prepare_model"]
+    # 569 Snakemake jobs (1769 before evaluation bundles): one group each of the checks, heads,
+    # SAEs and summaries, 300 evaluations and 117 analyses by 8 ('all' runs locally).
+    assert len(groups) == 4 + 38 + 15
+    assert len(alone) + len(groups) <= 1769 // 10, (len(alone), len(groups))
+    for size, rest in groups:
+        rules, gpu, runtime = re.match(r"(\[.*\]) (\d+) (\d+)$", rest).groups()
+        assert int(size) <= 100 and int(gpu) <= 1, (size, rules, gpu)  # members take turns on one GPU
+        assert int(runtime) <= 10 * 60, (size, rules, runtime)  # within a day's wall-clock limit
 
 
 def test_slurm_profile_installed_in_the_user_config_dir(tmp_path):

@@ -50,6 +50,12 @@ def main(work: Path) -> None:
     print(f"check.py: finetune job {cancelled} cancelled; job {job_of_log[finetune_log]} resumed from epoch "
           f"{resumed.group(1)} of {resumed.group(2)}")
 
+    # The profile's job groups: both evaluations ran in one SLURM job.
+    evaluation_jobs = {job for log, job in job_of_log.items() if "/evaluate_model/" in str(log)}
+    if len(evaluation_jobs) != 1:
+        fail(f"the evaluations ran in SLURM jobs {sorted(evaluation_jobs)}, not in one group job")
+    print(f"check.py: both evaluations in SLURM job {evaluation_jobs.pop()} (group 'evaluations')")
+
     # One bundle per evaluated run (zero-shot, saeft seed 0), a record per eval set (5 each, and
     # the ID validation split that variants are selected on).
     bundles = sorted((local / "results" / STUDY / "eval").rglob("evals.json"))

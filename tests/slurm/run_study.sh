@@ -74,7 +74,8 @@ watcher=$!
 
 started=$SECONDS
 cd "$ROOT"
-# Each evaluated run (zero-shot, saeft seed 0) is one evaluate_model job for all five eval splits.
+# Each evaluated run (zero-shot, saeft seed 0) is one evaluate_model job for all its eval splits;
+# the profile groups both into one SLURM job (check.py checks it).
 run snakemake --cores all --profile slurm --directory "$WORK/slurm" --configfile "$STUDY" \
     --slurm-init-seconds-before-status-checks 2
 echo "run_study.sh: SLURM run took $((SECONDS - started))s"
