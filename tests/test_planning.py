@@ -193,9 +193,9 @@ def test_nested_override_of_a_configfile_study(tmp_path):
     assert configs and all(cfg["lr"] == 0.005 for cfg in configs.values())
 
 
-@pytest.mark.parametrize("override, key", [("finetune={lr: fast}", "finetune.lr"),
-                                           ("methods={saeft: {lambda: big}}", "methods.saeft.lambda"),
-                                           ("finetune={lrr: 0.1}", "finetune.lrr")])
+# Through Snakemake, a nested method key; typing and unknown keys of nested strings are checked
+# in process (tests/test_study_config.py, test_nested_command_line_strings_are_typed_by_the_schema).
+@pytest.mark.parametrize("override, key", [("methods={saeft: {lambda: big}}", "methods.saeft.lambda")])
 def test_a_bad_nested_override_fails_naming_its_key(tmp_path, override, key):
     result = plan(tmp_path, "--config", override)
     assert result["code"] != 0
