@@ -23,11 +23,11 @@ from matplotlib.figure import Figure
 
 from saeft import figures as fig_mod
 from saeft import frontier as frontier_mod
-from saeft import intervals, reference
+from saeft import calibration, intervals, reference
 from saeft import tables as tab_mod
 from saeft import variant_tables
 from saeft.config.aggregate import AggregateConfig
-from saeft.io import atomic_path
+from saeft.io import atomic_path, read_json
 from saeft.outputs import METRICS_PARQUET, output_names
 from saeft.results import OOD_AVG, load_metrics, read_training_logs, reported_results, summarize, wiseft_curves
 from saeft.selection import read_selections
@@ -59,12 +59,15 @@ def run(
     prediction_paths: Iterable[str | os.PathLike] = (),
     selection_paths: Iterable[str | os.PathLike] = (),
     variants: dict[str, Any] | None = None,
+    calibration_paths: Iterable[str | os.PathLike] = (),
 ) -> Outputs:
     """Write the tidy table, every paper table in every format and every figure (the names of
     :func:`saeft.outputs.output_names`), all atomically, from the eval JSONs (every variant and
     WiSE-FT curve point), the per-image predictions behind them (the intervals; none: the tables
     show stds and the frontier has no intervals), each dataset's ``selection.json`` (which
-    variant the tables report; none: each method has one) and the fine-tuning jobs' ``train.json``."""
+    variant the tables report; none: each method has one), the fine-tuning jobs' ``train.json``
+    and each calibrated dataset's ``calibration.json`` (the calibration table; where a gate
+    criterion fails, the comparison and the figures say so instead of giving a reading)."""
     tables_dir, figures_dir = Path(out_dir_tables), Path(out_dir_figures)
     eval_paths, prediction_paths = list(eval_paths), list(prediction_paths)
     everything = load_metrics(eval_paths)
@@ -80,19 +83,24 @@ def run(
     if ev is not None:
         summary = intervals.add_intervals(summary, reported_results(shown, cfg), ev, cfg.level)
     training = read_training_logs(train_paths)  # a bad log fails the stage before anything is written
+    calibrations = [read_json(path) for path in calibration_paths]
+    uncalibrated = {c["dataset"]: c["failures"] for c in calibrations if c["failures"]}
 
     with atomic_path(tables_dir / METRICS_PARQUET) as tmp:
         df.to_parquet(tmp, engine="pyarrow", index=False)
     points = _frontier(df, ev, reported_variant, cfg)
     diffs = intervals.comparisons(reported_results(shown, cfg), ev, cfg.compare, cfg.compare_with, cfg.level) if ev else pd.DataFrame()
     built = [*tab_mod.build_tables(shown, summary, cfg), reference.reference_table(summary, cfg),
-             variant_tables.selection_table(selections, points, cfg), variant_tables.comparison_table(diffs, cfg),
+             variant_tables.selection_table(selections, points, cfg), variant_tables.comparison_table(diffs, cfg, uncalibrated),
              variant_tables.frontier_table(points, cfg)]
     written = [tables_dir / METRICS_PARQUET, *write_tables(built, tables_dir, cfg)]
+    if calibrations:
+        written += write_calibration([r for c in calibrations for r in c["criteria"]], tables_dir)
     figures = draw_figures(shown, summary, cfg, figures_dir, training)
     for dataset in summary["dataset"].unique():
         stem = f"frontier_{dataset}"
         figures[stem] = frontier_mod.plot_frontier(points, dataset, cfg, figures_dir / f"{stem}.png", figures_dir / f"{stem}.pdf")
+    mark_uncalibrated(figures, uncalibrated, figures_dir)
     logger.info(
         "aggregated %d results into %d tables and %d figures in %s and %s",
         len(df), len(built), len(figures), tables_dir, figures_dir,
@@ -128,6 +136,27 @@ def _frontier(df: pd.DataFrame, ev: intervals.Evaluations | None, reported_varia
         return frontier_mod.mark_pareto(pd.DataFrame(columns=intervals.FRONTIER_COLUMNS))
     points = intervals.frontier_points(df[df["role"].isin(["id", "ood"])], ev, reported_variant, cfg.wiseft_alpha, cfg.label, cfg.level)
     return frontier_mod.mark_pareto(points)
+
+
+def write_calibration(records: list[dict[str, Any]], tables_dir: Path) -> list[Path]:
+    """``calibration.csv`` and ``calibration.md``: every calibrated dataset's criteria."""
+    with atomic_path(tables_dir / "calibration.csv") as tmp:
+        calibration.calibration_frame(records).to_csv(tmp, index=False, encoding="utf-8")
+    with atomic_path(tables_dir / "calibration.md") as tmp:
+        tmp.write_text(calibration.calibration_markdown(records), encoding="utf-8")
+    return [tables_dir / "calibration.csv", tables_dir / "calibration.md"]
+
+
+def mark_uncalibrated(figures: dict[str, Figure], failures: dict[str, list[str]], figures_dir: Path) -> None:
+    """Stamp "world not calibrated: <criteria>" on the figures that compare methods (the overview,
+    and per uncalibrated dataset its shifts and frontier) and save them again."""
+    if not failures:
+        return
+    text = "; ".join(f"{dataset}: {calibration.not_calibrated_text(f)}" for dataset, f in failures.items())
+    stems = ["id_vs_ood"] + [f"{kind}_{d}" for d in failures for kind in ("shifts", "frontier")]
+    for stem in [s for s in stems if s in figures]:
+        figures[stem].text(0.5, 0.995, text, ha="center", va="top", color="firebrick", fontsize=9, weight="bold")
+        fig_mod.save_figure(figures[stem], figures_dir / f"{stem}.png", figures_dir / f"{stem}.pdf")
 
 
 def write_tables(built: list[tab_mod.Table], tables_dir: Path, cfg: AggregateConfig) -> list[Path]:

@@ -21,7 +21,7 @@ from saeft import commands
 
 logger = logging.getLogger("saeft")
 
-GPU_COMMANDS = frozenset({"pretrain", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "analyze-features"})
+GPU_COMMANDS = frozenset({"pretrain", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "analyze-features", "calibrate"})
 """Stages that run on a GPU when there is one; each gets a GPU of its own (:mod:`saeft.gpu`)."""
 
 
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setup_commands(sub)
     _add_training_commands(sub)
     _add_evaluation_commands(sub)
+    _add_calibration_command(sub)
     _add_analysis_commands(sub)
     _add_export_command(sub)
     return parser
@@ -148,6 +149,9 @@ def _add_training_commands(sub: Any) -> None:
     p.add_argument("--sae", default=None, help="SAE weights (SAE methods only)")
     p.add_argument("--teacher-cache", default=None, help="HDF5 cache of the zero-shot training embeddings f_0")
     _config(p, "fine-tuning (finetune keys plus method and method_params)")
+    p.add_argument("--pretrain-schedule", type=_json_arg, default=None,
+                   help="the schedule of the pretraining that made --model, as JSON {lr, steps, warmup_steps} "
+                        "(a study that pretrains its own model): train.json then records lr_ratio and summed_lr_ratio")
     p.add_argument("--out-model", required=True, help="output classifier weights (.safetensors)")
     p.add_argument("--out-json", required=True, help="output train.json")
     p.add_argument("--nproc", default="auto",
@@ -186,6 +190,8 @@ def _add_evaluation_commands(sub: Any) -> None:
     p.add_argument("--variants", type=_json_arg, required=True, help="JSON: method -> variant -> its parameters")
     p.add_argument("--seeds", type=int, nargs="+", required=True, help="the selection seeds")
     p.add_argument("--oracle", type=_json_arg, default=True, help="also record the OOD-oracle choice (true/false)")
+    p.add_argument("--rule", choices=["best", "one_se"], default="best",
+                   help="selection.rule: the best mean, or the first listed variant within one standard error of it")
     p.add_argument("--out", required=True, help="output selection.json")
 
     p = add("aggregate", commands.cmd_aggregate, "build the tables and figures from evaluation results")
@@ -194,10 +200,34 @@ def _add_evaluation_commands(sub: Any) -> None:
     p.add_argument("--predictions", nargs="*", default=[],
                    help="predictions.parquet of each --evals file, in the same order (the intervals); none: no intervals")
     p.add_argument("--selections", nargs="*", default=[], help="selection.json per dataset (select-variants)")
+    p.add_argument("--calibrations", nargs="*", default=[], help="calibration.json per calibrated dataset (calibrate)")
     p.add_argument("--variants", type=_json_arg, default={}, help="JSON: method -> variant -> its parameters")
     p.add_argument("--tables", required=True, help="output folder of tables")
     p.add_argument("--figures", required=True, help="output folder of figures")
     _config(p, "aggregation")
+
+
+def _add_calibration_command(sub: Any) -> None:
+    """Add the calibration command (calibration criteria of a study's world)."""
+    add = functools.partial(_subcommand, sub)
+    p = add("calibrate", commands.cmd_calibrate,
+            "measure whether the world reproduces robust fine-tuning's known effects (the calibration criteria)")
+    p.add_argument("--evals", nargs="+", required=True,
+                   help="evaluation bundles: zero-shot, the baseline on every seed, its WiSE-FT curve, other baselines")
+    p.add_argument("--predictions", nargs="+", required=True, help="predictions.parquet of each --evals file, in order")
+    p.add_argument("--baseline-models", nargs="+", required=True, metavar="SEED=PATH",
+                   help="the baseline's fine-tuned classifier per seed (its train.json beside it)")
+    p.add_argument("--zeroshot-model", required=True, help="zero-shot CLIP weights")
+    p.add_argument("--zeroshot-head", required=True, help="the dataset's zero-shot head")
+    _dataset_args(p)
+    _config(p, "calibration")
+    p.add_argument("--evaluate-config", type=_json_arg, default={}, help="evaluate config as a JSON object (batch size, workers)")
+    p.add_argument("--level", type=float, default=0.95, help="coverage of the intervals")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each eval set")
+    p.add_argument("--pretrain-lr", type=float, default=None, help="the pretraining's peak lr (P4); omit: not pretrained here")
+    p.add_argument("--quality", default=None, help="the pretrained model's quality.json (its linear probe)")
+    p.add_argument("--selection", default=None, help="the dataset's selection.json (how the baseline's lr was chosen)")
+    p.add_argument("--out", required=True, help="output calibration.json")
 
 
 def _add_analysis_commands(sub: Any) -> None:

@@ -111,7 +111,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = finetune.FinetuneConfig.from_dict(args.config, "finetune.")
     final = finetune.run(args.model, args.head, args.dataset, options, cfg, args.out_model, args.out_json,
-                         sae_path=args.sae, teacher_cache=args.teacher_cache, on_epoch=lambda record: RUN.log_metrics(record, step=int(record["epoch"])))
+                         sae_path=args.sae, teacher_cache=args.teacher_cache, pretrain_schedule=args.pretrain_schedule,
+                         on_epoch=lambda record: RUN.log_metrics(record, step=int(record["epoch"])))
     if os.path.isfile(args.out_model):  # rank 0 wrote it (the other ranks have no MLflow run)
         from saeft.tracking import model_reference
 
@@ -206,7 +207,7 @@ def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_select_variants(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import selection
 
-    record = selection.run(args.evals, args.out, args.variants, args.seeds, oracle=bool(args.oracle))
+    record = selection.run(args.evals, args.out, args.variants, args.seeds, oracle=bool(args.oracle), rule=args.rule)
     for method, entry in record["methods"].items():
         RUN.log_table(_scores_frame(entry), f"selection/{method}.json")
     return {f"{m}/selected_val": entry["scores"][entry["selected"]] for m, entry in record["methods"].items()}
@@ -220,6 +221,33 @@ def _scores_frame(entry: dict[str, Any]) -> Any:
                          for v, s in entry["scores"].items()])
 
 
+def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    from saeft import calibrate
+    from saeft.config.calibration import CalibrationConfig
+    from saeft.config.stages import EvaluateConfig
+    from saeft.data.registry import get_dataset
+
+    if len(args.predictions) != len(args.evals):
+        raise ValueError(f"--predictions: {len(args.predictions)} files for {len(args.evals)} --evals files")
+    models = {int(seed): path for seed, path in _split_paths(args.baseline_models, "--baseline-models").items()}
+    result = calibrate.run(args.evals, args.predictions, args.zeroshot_model, args.zeroshot_head, models, args.dataset,
+                           get_dataset(args.dataset).options(args.dataset_options),
+                           CalibrationConfig.from_dict(args.config, "calibration."), args.out,
+                           eval_cfg=EvaluateConfig.from_dict(args.evaluate_config, "evaluate."), level=args.level,
+                           n_boot=args.bootstrap, pretrain_lr=args.pretrain_lr, quality=args.quality, selection=args.selection)
+    RUN.log_table(_calibration_frame(result), "calibration.json")
+    out = {f"calibration/{r['criterion']}/pass": float(r["status"] == "pass") for r in result["criteria"] if r["status"] != "not measured"}
+    out.update({f"calibration/{r['criterion']}/value": r["value"] for r in result["criteria"] if r["value"] == r["value"]})
+    out["calibration/calibrated"] = float(result["calibrated"])
+    return out
+
+
+def _calibration_frame(result: dict[str, Any]) -> Any:
+    from saeft.calibration import calibration_frame
+
+    return calibration_frame(result["criteria"])
+
+
 def cmd_aggregate(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import aggregate
 
@@ -227,7 +255,8 @@ def cmd_aggregate(args: argparse.Namespace) -> dict[str, Any]:
     if args.predictions and len(args.predictions) != len(args.evals):
         raise ValueError(f"--predictions: {len(args.predictions)} files for {len(args.evals)} --evals files")
     outputs = aggregate.run(args.evals, args.tables, args.figures, cfg, train_paths=args.train,
-                            prediction_paths=args.predictions, selection_paths=args.selections, variants=args.variants)
+                            prediction_paths=args.predictions, selection_paths=args.selections, variants=args.variants,
+                            calibration_paths=args.calibrations)
     for name, frame in outputs.tables.items():
         RUN.log_table(frame, f"tables/{name}.json")
     for path in outputs.table_files:  # the files as written: LaTeX, Markdown, HTML, Parquet

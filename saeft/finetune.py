@@ -19,6 +19,10 @@ otherwise. The cache holds ``f_0`` of exactly the training views: the determinis
 preprocessing, or a fixed bank of seeded augmented views per image (:mod:`saeft.views`); fresh
 views every epoch need the live teacher.
 
+A method with a ``fit_head`` hook (LP-FT's converged probe) fits the classifier's head on the
+frozen zero-shot embeddings of the training images before the first step; its record is
+``head_fit`` in train.json.
+
 Training state (model, optimizer, scheduler, RNG, data order) is checkpointed after each epoch
 beside the outputs, never in them; a killed job resumes from it and ends with the same weights.
 
@@ -31,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +67,8 @@ from saeft.sae import load_sae
 from saeft.training import CHECKPOINT_NAME, Progress, resume_checkpoint, save_checkpoint, setup_torch, warmup_cosine
 from saeft.views import TrainingViews, ViewConfig, keep_pil
 
-__all__ = ["FinetuneConfig", "accuracy", "autocast_for", "batchnorm_modules", "read_teacher_cache", "run", "set_phase"]
+__all__ = ["FinetuneConfig", "accuracy", "autocast_for", "batchnorm_modules", "read_teacher_cache", "regime_ratios", "run",
+           "set_phase"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +120,35 @@ def set_phase(cfg: FinetuneConfig, model: nn.Module, visual: nn.Module, epoch: i
         visual.eval()
 
 
+PRETRAIN_SCHEDULE_KEYS = ("lr", "steps", "warmup_steps")
+"""The keys of the pretraining schedule :func:`regime_ratios` compares with (``pretrain.*``)."""
+
+
+def _summed_schedule(warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate factor of :func:`saeft.training.warmup_cosine` summed over the
+    ``total_steps`` optimizer steps of a run (step s takes the factor at s)."""
+    # The schedule's own factor, so that the sum follows any change to it; the optimizer is a stand-in.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = warmup_cosine(optimizer, warmup_steps, total_steps).lr_lambdas[0]
+    return math.fsum(factor(step) for step in range(total_steps))
+
+
+def regime_ratios(cfg: FinetuneConfig, total_steps: int, pretrain: Mapping[str, Any]) -> dict[str, float]:
+    """The fine-tuning regime against the pretraining's (``pretrain``: its ``lr``, ``steps`` and
+    ``warmup_steps``): ``lr_ratio``, fine-tuning's peak lr over pretraining's, and
+    ``summed_lr_ratio``, the lr summed over every step of fine-tuning's schedule (``total_steps``)
+    over the same sum for pretraining: how far fine-tuning may move the weights next to how far
+    pretraining did. A ValueError names a missing key."""
+    missing = [key for key in PRETRAIN_SCHEDULE_KEYS if key not in pretrain]
+    if missing:
+        raise ValueError(f"--pretrain-schedule: missing {', '.join(missing)} (needs {', '.join(PRETRAIN_SCHEDULE_KEYS)})")
+    lr, steps, warmup = float(pretrain["lr"]), int(pretrain["steps"]), int(pretrain["warmup_steps"])
+    if lr <= 0 or steps < 1:
+        raise ValueError(f"--pretrain-schedule: lr must be > 0 and steps >= 1, got lr={lr}, steps={steps}")
+    summed = cfg.lr * _summed_schedule(cfg.warmup_steps, total_steps)
+    return {"lr_ratio": cfg.lr / lr, "summed_lr_ratio": summed / (lr * _summed_schedule(warmup, steps))}
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, data: torch.utils.data.Dataset, batch_size: int) -> float:
     """Top-1 accuracy of ``model`` on ``data``."""
@@ -146,6 +182,8 @@ class _Job:
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None
+    head_fit: dict[str, float] | None = None
+    """The record of the method's ``fit_head`` (None: the method fits no head)."""
 
     @property
     def model(self) -> nn.Module:
@@ -194,6 +232,42 @@ def _teacher_cache(job: _Job, teacher_cache: str | os.PathLike | None) -> None:
         job.cached_f0 = read_teacher_cache(teacher_cache, job.dataset, spec.train_split, len(job.train), dim, views).to(job.device)
 
 
+@torch.no_grad()
+def _train_embeddings(job: _Job) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen zero-shot embeddings (float32, on the device) and labels of every training
+    image, in the evaluation preprocessing whatever the training views (a probe fits the images,
+    not their augmentations) and in fp32 without autocast, as the teacher cache embeds them."""
+    visual, device = job.model.visual, job.device
+    visual.eval()  # zero-shot running statistics; set_phase sets each epoch's modes afterwards
+    plain = TrainingViews(job.train.images, job.train.preprocess, ViewConfig(), job.cfg.seed)
+    loader = torch.utils.data.DataLoader(plain, batch_size=job.cfg.batch_size * 4, num_workers=job.cfg.workers,
+                                         pin_memory=device.type == "cuda")
+    features, labels = [], []
+    for images, targets, _index, _view in loader:
+        features.append(visual(images.to(device, non_blocking=True)).float())
+        labels.append(targets.to(device))
+    return torch.cat(features), torch.cat(labels)
+
+
+def _fit_head(job: _Job) -> dict[str, float] | None:
+    """The method's ``fit_head`` on the training embeddings, when it fits one (a fresh run only:
+    a checkpoint holds the fitted head). Every DDP rank embeds the whole split and fits
+    deterministically; rank 0's parameters are broadcast all the same, so that no last-bit
+    difference between devices can make the replicas' heads differ."""
+    method, params = job.method, job.ctx.params
+    if not method.fits(params):
+        return None
+    features, labels = _train_embeddings(job)
+    record = {key: float(value) for key, value in method.fit_head(job.ctx, job.model, features, labels).items()}
+    if job.dist_info.world > 1:
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for parameter in job.trained.parameters():
+                dist.broadcast(parameter, 0)
+    return record
+
+
 def _loader(job: _Job) -> None:
     """The training batches (every DDP rank takes its share of one process's batches), and the
     trained module wrapped in DDP when there are several processes."""
@@ -208,10 +282,10 @@ def _loader(job: _Job) -> None:
     # The loader draws its base seed from ``generator`` as the single-process one does.
     job.loader = torch.utils.data.DataLoader(train, batch_sampler=RankShare(batches, dist_info.rank, dist_info.world),
                                              generator=job.generator, num_workers=cfg.workers, pin_memory=pin)
-    # Parameters frozen in a phase (a probing method) get no gradient: DDP must allow it.
-    device = job.device
+    # Parameters frozen in a phase (a probing epoch) get no gradient: DDP must allow it.
+    device, probes = job.device, any(job.method.probes(job.ctx.params, epoch) for epoch in range(cfg.total_epochs))
     job.ctx.model = nn.parallel.DistributedDataParallel(job.trained, device_ids=[device.index] if device.type == "cuda" else None,
-                                                        find_unused_parameters=job.method.probing is not None)
+                                                        find_unused_parameters=probes)
 
 
 def _step(job: _Job, loss: torch.Tensor) -> None:
@@ -269,8 +343,11 @@ def run(
     sae_path: str | os.PathLike | None = None,
     on_epoch: Any = None,
     teacher_cache: str | os.PathLike | None = None,
+    pretrain_schedule: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune and write ``out_model`` (safetensors) and ``out_json`` (config and history)."""
+    """Fine-tune and write ``out_model`` (safetensors) and ``out_json`` (config and history;
+    given the schedule of the pretraining that made the zero-shot model, also the regime ratios
+    of :func:`regime_ratios`)."""
     job = _build(zeroshot_model, head, dataset, dataset_options, cfg)
     job.sae = load_sae(sae_path).to(job.device) if sae_path else None
     if job.sae is not None and job.sae.d != job.model.visual.output_dim:
@@ -283,6 +360,9 @@ def run(
     job.optimizer = torch.optim.AdamW([p for p in job.trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.total_epochs * len(job.loader)
     job.scheduler = warmup_cosine(job.optimizer, cfg.warmup_steps, total_steps)
+    regime = regime_ratios(cfg, total_steps, pretrain_schedule) if pretrain_schedule is not None else {}
+    if regime:
+        logger.info("regime against pretraining: lr ratio %.4g, summed lr ratio %.4g", regime["lr_ratio"], regime["summed_lr_ratio"])
     job.scaler = torch.amp.GradScaler("cuda", enabled=job.device.type == "cuda" and cfg.precision == "fp16")
     checkpoint = Path(out_model).with_name(CHECKPOINT_NAME)
     parts = {"model": job.trained, "optimizer": job.optimizer, "scheduler": job.scheduler}
@@ -292,6 +372,8 @@ def run(
         job.generator.set_state(saved["generator"])
         history.extend(saved["history"])
         logger.info("resumed from epoch %d of %d", len(history), cfg.total_epochs)
+    # A fresh run fits its head before the first step (the optimizer's state is still empty); a checkpoint holds it.
+    job.head_fit = _fit_head(job) if saved is None else saved.get("head_fit")
     progress = Progress(total_steps, f"finetune {dataset}/{cfg.method}/seed{cfg.seed}")
     for epoch in range(len(history), cfg.total_epochs):
         record = _train_epoch(job, epoch, progress)
@@ -300,18 +382,19 @@ def run(
         if on_epoch is not None and job.dist_info.main:
             on_epoch(record)
         if job.dist_info.main:
-            save_checkpoint(checkpoint, cfg.to_dict(), parts, {"generator": job.generator.get_state(), "history": history})
+            save_checkpoint(checkpoint, cfg.to_dict(), parts, {"generator": job.generator.get_state(), "history": history, "head_fit": job.head_fit})
     if job.dist_info.world > 1:
         distributed_teardown()
         if not job.dist_info.main:
             return history[-1] if history else {}
         job.towers.classifier = without_sync_batchnorm(job.model)  # a no-op when nothing was converted
-    return _save(job, out_model, out_json, checkpoint, total_steps, history, sae_path)
+    return _save(job, out_model, out_json, checkpoint, total_steps, history, sae_path, regime)
 
 
 def _save(job: _Job, out_model: str | os.PathLike, out_json: str | os.PathLike, checkpoint: Path, total_steps: int,
-          history: list[dict[str, float]], sae_path: str | os.PathLike | None) -> dict[str, Any]:
-    """The method's ``finish``, then the classifier and the run's summary; the checkpoint goes."""
+          history: list[dict[str, float]], sae_path: str | os.PathLike | None, regime: dict[str, float]) -> dict[str, Any]:
+    """The method's ``finish``, then the classifier and the run's summary (with ``regime``, the
+    ratios to the pretraining, when known); the checkpoint goes."""
     cfg, model = job.cfg, job.model
     if job.method.finish is not None:
         job.method.finish(job.towers)
@@ -319,8 +402,8 @@ def _save(job: _Job, out_model: str | os.PathLike, out_json: str | os.PathLike, 
     save_classifier(out_model, model.eval(), job.towers.arch, {"method": cfg.method, "seed": cfg.seed, "dataset": job.dataset})
     teacher = "cache" if job.cached_f0 is not None else ("live" if job.ctx.teacher is not None else None)
     summary = {"config": cfg.to_dict(), "dataset": job.dataset, "arch": job.towers.arch, "steps": total_steps,
-               "device": str(job.device), "seed": cfg.seed, "teacher": teacher,
-               "sae": str(sae_path) if sae_path else None, "history": history, "final": history[-1] if history else {}}
+               "device": str(job.device), "seed": cfg.seed, "teacher": teacher, **regime,
+               "sae": str(sae_path) if sae_path else None, "head_fit": job.head_fit, "history": history, "final": history[-1] if history else {}}
     write_json(out_json, summary)
     checkpoint.unlink(missing_ok=True)
     return summary["final"]

@@ -5,12 +5,13 @@ like the paper tables."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from saeft.calibration import not_calibrated_text
 from saeft.config.aggregate import AggregateConfig
 from saeft.results import format_parts
 from saeft.tables import Column, Table, _order, _section
@@ -55,9 +56,11 @@ def selection_table(selections: Mapping[str, Mapping[str, Any]], frontier: pd.Da
     return Table("selection", caption, _order(frame, cfg) if len(frame) else frame, columns, bold=False)
 
 
-def comparison_table(diffs: pd.DataFrame, cfg: AggregateConfig) -> Table:
+def comparison_table(diffs: pd.DataFrame, cfg: AggregateConfig, uncalibrated: Mapping[str, Sequence[str]] | None = None) -> Table:
     """``cfg.compare`` minus each other method, in ID and OOD average, paired by seed and image:
-    the difference, its interval, and what the interval says."""
+    the difference, its interval, and what the interval says; on a dataset of ``uncalibrated``
+    (dataset -> the gate criteria it fails) no reading, but "world not calibrated: <criteria>"."""
+    uncalibrated = uncalibrated or {}
     columns = [Column("ΔID", "ΔID", signed=True), Column("ΔOOD", "ΔOOD avg", signed=True), Column("reading", "reading")]
     rows = []
     several = diffs["model"].nunique() > 1 if len(diffs) else False
@@ -70,12 +73,15 @@ def comparison_table(diffs: pd.DataFrame, cfg: AggregateConfig) -> Table:
                 row[f"{key} {stat}"] = d.get(f"{key} {stat}", np.nan)
             row[f"{key} text"] = _with_interval(row[f"{key} mean"], row[f"{key} low"], row[f"{key} high"], cfg)
         row["reading text"] = "; ".join(_reading(k, row[f"Δ{k} low"], row[f"Δ{k} high"]) for k in ("ID", "OOD"))
+        if uncalibrated.get(d["dataset"]):
+            row["reading text"] = not_calibrated_text(uncalibrated[d["dataset"]])
         rows.append(row)
     frame = _with_stats(pd.DataFrame(rows), columns)
     caption = (f"{cfg.label(cfg.compare)} (its reported variant) minus each method ({cfg.scale_and_unit()[1]}): the mean over "
                f"seeds of the paired difference, with its {cfg.level:.0%} interval (the same eval images and seeds, "
                "bootstrap over images plus the spread over seeds). An interval that excludes 0 is a difference this "
-               "study resolves; one that holds 0 is not.")
+               "study resolves; one that holds 0 is not. Where the world fails a calibration gate criterion "
+               "(tables/calibration.md), the reading says so instead: that world cannot judge the method.")
     return Table("comparison", caption, _order(frame, cfg) if len(frame) else frame, columns, bold=False)
 
 

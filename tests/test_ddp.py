@@ -49,11 +49,13 @@ def _finetune(vit: Path, out: Path, world, *extra: str, **cfg) -> subprocess.Com
     return result
 
 
-def test_two_processes_match_one_on_the_same_global_batch(vit, tmp_path, tiny_world):
+@pytest.mark.parametrize("method", [{}, {"method": "lpft", "method_params": {}}], ids=["l2sp", "lpft"])
+def test_two_processes_match_one_on_the_same_global_batch(vit, tmp_path, tiny_world, method):
     # 40 training images, global batch 7: five batches split 3 + 4 between the ranks, so the
-    # loss weighting by each rank's share is exercised; l2sp adds a penalty that is no batch mean.
-    _finetune(vit, tmp_path / "one", tiny_world)
-    ddp = _finetune(vit, tmp_path / "two", tiny_world, "--nproc", "2")
+    # loss weighting by each rank's share is exercised; l2sp adds a penalty that is no batch mean;
+    # lpft fits its head on every rank before the first step (then broadcasts rank 0's).
+    _finetune(vit, tmp_path / "one", tiny_world, **method)
+    ddp = _finetune(vit, tmp_path / "two", tiny_world, "--nproc", "2", **method)
     assert "launching 2 DDP workers" in ddp.stderr
     assert "DDP rank 0 of 2 (gloo)" in ddp.stderr
     one, _ = load_tensors(tmp_path / "one" / "model.safetensors")
@@ -72,8 +74,11 @@ def test_two_processes_match_one_on_the_same_global_batch(vit, tmp_path, tiny_wo
             torch.testing.assert_close(b[width:2 * width], a[width:2 * width], rtol=0, atol=1e-3 * 10, msg=key)
             a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=key)
-    h1 = json.loads((tmp_path / "one" / "train.json").read_text())["history"]
-    h2 = json.loads((tmp_path / "two" / "train.json").read_text())["history"]
+    r1, r2 = (json.loads((tmp_path / run / "train.json").read_text()) for run in ("one", "two"))
+    h1, h2 = r1["history"], r2["history"]
+    assert (r1["head_fit"] is None) == (r2["head_fit"] is None) == (method.get("method") != "lpft")
+    if r1["head_fit"] is not None:  # the same probe: the whole split on every rank, whatever the world
+        assert r2["head_fit"]["loss"] == pytest.approx(r1["head_fit"]["loss"], rel=1e-5)
     assert len(h1) == len(h2) == 2
     for a, b in zip(h1, h2, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)  # losses are of the global batch

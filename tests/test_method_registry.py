@@ -81,6 +81,9 @@ def test_a_penalty_without_a_weight_is_refused():
         Method(name="bad", label="Bad", summary="no weight", penalty=_penalty)
     with pytest.raises(ValueError, match="unknown needs"):
         Method(name="bad", label="Bad", summary="odd needs", needs=frozenset({"oracle"}))
+    with pytest.raises(ValueError, match="fits_head without a fit_head"):
+        Method(name="bad", label="Bad", summary="a fit of nothing", fits_head=lambda params: True)
+    assert not Method(name="plain", label="Plain", summary="no fit").fits(MethodParams())
 
 
 def test_not_registered_outside_the_fixture():
@@ -109,6 +112,7 @@ def test_new_method_runs_through_finetune_and_evaluate(feat_cos, tmp_path, clip_
 
 def test_importing_the_registry_imports_no_torch():
     code = ("import sys, saeft.methods, saeft.config.finetune as s; "
-            "assert s.FinetuneConfig(method='lpft').total_epochs == 12; "
+            "assert s.FinetuneConfig(method='lpft').total_epochs == 10; "
+            "assert s.FinetuneConfig(method='lpft', method_params={'probe': 'epochs'}).total_epochs == 12; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,5 +1,6 @@
 """Every fine-tuning method: its loss against a hand computation, a short real run, WiSE-FT ends,
-teacher cache against live teacher, and resume across the LP-FT phase change."""
+teacher cache against live teacher, LP-FT's converged probe, and resume across the LP-FT phase
+change."""
 
 from __future__ import annotations
 
@@ -181,9 +182,13 @@ def test_feat_mse_trains_from_the_teacher_cache(tmp_path, clip_file, head_file, 
     assert final["reg_total"] > 0
 
 
-def test_lpft_resume_across_the_phase_change(tmp_path, clip_file, head_file, tiny_world):
-    params = {"method_params": {"lp_epochs": 1}, "epochs": 1}
+def test_lpft_probing_epochs_resume_across_the_phase_change(tmp_path, clip_file, head_file, tiny_world):
+    """``probe: epochs`` (the earlier protocol): one head-only epoch inside the schedule, then one
+    end-to-end epoch; a run killed between them resumes to the same weights."""
+    params = {"method_params": {"probe": "epochs", "lp_epochs": 1}, "epochs": 1}
     whole, _ = _run(tmp_path, clip_file, head_file, tiny_world, "lpft", name="whole", **params)
+    record = json.loads((whole / "train.json").read_text())
+    assert len(record["history"]) == 2 and record["steps"] == 2 * 5 and record["head_fit"] is None
 
     class Killed(Exception):
         pass
@@ -194,10 +199,105 @@ def test_lpft_resume_across_the_phase_change(tmp_path, clip_file, head_file, tin
 
     with pytest.raises(Killed):
         _run(tmp_path, clip_file, head_file, tiny_world, "lpft", name="killed", on_epoch=kill, **params)
-    assert (tmp_path / "killed" / CHECKPOINT_NAME).exists()
+    # The checkpoint is the probing epoch's (on_epoch runs before the epoch's checkpoint): the head alone moved.
+    probed = torch.load(tmp_path / "killed" / CHECKPOINT_NAME, weights_only=True)["model"]
+    zeroshot = classifier_from_zeroshot(clip_file, head_file)[0].state_dict()
+    assert {k for k in zeroshot if not torch.equal(probed[k], zeroshot[k])} == {"head.weight"}
     _run(tmp_path, clip_file, head_file, tiny_world, "lpft", name="killed", **params)
     wa, wb = (load_tensors(tmp_path / n / "model.safetensors")[0] for n in ("whole", "killed"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _zeroshot_train(clip_file, head_file, tiny_world):
+    """(zero-shot classifier, its unnormalised embeddings of the training images in the
+    evaluation preprocessing, their labels): what the loop hands ``fit_head``."""
+    model = classifier_from_zeroshot(clip_file, head_file)[0]
+    spec = get_dataset("shapes")
+    train = spec.load(spec.train_split, preprocess_for(model.visual), tiny_world)
+    with torch.no_grad():
+        images = torch.stack([image for image, _ in train])
+        labels = torch.tensor([label for _, label in train])
+        features = model.visual(images)
+    return model, features, labels
+
+
+def _train_top1(model, features, labels):
+    with torch.no_grad():
+        return float((model.head(nn.functional.normalize(features, dim=-1)).argmax(-1) == labels).float().mean())
+
+
+def test_lpft_converged_probe_beats_zero_shot_and_leaves_the_encoder(clip_file, head_file, tiny_world):
+    """The ``fit_head`` hook alone (what the loop runs before the first step): the probed head
+    scores at least the zero-shot head on the training split, the encoder is untouched, and the
+    head keeps the classifier's form (no bias, unit-norm embeddings in)."""
+    model, features, labels = _zeroshot_train(clip_file, head_file, tiny_world)
+    cfg = finetune.FinetuneConfig(method="lpft")
+    assert cfg.params.probe == "converge" and cfg.total_epochs == cfg.epochs
+    ctx = build_context(cfg, model, model.visual, None, live_teacher=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    zeroshot_top1 = _train_top1(model, features, labels)
+    record = ctx.method.fit_head(ctx, model, features, labels)
+    after = model.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {"head.weight"}
+    assert model.head.bias is None and model.head.weight.shape == before["head.weight"].shape
+    assert record["train_top1"] == pytest.approx(_train_top1(model, features, labels))
+    assert record["init_train_top1"] == pytest.approx(zeroshot_top1)
+    assert record["train_top1"] >= zeroshot_top1 and record["loss"] < record["init_loss"]
+    assert record["converged"] == 1.0 and 0 < record["iterations"] < cfg.params.probe_steps
+
+
+def test_lpft_probe_is_the_regularised_minimum():
+    """The fitted head is a stationary point of the stated objective (mean CE on unit-norm
+    embeddings + weight_decay / 2 ||W||^2), whatever the start: the problem is strictly convex."""
+    from saeft.probe import fit_linear_head
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 8, generator=generator), torch.randint(0, 3, (60,), generator=generator)
+    fits = [fit_linear_head(x, y, start, 1e-2, 500) for start in (torch.zeros(3, 8), 20 * torch.randn(3, 8, generator=generator))]
+    weight = fits[0].weight.clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(nn.functional.normalize(x, dim=-1) @ weight.T, y) + 0.5e-2 * weight.square().sum()
+    loss.backward()
+    assert float(weight.grad.abs().max()) < 1e-4
+    torch.testing.assert_close(fits[0].weight, fits[1].weight, atol=1e-3, rtol=0)
+    assert fits[0].record["loss"] == pytest.approx(float(loss.detach()))
+
+
+def test_lpft_converged_probe_run_is_deterministic_and_resumes(tmp_path, clip_file, head_file, tiny_world):
+    """``probe: converge`` through ``finetune.run``: finetune.epochs alone (no probing epochs),
+    the fit recorded in train.json, the same weights for the same seed, and a run killed after an
+    epoch resumes to them with the fit's record from its checkpoint."""
+    params = {"epochs": 2}
+    runs = [_run(tmp_path, clip_file, head_file, tiny_world, "lpft", name=name, **params)[0] for name in ("a", "b")]
+    records = [json.loads((folder / "train.json").read_text()) for folder in runs]
+    fit = records[0]["head_fit"]
+    assert len(records[0]["history"]) == 2 and records[0]["steps"] == 2 * 5
+    assert fit["train_top1"] >= fit["init_train_top1"] and fit["converged"] == 1.0
+    assert records[1]["head_fit"] == {**fit, "seconds": records[1]["head_fit"]["seconds"]}
+    wa, wb = (load_tensors(folder / "model.safetensors")[0] for folder in runs)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        if record["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _run(tmp_path, clip_file, head_file, tiny_world, "lpft", name="killed", on_epoch=kill, **params)
+    _run(tmp_path, clip_file, head_file, tiny_world, "lpft", name="killed", **params)
+    resumed = json.loads((tmp_path / "killed" / "train.json").read_text())
+    assert resumed["head_fit"] is not None and resumed["head_fit"]["train_top1"] == fit["train_top1"]
+    wk = load_tensors(tmp_path / "killed" / "model.safetensors")[0]
+    assert all(torch.equal(wa[k], wk[k]) for k in wa)
+
+
+def test_lpft_probe_keys_are_checked():
+    with pytest.raises(ConfigError, match=r"methods\.lpft\.probe: must be one of converge, epochs"):
+        finetune.FinetuneConfig(method="lpft", method_params={"probe": "sometimes"})
+    with pytest.raises(ConfigError, match=r"methods\.lpft\.probe_weight_decay"):
+        finetune.FinetuneConfig(method="lpft", method_params={"probe_weight_decay": 0})
+    assert finetune.FinetuneConfig(method="lpft", method_params={"probe": "epochs", "lp_epochs": 3}, epochs=4).total_epochs == 7
 
 
 def test_wiseft_ends_are_exactly_zeroshot_and_finetuned(tmp_path, clip_file, head_file):

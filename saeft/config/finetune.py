@@ -6,10 +6,27 @@ imports the registry (no import cycle)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from saeft.config.base import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Schema, require
 from saeft.config.stages import ViewConfig
+
+RUN_KEYS = ("lr", "epochs", "warmup_steps", "weight_decay", "batch_size", "label_smoothing")
+"""``finetune`` keys that a trained method's grid or named variant may set (``methods.<m>.grid``,
+``methods.<m>.variants``): the optimisation regime of one run, overriding the ``finetune`` section
+for that variant alone. The other keys stay study-wide: the view keys define the teacher caches
+every method shares, and the teacher, precision, compile, workers, batchnorm and grad_clip keys
+say how jobs run rather than what a variant is."""
+
+
+def split_run_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(finetune overrides, method parameters) of a variant's parameters: its :data:`RUN_KEYS`,
+    which override ``finetune`` in its jobs' config, and the rest, which the method's dataclass
+    checks (and would refuse a finetune key). Plain Python: the workflow calls it while it plans."""
+    overrides = {key: value for key, value in params.items() if key in RUN_KEYS}
+    own = {key: value for key, value in params.items() if key not in RUN_KEYS}
+    return overrides, own
 
 
 @dataclasses.dataclass
@@ -19,7 +36,7 @@ class FinetuneConfig(ViewConfig):
     section = "finetune"
     epochs: PositiveInt = 10
     """Passes over the training split; the cosine schedule spans exactly these epochs (plus
-    the probing epochs of lpft)."""
+    the probing epochs of lpft with probe: epochs)."""
     batch_size: PositiveInt = 32
     """Images per step."""
     lr: PositiveFloat = 1e-5
@@ -73,7 +90,7 @@ class FinetuneConfig(ViewConfig):
     @property
     def total_epochs(self) -> int:
         """Epochs of the whole run: ``epochs`` plus what the method adds (its ``extra_epochs``
-        hook: lpft's probing epochs)."""
+        hook: the probing epochs of lpft with ``probe: epochs``)."""
         from saeft.methods import get_method
 
         return get_method(self.method).epochs(self.params, self.epochs)

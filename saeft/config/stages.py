@@ -267,6 +267,11 @@ class SelectionConfig(StageConfig):
     oracle: bool = True
     """Also report the OOD-oracle choice (best OOD average): an upper bound that peeks at the
     shifts, labelled so, never the reported variant."""
+    rule: Literal["best", "one_se"] = "best"
+    """How the ID validation scores choose: best (the highest mean; ties to the first listed) or
+    one_se (the first listed variant whose mean is within one standard error of the best's: the
+    binomial SE over its validation images, plus its spread over seeds with two or more). With
+    one_se, list the most conservative value first (grid order: e.g. the smallest lr)."""
 
 
 @dataclasses.dataclass

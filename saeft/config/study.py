@@ -18,7 +18,8 @@ from typing import Annotated, Any
 
 from saeft.config.base import ConfigError, NonNegInt, Schema, StageConfig, check_schema, require, schema_checked, schema_of
 from saeft.config.aggregate import AggregateConfig
-from saeft.config.finetune import FinetuneConfig
+from saeft.config.calibration import CalibrationConfig
+from saeft.config.finetune import RUN_KEYS, FinetuneConfig, split_run_params
 from saeft.config.stages import (
     PRETRAIN_SOURCE,
     AnalysisConfig,
@@ -71,25 +72,36 @@ def _methods_schema() -> dict[str, Any]:
         if method.trained:
             overrides = schema_of(method.params, defaults=False)
             overrides.pop("description", None)
-            entry["properties"].update(_variant_schemas(overrides))
+            entry["properties"].update(_variant_schemas(overrides, name))
         entry["description"] = method.summary
         properties[name] = entry
     return {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": properties}
 
 
-def _variant_schemas(params: dict[str, Any]) -> dict[str, Any]:
+def _variant_schemas(params: dict[str, Any], method: str) -> dict[str, Any]:
     """``datasets`` (per-dataset overrides), ``grid`` (values per key) and ``variants`` (named
-    parameter sets) of a trained method whose parameters have the schema ``params``."""
-    grid = {key: {"type": "array", "items": prop, "minItems": 1} for key, prop in params["properties"].items() if key != "sae"}
-    named = {**params, "properties": {"name": {"type": "string", "pattern": "^[a-z0-9_]+$"}, **params["properties"]},
+    parameter sets) of the trained method ``method`` whose parameters have the schema ``params``.
+    A grid or a named variant may also set the finetune keys of one run (:data:`RUN_KEYS`, typed
+    as in the ``finetune`` section, without defaults so that none is filled in); a method
+    parameter of the same name would be ambiguous, and is an error naming it."""
+    finetune = schema_of(FinetuneConfig, defaults=False)["properties"]
+    clash = sorted(set(RUN_KEYS) & set(params["properties"]))
+    if clash:
+        raise ValueError(f"methods.{method}: parameter(s) {', '.join(clash)} are also finetune keys a variant may set "
+                         "(saeft.config.finetune.RUN_KEYS): rename the method's parameter")
+    keys = {**params["properties"], **{key: finetune[key] for key in RUN_KEYS}}
+    grid = {key: {"type": "array", "items": prop, "minItems": 1} for key, prop in keys.items() if key != "sae"}
+    named = {**params, "properties": {"name": {"type": "string", "pattern": "^[a-z0-9_]+$"}, **keys},
              "required": ["name"]}
     return {
         "datasets": {"type": "object", "additionalProperties": params, "description": "per-dataset overrides of these keys"},
         "grid": {"type": "object", "additionalProperties": False, "properties": grid, "minProperties": 1,
-                 "description": "values to try per key: every combination is a variant <method>@<key>=<value>,... "
+                 "description": "values to try per key (the method's parameters, or the finetune keys "
+                                f"{', '.join(RUN_KEYS)}): every combination is a variant <method>@<key>=<value>,... "
                                 "with its own runs; the reported one is selected on ID validation (selection)"},
         "variants": {"type": "array", "items": named, "minItems": 1,
-                     "description": "named variants <method>@<name>, each with its own values of these keys"},
+                     "description": "named variants <method>@<name>, each with its own values of these keys "
+                                    f"(or of the finetune keys {', '.join(RUN_KEYS)})"},
     }
 
 
@@ -140,6 +152,9 @@ class StudyConfig(StageConfig):
     """Display options of the tables and figures."""
     analysis: AnalysisConfig = dataclasses.field(default_factory=AnalysisConfig)
     """The feature analysis."""
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    """Whether the world reproduces robust fine-tuning's known effects (rule calibrate); the
+    comparison gives no reading where a gate criterion fails."""
 
     def validate(self) -> None:
         _check_methods(self)
@@ -238,6 +253,7 @@ def _check_methods(cfg: StudyConfig) -> None:
         for variant, base in expanded.items():
             note = "" if variant == name else f" (variant {variant})"
             for at, values in [(f"methods.{name}", base)] + [(f"methods.{name}.datasets.{d}", {**base, **o}) for d, o in overrides.items()]:
+                values = split_run_params(values)[1]  # the finetune keys are typed by the schema
                 try:
                     method.params.from_dict(values, at + ".")
                 except ConfigError as exc:

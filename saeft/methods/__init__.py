@@ -9,6 +9,6 @@ from saeft.methods.base import NEEDS, Method, MethodParams
 from saeft.methods.registry import all_methods, get_method, needing, register, trained_methods, unregister
 
 # The built-in methods, in display order (each module registers its methods on import).
-from saeft.methods import lp, ft, lpft, wiseft, l2sp, features, ldifs, flyp, sae  # noqa: E402,F401
+from saeft.methods import lp, ft, lpft, wiseft, l2sp, features, ldifs, flyp, sae, scratch  # noqa: E402,F401
 
 __all__ = ["NEEDS", "Method", "MethodParams", "all_methods", "get_method", "needing", "register", "trained_methods", "unregister"]

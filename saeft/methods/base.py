@@ -14,6 +14,14 @@ The contract (every hook optional; a method with none is plain cross-entropy fin
   tuned ones), both float32; ``sae``: ``ctx.sae``; ``encoder_copy``: ``ctx.teacher``, a frozen
   copy of the visual tower; ``text``: the method trains the text tower (``build_trained``);
 - ``setup(ctx)`` runs once before the optimizer is built (anchors, forward hooks);
+- ``fit_head(ctx, classifier, features, labels)`` fits the classifier's head before the first
+  training step (LP-FT's converged probe): ``features`` are the frozen zero-shot embeddings of
+  every training image (the evaluation preprocessing, no augmentation; N x d, float32, as the
+  visual tower returns them) and ``labels`` their classes; it returns the fit's record (numbers),
+  written as ``head_fit`` in train.json. It runs on a fresh run only (a resumed run's checkpoint
+  holds the fitted head and the record), on every DDP rank (deterministically; the loop then
+  broadcasts rank 0's parameters); ``fits_head(params)`` says whether this run fits (default:
+  whenever ``fit_head`` is set), so the loop embeds the training split only when it does;
 - ``probing(params, epoch)``: True while the encoder is frozen (weights and eval mode) and only
   the head trains; ``extra_epochs(params)``: epochs the run adds to ``finetune.epochs``;
 - ``build_trained(towers)`` returns the module trained in place of the classifier (it must
@@ -79,6 +87,12 @@ class Method:
     """``task_loss(ctx, batch) -> loss`` in place of the cross-entropy of ``batch.logits``."""
     setup: Hook | None = None
     """``setup(ctx)``: once, after the frozen copies are made and before the optimizer."""
+    fit_head: Hook | None = None
+    """``fit_head(ctx, classifier, features, labels) -> {name: number}``: once before the first
+    step of a fresh run, fits ``classifier.head`` on the frozen zero-shot embeddings of the
+    training images; the record goes to train.json (``head_fit``)."""
+    fits_head: Hook | None = None
+    """``fits_head(params) -> bool``: whether ``fit_head`` runs for these params (default: yes)."""
     probing: Hook | None = None
     """``probing(params, epoch) -> bool``: encoder frozen, head alone trained, this epoch."""
     extra_epochs: Hook | None = None
@@ -89,17 +103,28 @@ class Method:
     """``finish(towers)``: after training, before the classifier is saved."""
     ddp: bool = True
     """False: the method refuses multi-process (DDP) training."""
+    from_zeroshot: bool = True
+    """False: the run does not start from the zero-shot model (an ID-only reference trained from
+    random weights), so its step 0 is not the zero-shot model's."""
 
     def __post_init__(self) -> None:
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
             raise ValueError(f"method {self.name}: unknown needs {sorted(unknown)} (known: {', '.join(NEEDS)})")
+        if self.fits_head is not None and self.fit_head is None:
+            raise ValueError(f"method {self.name}: fits_head without a fit_head hook")
         if self.penalty is not None and "lam" not in {f.name for f in dataclasses.fields(self.params)}:
             raise ValueError(f"method {self.name}: a penalty needs a lam field in {self.params.__name__} (penalty_weight)")
 
     def epochs(self, params: Any, epochs: int) -> int:
         """Epochs of a run of ``epochs`` fine-tuning epochs (plus ``extra_epochs``)."""
         return epochs + (int(self.extra_epochs(params)) if self.extra_epochs is not None else 0)
+
+    def fits(self, params: Any) -> bool:
+        """Whether a run with ``params`` fits the head before training (``fit_head``)."""
+        if self.fit_head is None:
+            return False
+        return bool(self.fits_head(params)) if self.fits_head is not None else True
 
     def probes(self, params: Any, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) trains the head alone."""

@@ -8,6 +8,8 @@ import os
 import shlex
 import subprocess
 
+from saeft.config.finetune import split_run_params
+from saeft.config.calibration import ROLE_KEYS
 from saeft.config.study import pretrained_kind, validate_config
 from saeft.data.registry import get_dataset
 from saeft.data.subset import REDUCTION_KEYS
@@ -278,7 +280,7 @@ def zeroshot_head(dataset):
 
 def method_params(variant, dataset):
     """A variant's hyper-parameters for one dataset: its keys with the method's overrides for
-    the dataset."""
+    the dataset (the finetune keys a grid or named variant sets included: split_run_params)."""
     method = method_of(variant)
     params = dict(VARIANTS[method][variant])
     params.update(config["methods"][method].get("datasets", {}).get(dataset, {}))
@@ -286,9 +288,11 @@ def method_params(variant, dataset):
 
 
 def method_config(variant, seed, dataset):
-    """Resolved fine-tuning config of one variant, seed and dataset (finetune keys + the method's own)."""
-    params = {k: v for k, v in method_params(variant, dataset).items() if k != "sae"}  # an input, not a param
-    return as_json({**config["finetune"], "method": method_of(variant), "method_params": params, "seed": int(seed)})
+    """Resolved fine-tuning config of one variant, seed and dataset: the finetune keys, those the
+    variant sets overriding them, then the method's own parameters."""
+    run, params = split_run_params(method_params(variant, dataset))
+    params.pop("sae", None)  # an input, not a param
+    return as_json({**config["finetune"], **run, "method": method_of(variant), "method_params": params, "seed": int(seed)})
 
 
 def selection_file(dataset):
@@ -396,6 +400,8 @@ def aggregate_outputs():
         stem = os.path.basename(path).rsplit(".", 1)[0]
         kind = next((k for k in PER_DATASET_FIGURES if stem.startswith(f"{k}_")), None)
         out.append(in_report(path, f"figure_{kind}", stem[len(kind) + 1:]) if kind else in_report(path, f"figure_{stem}"))
+    # The calibration table (calibrate.smk, included before the aggregate's rules).
+    out += [path if path.endswith(".md") else in_report(path, "table_calibration") for path in CALIBRATION_TABLES]
     return out
 
 
@@ -452,4 +458,75 @@ def unselected_targets():
 
 def all_targets():
     # The aggregate reads the whole WiSE-FT curve (figures); its tables take the reported alpha.
-    return TABLES + FIGURES + sae_sweep_targets() + analysis_targets() + unselected_targets()
+    return TABLES + CALIBRATION_TABLES + FIGURES + sae_sweep_targets() + analysis_targets() + unselected_targets()
+
+
+# Calibration, for the calibrate rule; which runs measure the world, per dataset.
+CALIBRATION = config["calibration"]
+CALIBRATION_BASELINE = CALIBRATION["baseline"]
+# The baselines the criteria read besides the baseline itself, by role (where the study has them).
+CALIBRATION_ROLES = {key: CALIBRATION[key] for key in ROLE_KEYS}
+
+
+def calibrated_datasets():
+    """The datasets the study calibrates: calibration.enabled, the baseline among the trained
+    methods, and a top-1 dataset with an ID validation split (the criteria are on top-1)."""
+    if not CALIBRATION["enabled"] or CALIBRATION_BASELINE not in METHODS:
+        return []
+    return [d for d in DATASETS if get_dataset(d).metric == "top1" and get_dataset(d).val_split is not None]
+
+
+CALIBRATION_TABLES = [f"{R}/tables/calibration.{ext}" for ext in ("csv", "md")] if calibrated_datasets() else []
+"""The calibration table, written by aggregate_tables from every calibrated dataset's records."""
+
+
+def calibration_file(dataset):
+    return f"{R}/calibration/{MODEL}/{dataset}/calibration.json"
+
+
+def calibration_runs(dataset):
+    """Run ids the calibration reads: zero-shot, the baseline's and the other baselines' reported
+    variants on every seed (every variant of the ID-only models), and the WiSE-FT curve of the
+    baseline (empty where the study interpolates another method)."""
+    runs = [RunId()]
+    others = [m for m in dict.fromkeys(CALIBRATION_ROLES.values()) if m in METHODS and m != CALIBRATION_BASELINE]
+    for trained in [CALIBRATION_BASELINE, *others]:
+        if trained == CALIBRATION_ROLES["id_only"]:  # every ID-only model trained: each variant on the selection seeds
+            runs += [RunId(v, s) for v in VARIANTS[trained] for s in (SELECTION_SEEDS if trained in GRIDDED else SEEDS)]
+        else:
+            runs += [RunId(selected_variant(trained, dataset), s) for s in SEEDS]
+    base = selected_variant(CALIBRATION_BASELINE, dataset)
+    if WISEFT and base in wiseft_bases(dataset):
+        alphas = sorted(set(WISEFT["alphas"]) | {WISEFT["alpha"]})
+        runs += [RunId(base, s, a) for s in SEEDS for a in alphas]
+    return [str(run) for run in runs]
+
+
+def calibrate_inputs(wildcards):
+    dataset, base = wildcards.dataset, selected_variant(CALIBRATION_BASELINE, wildcards.dataset)
+    inputs = {
+        "evals": [eval_path(dataset, run) for run in calibration_runs(dataset)],
+        "predictions": [eval_path(dataset, run, "predictions.parquet") for run in calibration_runs(dataset)],
+        "models": [f"{R}/finetune/{MODEL}/{dataset}/{base}/seed{s}/model.safetensors" for s in SEEDS],
+        "train": [f"{R}/finetune/{MODEL}/{dataset}/{base}/seed{s}/train.json" for s in SEEDS],
+        "zeroshot": zeroshot_model(), "head": zeroshot_head(dataset),
+        "selection": [selection_file(dataset)] if CALIBRATION_BASELINE in GRIDDED else [],
+    }
+    if pretrained_kind(config["model"]["pretrained"]) == "pipeline":
+        inputs["quality"] = f"{R}/pretrain/{MODEL}/quality.json"
+    return inputs
+
+
+def calibrate_files(wildcards, input, output):
+    return {"--evals": list(input.evals), "--predictions": list(input.predictions),
+            "--baseline-models": [f"{s}={path}" for s, path in zip(SEEDS, input.models)],
+            "--zeroshot-model": input.zeroshot, "--zeroshot-head": input.head,
+            "--quality": input.get("quality"), "--selection": list(input.selection) or None, "--out": output[0]}
+
+
+def calibrate_settings(wildcards):
+    pipeline = pretrained_kind(config["model"]["pretrained"]) == "pipeline"
+    return {"--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
+            "--config": CALIBRATION, "--evaluate-config": config["evaluate"],
+            "--level": config["aggregate"]["level"], "--bootstrap": config["aggregate"]["bootstrap"],
+            "--pretrain-lr": config["pretrain"]["lr"] if pipeline else None}

@@ -20,9 +20,18 @@ def finetune_files(wildcards, input, output):
             "--out-model": output.model, "--out-json": output.summary}
 
 
+def pretrain_schedule():
+    """pretrain_clip's schedule when the study pretrains its own model, so that train.json records
+    the fine-tuning regime against it (lr_ratio, summed_lr_ratio); None (no flag) otherwise."""
+    if pretrained_kind(config["model"]["pretrained"]) != "pipeline":
+        return None
+    return {key: config["pretrain"][key] for key in ("lr", "steps", "warmup_steps")}
+
+
 def finetune_settings(wildcards):
     return {"--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
-            "--config": method_config(wildcards.method, wildcards.seed, wildcards.dataset)}
+            "--config": method_config(wildcards.method, wildcards.seed, wildcards.dataset),
+            "--pretrain-schedule": pretrain_schedule()}
 
 
 rule finetune:

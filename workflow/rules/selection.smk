@@ -1,6 +1,7 @@
 # Which variant of each method with several (a grid, named variants) the study reports: the best
-# on ID validation over the selection seeds. A checkpoint: once it has run, the selected variant
-# trains on the other seeds and WiSE-FT interpolates it (common.smk: selected_variant).
+# on ID validation over the selection seeds (or, selection.rule one_se, the first listed within one
+# standard error of it). A checkpoint: once it has run, the selected variant trains on the other
+# seeds and WiSE-FT interpolates it (common.smk: selected_variant).
 
 
 def select_variants_inputs(wildcards):
@@ -14,7 +15,7 @@ def select_variants_files(wildcards, input, output):
 
 def select_variants_settings(wildcards):
     return {"--variants": {m: {v: method_params(v, wildcards.dataset) for v in VARIANTS[m]} for m in GRIDDED},
-            "--seeds": SELECTION_SEEDS, "--oracle": json.dumps(config["selection"]["oracle"])}
+            "--seeds": SELECTION_SEEDS, "--oracle": json.dumps(config["selection"]["oracle"]), "--rule": config["selection"]["rule"]}
 
 
 checkpoint select_variants:
