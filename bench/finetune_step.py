@@ -103,7 +103,7 @@ def build_step(method: str, teacher: str, batch: int, device_name: str, clock=ti
     clip = create_clip(arch).to(device)
     head = torch.randn(n_classes, clip.visual.output_dim, device=device)
     model = ImageClassifier(clip.visual, head)
-    params = {"lp_epochs": 1} if method == "lpft" else {}
+    params = {"probe": "epochs", "lp_epochs": 1} if method == "lpft" else {}
     cfg = finetune.FinetuneConfig(method=method, method_params=params, teacher="live" if teacher == "live" else "auto",
                                   precision=precision)
     hooks = get_method(method)

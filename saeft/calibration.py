@@ -111,9 +111,15 @@ class Inputs:
 def _broadcast(r: uncertainty.Replicates, seeds: Sequence[Any]) -> uncertainty.Replicates:
     """A single-model statistic (zero-shot, a soup) repeated for each of ``seeds``: paired with
     a seeded method seed by seed, resample by resample."""
-    if len(r.seeds) != 1:
+    if tuple(r.seeds) == tuple(seeds) or r.seeds != (None,):
         return r
     return uncertainty.Replicates(tuple(seeds), np.repeat(r.point, len(seeds)), np.repeat(r.boot, len(seeds), axis=1))
+
+
+def _paired(ra: uncertainty.Replicates, rb: uncertainty.Replicates) -> tuple[uncertainty.Replicates, uncertainty.Replicates]:
+    """Both statistics over the same seeds: a single model's (seed None) repeated for the other's."""
+    seeds = rb.seeds if ra.seeds == (None,) else ra.seeds
+    return _broadcast(ra, seeds), _broadcast(rb, seeds)
 
 
 class _Study:
@@ -144,14 +150,11 @@ class _Study:
 
     def diff(self, a: list[Run], b: list[Run], column: str) -> uncertainty.Interval:
         """a − b on ``column`` (a, b run lists; a single-model one broadcast to the other's seeds)."""
-        ra, rb = self.column(a, column), self.column(b, column)
-        seeds = ra.seeds if len(ra.seeds) >= len(rb.seeds) else rb.seeds
-        return self.interval(uncertainty.difference(_broadcast(ra, seeds), _broadcast(rb, seeds)))
+        ra, rb = _paired(self.column(a, column), self.column(b, column))
+        return self.interval(uncertainty.difference(ra, rb))
 
     def ratio(self, a: list[Run], b: list[Run], column: str) -> uncertainty.Interval:
-        ra, rb = self.column(a, column), self.column(b, column)
-        seeds = ra.seeds if len(ra.seeds) >= len(rb.seeds) else rb.seeds
-        ra, rb = _broadcast(ra, seeds), _broadcast(rb, seeds)
+        ra, rb = _paired(self.column(a, column), self.column(b, column))
         return self.interval(uncertainty.Replicates(ra.seeds, ra.point / rb.point, ra.boot / rb.boot))
 
 

@@ -51,11 +51,11 @@ def _acc(id_, ood, val=None):
     return {"test": id_, "resampled": ood, "sketch": ood, "val": id_ if val is None else val}
 
 
-def _world(folder, wise_ood, wise25_ood=None):
+def _world(folder, wise_ood, wise25_ood=None, seeds=(0, 1, 2)):
     """ZS 60/50, FT 72/44 on three seeds, WiSE-FT 0.5 at 73/``wise_ood``, its output ensemble
     beside it, a soup of the seeds, LP-FT and FLYP."""
     files = [_evaluation(folder, "zeroshot", None, _acc(0.60, 0.50))]
-    for seed in (0, 1, 2):
+    for seed in seeds:
         files += [_evaluation(folder, "ft", seed, _acc(0.72, 0.44)),
                   _evaluation(folder, "wiseft", seed, _acc(0.73, wise_ood), alpha=0.5, variant="ft"),
                   _evaluation(folder, "wiseft", seed, _acc(0.68, wise25_ood or 0.51), alpha=0.25, variant="ft"),
@@ -127,6 +127,13 @@ def test_missing_runs_are_not_measured_and_block_a_gate(tmp_path):
     got = _by_key(records)
     assert got["P5"]["status"] == got["P7"]["status"] == got["P4"]["status"] == calibration.UNMEASURED
     assert calibration.gate_failures(records) == ["P5"]  # a gate criterion must be shown, not assumed
+
+
+def test_one_seed_pairs_with_the_zero_shot_model(tmp_path):
+    df, ev = _world(tmp_path, wise_ood=0.56, seeds=(0,))
+    got = _by_key(calibration.assess(df, ev, _inputs(soup=None), gate=["P5", "P6"]))
+    assert got["P5"]["status"] == calibration.PASS and got["P5"]["value"] == pytest.approx(0.06, abs=0.01)
+    assert "soup of FT seeds: needs at least 2 seeds" in got["P6"]["measured"]
 
 
 def test_the_world_needs_zero_shot_and_the_baseline(tmp_path):

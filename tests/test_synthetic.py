@@ -100,3 +100,18 @@ def test_registry_serves_splits_as_tensors(tiny_world):
         spec.load("pretrainx", None, tiny_world)
     with pytest.raises(ValueError, match="unknown dataset 'imagenet1'"):
         get_dataset("imagenet1")
+
+
+def test_object_scale_draws_larger_objects_and_keeps_the_default_world():
+    """Sketches are ink on paper: the ink's bounding box measures the object. Scale 1 is the
+    original renderer's world, image for image."""
+    def ink_extent(world):
+        images, _ = synthetic.render_split(world, "sketch", 0, 40)
+        dark = images.mean(axis=-1) < 128
+        rows, cols = dark.any(axis=2), dark.any(axis=1)
+        return np.mean([np.ptp(r.nonzero()[0]) + np.ptp(c.nonzero()[0]) for r, c in zip(rows, cols) if r.any()])
+
+    assert ink_extent(synthetic.WorldConfig(object_scale=1.3)) > 1.15 * ink_extent(synthetic.WorldConfig())
+    default, _ = synthetic.render_split(synthetic.WorldConfig(), "hard", 0, 5)
+    same, _ = synthetic.render_split(synthetic.WorldConfig(object_scale=1.0), "hard", 0, 5)
+    assert np.array_equal(default, same)

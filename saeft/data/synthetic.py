@@ -107,6 +107,9 @@ class WorldConfig(StageConfig):
     """Probability that an ID photo's background hue is its class's hue (the shortcut)."""
     spurious_resampled: Fraction = 0.5
     """The same probability in the ``resampled`` shift (ImageNet-V2-like, weaker shortcut)."""
+    object_scale: Annotated[float, Schema(exclusive_minimum=0, maximum=2)] = 1.0
+    """Size of the objects in every domain, relative to the original renderer (1: about a third
+    of the image side); larger objects are easier to tell apart at a given resolution."""
 
     def split_size(self, split: str) -> int:
         """Number of images in ``split``."""
@@ -147,7 +150,7 @@ def render_image(cfg: WorldConfig, split: str, index: int) -> tuple[np.ndarray, 
     rng = np.random.default_rng([cfg.seed, zlib.crc32(split.encode()), index])
     spurious = {"pretrain": 0.0, "resampled": cfg.spurious_resampled}.get(split, cfg.spurious)
     renderer = _RENDERERS[domain]
-    image = renderer(rng, label, cfg.image_size * _SUPERSAMPLE, spurious)
+    image = renderer(rng, label, cfg.image_size * _SUPERSAMPLE, spurious, cfg.object_scale)
     return _downsample(image), label
 
 
@@ -274,25 +277,25 @@ def _outline(mask: np.ndarray, width: int) -> np.ndarray:
     return mask & ~eroded
 
 
-def _render_photo(rng: np.random.Generator, label: int, size: int, spurious: float) -> np.ndarray:
-    u, v, _ = _geometry(rng, size, (0.24, 0.36))
+def _render_photo(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0) -> np.ndarray:
+    u, v, _ = _geometry(rng, size, (0.24 * scale, 0.36 * scale))
     hue = _background_hue(rng, label, spurious)
     image = _photo_background(rng, size, hue, noise=0.06)
     image = _shaded_object(image, _shape_mask(label, u, v), rng, u, v)
     return np.clip(image + rng.normal(0, 0.03, size=image.shape), 0, 1)
 
 
-def _render_resampled(rng: np.random.Generator, label: int, size: int, spurious: float) -> np.ndarray:
+def _render_resampled(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0) -> np.ndarray:
     # Same renderer, re-collected: smaller objects, harsher light, more sensor noise.
-    u, v, _ = _geometry(rng, size, (0.2, 0.3))
+    u, v, _ = _geometry(rng, size, (0.2 * scale, 0.3 * scale))
     hue = _background_hue(rng, label, spurious)
     image = _photo_background(rng, size, hue, noise=0.09) * rng.uniform(0.7, 1.15)
     image = _shaded_object(image, _shape_mask(label, u, v), rng, u, v)
     return np.clip(image + rng.normal(0, 0.05, size=image.shape), 0, 1)
 
 
-def _render_sketch(rng: np.random.Generator, label: int, size: int, spurious: float) -> np.ndarray:
-    u, v, _ = _geometry(rng, size, (0.24, 0.36))
+def _render_sketch(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0) -> np.ndarray:
+    u, v, _ = _geometry(rng, size, (0.24 * scale, 0.36 * scale))
     paper = rng.uniform(0.85, 1.0)
     image = np.full((size, size, 3), paper) + rng.normal(0, 0.02, size=(size, size, 1))
     mask = _shape_mask(label, u, v)
@@ -304,8 +307,8 @@ def _render_sketch(rng: np.random.Generator, label: int, size: int, spurious: fl
     return np.clip(image, 0, 1)
 
 
-def _render_rendition(rng: np.random.Generator, label: int, size: int, spurious: float) -> np.ndarray:
-    u, v, _ = _geometry(rng, size, (0.24, 0.36))
+def _render_rendition(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0) -> np.ndarray:
+    u, v, _ = _geometry(rng, size, (0.24 * scale, 0.36 * scale))
     ys, xs = np.mgrid[0:size, 0:size]
     period = int(rng.integers(6, 14))
     if rng.random() < 0.5:
@@ -320,15 +323,15 @@ def _render_rendition(rng: np.random.Generator, label: int, size: int, spurious:
     return image
 
 
-def _render_hard(rng: np.random.Generator, label: int, size: int, spurious: float) -> np.ndarray:
-    u, v, scale = _geometry(rng, size, (0.24, 0.36))
+def _render_hard(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0) -> np.ndarray:
+    u, v, size_px = _geometry(rng, size, (0.24 * scale, 0.36 * scale))
     # Adversarial context: the background hue is another class's shortcut hue.
     hue = _background_hue(rng, label, spurious, wrong=spurious > 0)
     image = _photo_background(rng, size, hue, noise=0.08)
     image = _shaded_object(image, _shape_mask(label, u, v), rng, u, v)
     # Occluders: two bars in background-like colours, each hiding a part of the object.
     for _ in range(2):
-        w, h = rng.uniform(0.25, 0.6) * scale * 2, rng.uniform(0.15, 0.3) * scale * 2
+        w, h = rng.uniform(0.25, 0.6) * size_px * 2, rng.uniform(0.15, 0.3) * size_px * 2
         if rng.random() < 0.5:
             w, h = h, w
         x0, y0 = rng.uniform(0.2, 0.8, size=2) * size - np.array([w, h]) / 2
