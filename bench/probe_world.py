@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--test-per-class", type=int, default=None)
+    parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="other world (synthetic) keys, e.g. object_scale=1.2 train_per_class=200")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -78,6 +80,7 @@ def main() -> None:
         world = {**config["synthetic"], **({"spurious": spurious} if spurious is not None else {})}
         if args.test_per_class:
             world["test_per_class"] = args.test_per_class
+        world.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.world)})
         options = spec.options(world)
         started = time.monotonic()
         data = {}

@@ -173,17 +173,20 @@ def finetune_configs(output: str) -> dict[str, dict]:
 
 
 def test_nested_overrides_are_typed_and_merged_into_the_study(tmp_path):
-    result = plan(tmp_path, "--config", "finetune={lr: 0.005, epochs: 2}", "methods={saeft: {lambda_add: 5}}", "seeds=[0]")
+    result = plan(tmp_path, "--config", "finetune={lr: 0.005, epochs: 2}", "methods={saeft: {lambda_add: 5}}", "seeds=[0]",
+                  "selection={seeds: [0]}")
     assert result["code"] == 0, result["output"][-3000:]
     configs = finetune_configs(result["output"])
-    # Typed: numbers, not the strings Snakemake reads nested values as.
-    assert configs["ft"]["lr"] == 0.005 and configs["ft"]["epochs"] == 2 and configs["ft"]["seed"] == 0
+    # Typed: numbers, not the strings Snakemake reads nested values as. SAE-FT's grid sets no lr:
+    # it trains at finetune.lr; FT's grid sets its own lr (a variant's finetune keys win).
+    assert configs["saeft"]["lr"] == 0.005 and configs["saeft"]["epochs"] == 2 and configs["saeft"]["seed"] == 0
+    assert configs["ft"]["lr"] in (1e-4, 3e-4, 1e-3) and configs["ft"]["epochs"] == 2
     assert configs["saeft"]["method_params"]["lambda_add"] == 5
     # Merged key by key into config.yaml: its other finetune keys, saeft's other parameters (its
     # grid: every variant keeps its own lambda) and the methods the override does not name stay.
     assert configs["ft"]["batch_size"] == 32 and configs["saeft"]["method_params"]["lambda_remove"] == 0.02
-    assert configs["saeft"]["method_params"]["lambda"] in (1, 10, 100, 1000)
-    assert "saeft@lambda=1000,mu=10" in result["output"]
+    assert configs["saeft"]["method_params"]["lambda"] in (1, 10, 100)
+    assert "saeft@lambda=100,mu=1" in result["output"] and "flyp@lr=0.0001" in result["output"]
 
 
 def test_nested_override_of_a_configfile_study(tmp_path):

@@ -282,6 +282,9 @@ class AnalysisConfig(StageConfig):
     section = "analysis"
     enabled: bool = True
     """Run the feature analysis of every fine-tuned model (and WiSE-FT at the reported alpha)."""
+    variants: bool = True
+    """Also analyse every variant of a gridded method on the selection seeds, not only the
+    reported runs (one job per variant and seed)."""
     batch_size: PositiveInt = 256
     """Images per forward pass of the fine-tuned model (on the GPU if there is one)."""
     workers: NonNegInt = 0

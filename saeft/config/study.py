@@ -184,8 +184,9 @@ def coerce_strings(config: Any, schema: dict[str, Any]) -> Any:
         props, extra = schema.get("properties", {}), schema.get("additionalProperties")
         return {key: coerce_strings(value, props.get(key, extra if isinstance(extra, dict) else {}))
                 for key, value in config.items()}
-    if isinstance(config, list):
-        return [coerce_strings(value, schema.get("items", {})) for value in config]
+    if isinstance(config, list):  # a nullable list's items are in its anyOf (selection.seeds)
+        items = schema.get("items") or next((o["items"] for o in schema.get("anyOf", []) if "items" in o), {})
+        return [coerce_strings(value, items) for value in config]
     if isinstance(config, str):
         kinds = schema.get("type", [])
         kinds = {kinds} if isinstance(kinds, str) else set(kinds)

@@ -443,7 +443,7 @@ def analysis_targets():
         return []
     cards = [f"{R}/analysis/{MODEL}/{dataset}/cards/{name}" for dataset in DATASETS for name in card_files()]
     # Every variant's own analysis too (on the selection seeds; the reported ones feed the tables).
-    variants = [analysis_path(d, run, "features.json") for d in DATASETS for run in selection_runs()]
+    variants = [analysis_path(d, run, "features.json") for d in DATASETS for run in selection_runs()] if config["analysis"]["variants"] else []
     return FEATURE_TABLES + FEATURE_FIGURES + cards + variants
 
 
