@@ -206,12 +206,15 @@ def _p3(s: _Study) -> list[Part]:
     keeps = {}
     for shift in s.ood_sets:
         z, f = s.interval(s.column(zs, shift)).mean, s.interval(s.column(ft, shift)).mean
-        keeps[shift] = (f - chance) / (z - chance) if z > chance else float("nan")
+        if z > chance:  # a shift zero-shot does not beat chance on has nothing to keep
+            keeps[shift] = (f - chance) / (z - chance)
     worst = min(keeps, key=lambda k: keeps[k]) if keeps else None
     parts = [_part(f"ΔID {_iv(did)} (≥ +8)", did.mean >= 0.08, did),
              _part(f"ΔOOD {_iv(dood)} (< 0, resolved)", dood.high < 0, dood)]
     if worst is not None:
         parts.append(_part(f"least kept: {worst} {keeps[worst]:.2f} of ZS above chance (≥ 0.5)", keeps[worst] >= 0.5))
+    else:
+        parts.append(Part("shifts kept: zero-shot is at chance on every shift", UNMEASURED))
     return parts
 
 

@@ -26,6 +26,18 @@ from saeft.sae import TopKSAE
 from saeft.training import CHECKPOINT_NAME
 
 
+
+class _Killed(Exception):
+    """A job killed by the test (raised from an on_epoch hook)."""
+
+
+def _kill_at_epoch(epoch):
+    """An on_epoch hook that kills the run after ``epoch``."""
+    def kill(record):
+        if record["epoch"] == epoch:
+            raise _Killed
+    return kill
+
 def test_feature_losses_by_hand():
     f = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
     f0 = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
@@ -190,15 +202,8 @@ def test_lpft_probing_epochs_resume_across_the_phase_change(tmp_path, clip_file,
     record = json.loads((whole / "train.json").read_text())
     assert len(record["history"]) == 2 and record["steps"] == 2 * 5 and record["head_fit"] is None
 
-    class Killed(Exception):
-        pass
-
-    def kill(record):
-        if record["epoch"] == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        _run(tmp_path, clip_file, head_file, tiny_world, "lpft", name="killed", on_epoch=kill, **params)
+    with pytest.raises(_Killed):
+        _run(tmp_path, clip_file, head_file, tiny_world, "lpft", name="killed", on_epoch=_kill_at_epoch(2), **params)
     # The checkpoint is the probing epoch's (on_epoch runs before the epoch's checkpoint): the head alone moved.
     probed = torch.load(tmp_path / "killed" / CHECKPOINT_NAME, weights_only=True)["model"]
     zeroshot = classifier_from_zeroshot(clip_file, head_file)[0].state_dict()
@@ -276,15 +281,8 @@ def test_lpft_converged_probe_run_is_deterministic_and_resumes(tmp_path, clip_fi
     wa, wb = (load_tensors(folder / "model.safetensors")[0] for folder in runs)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    class Killed(Exception):
-        pass
-
-    def kill(record):
-        if record["epoch"] == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        _run(tmp_path, clip_file, head_file, tiny_world, "lpft", name="killed", on_epoch=kill, **params)
+    with pytest.raises(_Killed):
+        _run(tmp_path, clip_file, head_file, tiny_world, "lpft", name="killed", on_epoch=_kill_at_epoch(2), **params)
     _run(tmp_path, clip_file, head_file, tiny_world, "lpft", name="killed", **params)
     resumed = json.loads((tmp_path / "killed" / "train.json").read_text())
     assert resumed["head_fit"] is not None and resumed["head_fit"]["train_top1"] == fit["train_top1"]
