@@ -74,7 +74,7 @@ def _planned_finetunes(output: str) -> dict[str, dict]:
 
 
 def test_a_grid_over_lr_plans_one_finetune_per_value_with_its_lr(tmp_path):
-    result = plan(tmp_path, "--config", "methods={ft: {grid: {lr: [0.0001, 0.001]}}}", "seeds=[0]")
+    result = plan(tmp_path, "--config", "methods={ft: {grid: {lr: [0.0001, 0.001]}}}", "seeds=[0]", "selection={seeds: [0]}")
     assert result["code"] == 0, result["output"][-3000:]
     jobs = _planned_finetunes(result["output"])
     assert {"ft@lr=0.0001/seed0", "ft@lr=0.001/seed0"} <= set(jobs) and "ft/seed0" not in jobs
@@ -83,10 +83,10 @@ def test_a_grid_over_lr_plans_one_finetune_per_value_with_its_lr(tmp_path):
         assert config["lr"] == lr and config["method"] == "ft" and config["method_params"] == {}
         # What the job builds from it: the variant's lr, the study's other finetune keys.
         cfg = FinetuneConfig.from_dict(config, "finetune.")
-        assert cfg.lr == lr and cfg.epochs == 5 and cfg.method_params == {}
+        assert cfg.lr == lr and cfg.epochs == 3 and cfg.method_params == {}
     # The other methods keep the study's lr; every job gets pretrain_clip's schedule (config.yaml).
     saeft = next(job for run, job in jobs.items() if run.startswith("saeft@"))
-    assert saeft["config"]["lr"] == 0.01 and "lr" not in saeft["config"]["method_params"]
+    assert saeft["config"]["lr"] == 0.0003 and "lr" not in saeft["config"]["method_params"]
     assert all(job["pretrain"] == {"lr": 0.002, "steps": 3000, "warmup_steps": 100} for job in jobs.values())
 
 
