@@ -190,6 +190,8 @@ def _add_evaluation_commands(sub: Any) -> None:
     p.add_argument("--variants", type=_json_arg, required=True, help="JSON: method -> variant -> its parameters")
     p.add_argument("--seeds", type=int, nargs="+", required=True, help="the selection seeds")
     p.add_argument("--oracle", type=_json_arg, default=True, help="also record the OOD-oracle choice (true/false)")
+    p.add_argument("--order", type=_json_arg, default=None,
+                   help="JSON: method -> its variants in the config's order (ties and one_se go by it)")
     p.add_argument("--rule", choices=["best", "one_se"], default="best",
                    help="selection.rule: the best mean, or the first listed variant within one standard error of it")
     p.add_argument("--out", required=True, help="output selection.json")

@@ -207,7 +207,8 @@ def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_select_variants(args: argparse.Namespace) -> dict[str, Any]:
     from saeft import selection
 
-    record = selection.run(args.evals, args.out, args.variants, args.seeds, oracle=bool(args.oracle), rule=args.rule)
+    record = selection.run(args.evals, args.out, args.variants, args.seeds, oracle=bool(args.oracle), rule=args.rule,
+                           order=args.order)
     for method, entry in record["methods"].items():
         RUN.log_table(_scores_frame(entry), f"selection/{method}.json")
     return {f"{m}/selected_val": entry["scores"][entry["selected"]] for m, entry in record["methods"].items()}

@@ -112,11 +112,14 @@ def run(
     seeds: Sequence[int],
     oracle: bool = True,
     rule: str = "best",
+    order: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Select among ``variants`` (method -> variant -> its parameters) from the evaluation
     bundles of every variant on ``seeds`` by ``rule`` (:data:`RULES`), and write
     ``selection.json`` atomically: per method the selected variant, the best and its standard
-    error, the scores, the parameters of every variant; the rule and how it chose."""
+    error, the scores, the parameters of every variant; the rule and how it chose. ``order``
+    (method -> its variants as the config lists them) is the order ties and ``one_se`` go by;
+    without it, ``variants``' own order (a JSON object on the command line loses it)."""
     if rule not in RULES:
         raise ValueError(f"selection.rule: unknown rule {rule!r}; known: {', '.join(RULES)}")
     df = load_metrics(eval_paths)
@@ -126,7 +129,11 @@ def run(
     val = df[df["role"] == "val"]
     if val.empty:
         raise ValueError(f"{datasets[0]}: no ID validation results (role 'val'): nothing to select on")
-    chosen = select(df, {m: list(v) for m, v in variants.items()}, oracle, rule)
+    listed = {m: list(order[m]) if order and m in order else list(v) for m, v in variants.items()}
+    for method, names in listed.items():
+        if sorted(names) != sorted(variants[method]):
+            raise ValueError(f"selection order of {method} lists {names}, its variants are {sorted(variants[method])}")
+    chosen = select(df, listed, oracle, rule)
     for method, entry in chosen.items():
         entry["params"] = {name: dict(params) for name, params in variants[method].items()}
     metric, evalset = val["metric"].iloc[0], val["evalset"].iloc[0]

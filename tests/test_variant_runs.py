@@ -204,3 +204,23 @@ def test_the_rule_is_a_config_key():
     assert validate_config({})["selection"]["rule"] == "best"
     with pytest.raises(ConfigError, match=r"selection\.rule"):
         validate_config({"selection": {"rule": "two_se"}})
+
+
+def test_one_se_goes_by_the_configs_order_not_the_jsons(tmp_path):
+    """``--variants`` reaches the job as JSON with sorted keys (saeft@lambda=1 before =10 before
+    =100); the config lists lambda 100, 10, 1 (most conservative first): one_se must take the first
+    of those within one SE, and a tie goes to it too."""
+    names = ["saeft@lambda=100", "saeft@lambda=10", "saeft@lambda=1"]
+    paths = []
+    for variant, value in zip(names, (0.70, 0.80, 0.80)):
+        records = {r["evalset"]: {**r, "alpha": None} for r in _val(variant, 0, value)}
+        path = tmp_path / f"{variant}.json"
+        path.write_text(json.dumps({"dataset": "d", "evals": records}))
+        paths.append(path)
+    variants = {"saeft": {v: {"lambda": float(v.split("=")[1])} for v in sorted(names)}}  # as the JSON arrives
+    for rule in ("one_se", "best"):
+        record = run_selection(paths, tmp_path / f"{rule}.json", variants, [0], rule=rule, order={"saeft": names})
+        assert record["methods"]["saeft"]["selected"] == "saeft@lambda=10", rule
+    assert run_selection(paths, tmp_path / "sorted.json", variants, [0], rule="one_se")["methods"]["saeft"]["selected"] == "saeft@lambda=1"
+    with pytest.raises(ValueError, match="selection order of saeft"):
+        run_selection(paths, tmp_path / "x.json", variants, [0], order={"saeft": names[:2]})

@@ -66,6 +66,11 @@ def test_run_produces_tables_and_figure(study):
     assert metrics["value"].between(0, 1).all()
     png = study / "results" / "tiny" / "figures" / "id_vs_ood.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The calibrate job measured the world; without a WiSE-FT curve P5 cannot be shown, so the
+    # gate fails and the comparison gives no reading.
+    calibration = pd.read_csv(tables / "calibration.csv").set_index("criterion")
+    assert calibration.loc["P5", "status"] == "not measured" and bool(calibration.loc["P5", "gate"])
+    assert "world not calibrated: " in (tables / "comparison.md").read_text()
 
 
 def test_feature_analysis_writes_tables_and_cards(study):
@@ -183,9 +188,10 @@ def plan_after_change(study: Path, tmp_path: Path, section: str, key: str, value
 
 def test_changing_finetune_lr_reruns_only_finetune_and_after(study, tmp_path):
     jobs = plan_after_change(study, tmp_path, "finetune", "lr", 0.0005)
-    assert set(jobs) == {"finetune", "evaluate_model", "aggregate_tables", "analyze_features",
+    assert set(jobs) == {"finetune", "evaluate_model", "calibrate", "aggregate_tables", "analyze_features",
                          "plot_feature_cards", "aggregate_features", "all"}
     assert jobs["finetune"] == 4 and jobs["evaluate_model"] == 4 and jobs["analyze_features"] == 4
+    assert jobs["calibrate"] == 1  # FT's weights changed: the world is measured again
 
 
 def test_changing_sae_k_reruns_the_sae_and_its_users_only(study, tmp_path):
