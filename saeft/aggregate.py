@@ -155,7 +155,9 @@ def mark_uncalibrated(figures: dict[str, Figure], failures: dict[str, list[str]]
     text = "; ".join(f"{dataset}: {calibration.not_calibrated_text(f)}" for dataset, f in failures.items())
     stems = ["id_vs_ood"] + [f"{kind}_{d}" for d in failures for kind in ("shifts", "frontier")]
     for stem in [s for s in stems if s in figures]:
-        figures[stem].text(0.5, 0.995, text, ha="center", va="top", color="firebrick", fontsize=9, weight="bold")
+        # As the suptitle (above any there was), so that the constrained layout makes room for it.
+        title = "\n".join(part for part in (text, figures[stem].get_suptitle()) if part)
+        figures[stem].suptitle(title, color="firebrick", fontsize=9, weight="bold")
         fig_mod.save_figure(figures[stem], figures_dir / f"{stem}.png", figures_dir / f"{stem}.pdf")
 
 

@@ -172,9 +172,10 @@ def _lr_ratio(models: Mapping[int, str | os.PathLike], pretrain_lr: float | None
     lr = float(read_json(path)["config"]["lr"])
     detail = f"lr {lr:g} (the study's finetune.lr)"
     if selection is not None and os.path.isfile(selection):
-        entry = read_json(selection)["methods"].get(baseline)
+        record = read_json(selection)
+        entry = record["methods"].get(baseline)
         if entry is not None:
-            detail = f"lr {lr:g}, {entry['selected']} of {len(entry['scores'])} variants on ID validation ({entry.get('rule', 'best')})"
+            detail = f"lr {lr:g}, {entry['selected']} of {len(entry['scores'])} variants on ID validation ({record.get('rule', 'best')})"
     return lr / pretrain_lr, detail
 
 
