@@ -179,13 +179,19 @@ def test_seed_spread_widens_the_bar():
     assert choose(scores, "best") == GRID[2] and choose(scores, "one_se") == GRID[0]
 
 
-def test_the_selection_file_records_the_rule_and_the_se(tmp_path):
+def _val_bundles(tmp_path, variants, values):
+    """An evaluation bundle per variant on seed 0 with the given ID validation top-1."""
     paths = []
-    for variant, value in zip(GRID, (0.70, 0.78, 0.80)):
+    for variant, value in zip(variants, values):
         records = {r["evalset"]: {**r, "alpha": None} for r in _val(variant, 0, value)}
         path = tmp_path / f"{variant}.json"
         path.write_text(json.dumps({"dataset": "d", "evals": records}))
         paths.append(path)
+    return paths
+
+
+def test_the_selection_file_records_the_rule_and_the_se(tmp_path):
+    paths = _val_bundles(tmp_path, GRID, (0.70, 0.78, 0.80))
     variants = {"ft": {v: {"lr": float(v.split("=")[1])} for v in GRID}}
     record = run_selection(paths, tmp_path / "selection.json", variants, [0], rule="one_se")
     written = json.loads((tmp_path / "selection.json").read_text())
@@ -211,12 +217,7 @@ def test_one_se_goes_by_the_configs_order_not_the_jsons(tmp_path):
     =100); the config lists lambda 100, 10, 1 (most conservative first): one_se must take the first
     of those within one SE, and a tie goes to it too."""
     names = ["saeft@lambda=100", "saeft@lambda=10", "saeft@lambda=1"]
-    paths = []
-    for variant, value in zip(names, (0.70, 0.80, 0.80)):
-        records = {r["evalset"]: {**r, "alpha": None} for r in _val(variant, 0, value)}
-        path = tmp_path / f"{variant}.json"
-        path.write_text(json.dumps({"dataset": "d", "evals": records}))
-        paths.append(path)
+    paths = _val_bundles(tmp_path, names, (0.70, 0.80, 0.80))
     variants = {"saeft": {v: {"lambda": float(v.split("=")[1])} for v in sorted(names)}}  # as the JSON arrives
     for rule in ("one_se", "best"):
         record = run_selection(paths, tmp_path / f"{rule}.json", variants, [0], rule=rule, order={"saeft": names})
