@@ -17,7 +17,6 @@ every ``--spurious``::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import tempfile
