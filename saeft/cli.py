@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import logging
 import os
@@ -20,6 +21,27 @@ from typing import Any
 from saeft import commands
 
 logger = logging.getLogger("saeft")
+
+STAGE_IMPORTS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("saeft.pretrain", "saeft.quality", "saeft.models", "open_clip"),
+    "prepare": ("saeft.prepare", "saeft.models", "open_clip"),
+    "head": ("saeft.prepare", "saeft.models", "open_clip"),
+    "cache": ("saeft.cache", "saeft.models", "open_clip"),
+    "train-sae": ("saeft.sae",),
+    "train-sae-sweep": ("saeft.sae",),
+    "finetune": ("saeft.finetune", "saeft.models", "open_clip"),
+    "evaluate": ("saeft.evaluate", "saeft.models", "open_clip"),
+    "calibrate": ("saeft.calibrate", "saeft.models", "open_clip"),
+    "analyze-features": ("saeft.analysis.features", "saeft.models", "open_clip"),
+    "feature-cards": ("saeft.analysis.cards",),
+    "aggregate": ("saeft.aggregate",),
+    "aggregate-features": ("saeft.aggregate", "saeft.analysis.tables"),
+    "select-variants": ("saeft.selection",),
+    "export": ("saeft.export",),
+}
+"""The modules each stage runs on, imported (and timed) before its work: the job log's ``done
+in`` line splits start-up, imports, tracking and work (bench/job_overhead.py reads it), and the
+warm worker imports them all once."""
 
 GPU_COMMANDS = frozenset({"pretrain", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "analyze-features", "calibrate"})
 """Stages that run on a GPU when there is one; each gets a GPU of its own (:mod:`saeft.gpu`)."""
@@ -76,8 +98,20 @@ def _add_setup_commands(sub: Any) -> None:
     p = add("schema", commands.cmd_schema, "print the study config's JSON schema, generated from the config dataclasses")
     p.add_argument("--write", action="store_true", help="write it to workflow/schemas/config.schema.json instead")
 
-    p = add("sync-tracking", commands.cmd_sync_tracking, "replay the tracking calls that jobs queued while MLflow was unreachable")
+    p = add("sync-tracking", commands.cmd_sync_tracking,
+            "send the tracking that jobs queued (spooled, or while MLflow was unreachable) to the store")
     p.add_argument("--queue", default=None, help="queue folder (default: $SAEFT_MLFLOW_QUEUE or ./mlflow-queue)")
+    p.add_argument("--follow", action="store_true",
+                   help="keep sending finished jobs' files every --interval seconds until SIGTERM or until --parent exits")
+    p.add_argument("--interval", type=float, default=5.0, help="--follow: seconds between passes (default 5)")
+    p.add_argument("--parent", type=int, default=None, help="--follow: stop once this process (the workflow) is gone")
+    p.add_argument("--experiment", default=None, help="--follow: create this experiment (and --study's parent run) first")
+    p.add_argument("--study", default=None, help="--follow: the study whose parent run to create")
+
+    p = add("worker", _serve_worker,
+            "serve the jobs of a workflow run from one warm process (saeft.worker; the workflow starts it)")
+    p.add_argument("--socket", required=True, help="Unix socket path to listen at")
+    p.add_argument("--parent", type=int, default=None, help="stop once this process (the workflow) is gone")
 
     p = add("init-tracking", commands.cmd_init_tracking, "create the MLflow store, experiment and study parent run (once, before parallel jobs)")
     p.add_argument("--experiment", required=True, help="experiment name (the study)")
@@ -287,6 +321,20 @@ def _add_export_command(sub: Any) -> None:
                    help="output folder: open_clip_model.safetensors, open_clip_config.json, head.safetensors, export.json")
 
 
+def _serve_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """``saeft worker``: serve jobs until stopped; each forked child runs :func:`run`."""
+    from saeft.worker import serve
+
+    from saeft.mlflow_store import tracking_mode
+
+    # Jobs of a workflow spool their tracking: MLflow is imported by them only when live.
+    preload = ["torch", "numpy", "pandas", "h5py", "safetensors.torch", "saeft.commands",
+               *sorted({module for modules in STAGE_IMPORTS.values() for module in modules}),
+               *(["mlflow"] if tracking_mode() == "live" else [])]
+    serve(args.socket, args.parent, run, preload)
+    return {}
+
+
 def _nproc(args: argparse.Namespace) -> int:
     """Training processes of a finetune job: the explicit --nproc, or the SLURM allocation's GPUs."""
     from saeft.gpu import allocated_gpu_count
@@ -327,7 +375,20 @@ def _launch_torchrun(argv: Sequence[str], nproc: int, threads: int | None) -> in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``saeft`` command; returns the exit status."""
+    """Entry point of the ``saeft`` command; returns the exit status. Inside a workflow run the
+    warm worker (:mod:`saeft.worker`) runs the command when it can; otherwise this process does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("SAEFT_WORKER") and argv[:1] != ["worker"]:
+        from saeft.worker import run_command
+
+        status = run_command(argv)
+        if status is not None:
+            return status
+    return run(argv)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run ``saeft <argv>`` in this process; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -354,20 +415,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     from saeft.tracking import JobRun, job_run
 
     params = {k: v for k, v in vars(args).items() if k not in {"fn", "track", "log_level", "threads"}}
+    timing = {"start-up": _process_age(), "imports": time.monotonic()}
+    for module in STAGE_IMPORTS.get(args.command, ()):
+        importlib.import_module(module)
     started = time.monotonic()
+    timing["imports"] = started - timing["imports"]
     try:
         with job_run(args.track, params) as run:
             commands.RUN = run
+            working = time.monotonic()
             metrics = args.fn(args) or {}
+            timing["work"] = time.monotonic() - working
             run.log_metrics({**metrics, "seconds": time.monotonic() - started})
     except (ConfigError, ValueError, OSError) as exc:  # bad input, missing file, disk full, read-only
         logger.error("%s", exc)
         return 2
     finally:
         commands.RUN = JobRun()  # untracked: calls outside a job do nothing
-    logger.info("done in %.1fs", time.monotonic() - started)
+    timing["tracking"] = time.monotonic() - started - timing["work"]
+    logger.info("done in %.1fs (%s)", time.monotonic() - started,
+                ", ".join(f"{name} {seconds:.2f}s" for name, seconds in timing.items() if seconds is not None))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _process_age() -> float | None:
+    """Seconds since this process started (a forked worker child: since the fork), from /proc;
+    None where there is none."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as handle:
+            started_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as handle:
+            uptime = float(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+if __name__ == "__main__":  # torchrun's workers: run here, never in the warm worker
+    sys.exit(run())

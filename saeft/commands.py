@@ -28,8 +28,12 @@ def cmd_init_tracking(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_sync_tracking(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft.tracking import replay_queue
+    from saeft.tracking import follow_queue, init_store, replay_queue
 
+    if args.follow:
+        if args.experiment:
+            init_store(args.experiment, args.study)
+        return follow_queue(args.queue, args.parent, args.interval)
     counts = replay_queue(args.queue)
     if counts["failed"]:
         raise ValueError(f"{counts['failed']} queued run(s) could not be replayed (kept; see the warnings above)")

@@ -30,12 +30,20 @@ MAX_METRICS_PER_CALL = 1000  # MLflow's limit per log_batch
 
 TRACKING_SWITCH = "SAEFT_TRACKING"
 """Environment variable: ``off`` (or ``0``, ``false``, ``no``) and jobs log nothing to MLflow and
-never import it (about 3 s less per job); anything else, or unset, tracks."""
+never import it; ``spool`` (what the workflow sets unless it is ``off`` or ``live``) and jobs
+write their tracking to the queue folder, cheaply and without MLflow, for the workflow's sync
+process to send; anything else, or unset, and jobs log to the store themselves."""
+
+
+def tracking_mode() -> str:
+    """``off``, ``spool`` or ``live`` (:data:`TRACKING_SWITCH`)."""
+    value = os.environ.get(TRACKING_SWITCH, "on").strip().lower()
+    return "off" if value in {"off", "0", "false", "no"} else "spool" if value == "spool" else "live"
 
 
 def tracking_enabled() -> bool:
-    """Whether jobs log to MLflow (:data:`TRACKING_SWITCH`)."""
-    return os.environ.get(TRACKING_SWITCH, "on").strip().lower() not in {"off", "0", "false", "no"}
+    """Whether jobs log to MLflow (:data:`TRACKING_SWITCH`), live or spooled."""
+    return tracking_mode() != "off"
 
 
 def tracking_uri() -> str:
@@ -150,9 +158,13 @@ class Store:
         runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{study}'", max_results=100)
         return [run.info.run_id for run in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
 
-    def open_run(self, experiment: str, run_name: str | None, key: str, tags: Mapping[str, str]) -> str:
-        """The run of ``key`` in ``experiment``, reopened as RUNNING, or a new one; a run tagged
-        with a ``study`` is nested under that study's parent run."""
+    def open_run(self, experiment: str, run_name: str | None, key: str, tags: Mapping[str, str],
+                 start_time: int | None = None) -> str:
+        """The run of ``key`` in ``experiment``, reopened as RUNNING, or a new one started at
+        ``start_time`` (ms; now by default); a run tagged with a ``study`` is nested under that
+        study's parent run."""
+        from mlflow.entities import RunTag
+
         experiment_id = self.experiment_id(experiment)
         if tags.get("study"):
             tags = {**tags, PARENT_RUN_TAG: self.study_parent(experiment_id, tags["study"])}
@@ -161,9 +173,9 @@ class Store:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run_id = self.client.create_run(experiment_id, run_name=run_name, tags={**tags, RUN_KEY_TAG: key}).info.run_id
-        for name, value in tags.items():
-            self.client.set_tag(run_id, name, value)
+            run_id = self.client.create_run(experiment_id, run_name=run_name, tags={**tags, RUN_KEY_TAG: key},
+                                            start_time=start_time).info.run_id
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         return run_id
 
     def apply(self, run_id: str, op: Mapping[str, Any]) -> None:
@@ -204,7 +216,7 @@ class Store:
         elif kind == "end":
             if op.get("tags"):  # the environment as the job ended
                 self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
-            self.client.set_terminated(run_id, status=op["status"])
+            self.client.set_terminated(run_id, status=op["status"], end_time=op.get("end_time"))
         else:
             raise ValueError(f"unknown tracking operation {kind!r}")
 

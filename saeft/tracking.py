@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from saeft.io import config_hash, read_metadata
+from saeft.io import config_hash, process_alive, read_metadata
 from saeft.mlflow_store import (  # noqa: F401 (the store's names, re-exported for callers of tracking)
     DEFAULT_STORE,
     MAX_METRICS_PER_CALL,
@@ -49,6 +49,7 @@ from saeft.mlflow_store import (  # noqa: F401 (the store's names, re-exported f
     artifact_location,
     local_store,
     tracking_enabled,
+    tracking_mode,
     tracking_uri,
 )
 from saeft.mlflow_store import Store as _Store
@@ -133,7 +134,11 @@ class JobRun:
         self.enabled = bool(track)
         self.key = run_key(track, params or {}) if track else ""
         self._header = {"op": "open", "experiment": (track or {}).get("experiment"), "run_name": (track or {}).get("run_name"),
-                        "key": self.key, "tags": {}}
+                        "key": self.key, "tags": {}, "start_time": int(time.time() * 1000)}
+        # A spooled job writes a file per attempt (the key and this process), complete once it
+        # holds the run's end: the sync process sends complete files while others are written.
+        self.spooled = self.enabled and tracking_mode() == "spool"
+        self._queue_name = f"{self.key}.{os.getpid()}" if self.spooled else self.key
         self._store: _Store | None = None
         self._run_id: str | None = None
         self.queued = False
@@ -144,15 +149,20 @@ class JobRun:
 
     @property
     def queue_file(self) -> Path:
-        return queue_dir() / f"{self.key}.jsonl"
+        return queue_dir() / f"{self._queue_name}.jsonl"
 
     def open(self, tags: Mapping[str, str], params: Mapping[str, str]) -> None:
         self._header["tags"] = dict(tags)
-        try:
-            self._store = _Store(_mlflow())
-            self._run_id = self._store.open_run(self._header["experiment"], self._header["run_name"], self.key, tags)
-        except Exception as exc:  # tracking must never fail a job
-            self._fall_back(f"MLflow run could not be started at {tracking_uri()}: {exc}")
+        if self.spooled:  # no MLflow in this job: the workflow's sync process sends the file
+            self.queued = True
+            self._append(self._header)
+        else:
+            try:
+                self._store = _Store(_mlflow())
+                self._run_id = self._store.open_run(self._header["experiment"], self._header["run_name"], self.key, tags,
+                                                    start_time=self._header["start_time"])
+            except Exception as exc:  # tracking must never fail a job
+                self._fall_back(f"MLflow run could not be started at {tracking_uri()}: {exc}")
         self._do({"op": "params", "params": dict(params)})
 
     def _fall_back(self, reason: str) -> None:
@@ -274,7 +284,7 @@ class JobRun:
     def end(self, status: str, tags: Mapping[str, str] | None = None) -> None:
         """End the run with ``status``, first sending the buffered curves and setting ``tags``."""
         self.flush_curves()
-        self._do({"op": "end", "status": status, "tags": dict(tags or {})})
+        self._do({"op": "end", "status": status, "tags": dict(tags or {}), "end_time": int(time.time() * 1000)})
 
 
 @contextlib.contextmanager
@@ -335,23 +345,36 @@ def comparison_tags(tags: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def replay_queue(folder: str | os.PathLike | None = None) -> dict[str, int]:
-    """Replay every queued job into the store; a replayed file is removed, a failing one kept
-    (and named in the warning) for the next attempt. Returns counts of runs and operations."""
+def replay_queue(folder: str | os.PathLike | None = None, finished_only: bool = False,
+                 store: _Store | None = None) -> dict[str, int]:
+    """Replay every queued job into the store, oldest file first (a fine-tuning's logged model
+    before the evaluations whose metrics link to it); a replayed file is removed, a failing one
+    kept (and named in the warning) for the next attempt. ``finished_only``: only files that end
+    with their run's end (jobs still running are left). Returns counts of runs and operations."""
     folder = Path(folder) if folder is not None else queue_dir()
     counts = {"runs": 0, "operations": 0, "failed": 0}
-    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    files = _queued_files(folder)
     if not files:
-        logger.info("no queued tracking in %s", folder)
+        logger.debug("no queued tracking in %s", folder)
         return counts
-    store = _Store(_mlflow())
     for path in files:
-        ops = _read_queue(path)
         try:
+            ops = _read_queue(path)
+        except FileNotFoundError:  # replayed meanwhile by another sync
+            continue
+        if finished_only and (not ops or ops[-1]["op"] != "end"):
+            continue
+        claimed = path.with_name(f"{path.name}.{os.getpid()}.sending")
+        try:  # claim it: two syncs (the run's and `snakemake sync_mlflow`) never send one file twice
+            os.rename(path, claimed)
+        except FileNotFoundError:
+            continue
+        try:
+            store = store or _Store(_mlflow())
             run_id = None
             for op in ops:
                 if op["op"] == "open":
-                    run_id = store.open_run(op["experiment"], op["run_name"], op["key"], op["tags"])
+                    run_id = store.open_run(op["experiment"], op["run_name"], op["key"], op["tags"], op.get("start_time"))
                 elif run_id is None:
                     raise ValueError("no 'open' record before the first operation")
                 else:
@@ -359,13 +382,63 @@ def replay_queue(folder: str | os.PathLike | None = None) -> dict[str, int]:
         except Exception as exc:
             counts["failed"] += 1
             logger.warning("replaying %s failed, kept for the next sync: %s", path, exc)
+            os.rename(claimed, path)
             continue
         counts["runs"] += 1
         counts["operations"] += len(ops)
         shutil.rmtree(path.with_suffix(""), ignore_errors=True)
-        path.unlink()
+        claimed.unlink()
         logger.info("replayed %s (%d operations)", path.name, len(ops))
     return counts
+
+
+def _queued_files(folder: Path) -> list[Path]:
+    """The queue files of ``folder``, in the order they were last written; a file claimed by a
+    sync that died meanwhile is released first."""
+    for claimed in folder.glob("*.jsonl.*.sending") if folder.is_dir() else []:
+        owner = claimed.name.rsplit(".", 2)[-2]
+        if owner.isdigit() and not process_alive(int(owner)):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(claimed, claimed.with_name(claimed.name.rsplit(".", 2)[0]))
+    stamped = []
+    for path in folder.glob("*.jsonl") if folder.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):  # replayed meanwhile by another sync
+            stamped.append((path.stat().st_mtime_ns, path.name, path))
+    return [path for *_, path in sorted(stamped)]
+
+
+def follow_queue(folder: str | os.PathLike | None = None, parent: int | None = None, interval: float = 5.0) -> dict[str, int]:
+    """The workflow's sync process: prepare the store, then send every finished job's queue file
+    every ``interval`` seconds (the UI shows a job within seconds of its end) until SIGTERM, when
+    it sends what is left, or until process ``parent`` (the workflow) is gone, when it sends the
+    finished files only (jobs it started may still be writing). Returns the summed counts."""
+    import signal
+
+    stop = {"asked": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(asked=True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the workflow, which stops this
+    totals = {"runs": 0, "operations": 0, "failed": 0}
+    store = None
+
+    def sync(finished_only: bool) -> None:
+        nonlocal store
+        try:
+            store = store or _Store(_mlflow())
+        except Exception as exc:  # the store may come back: the files wait
+            logger.warning("MLflow store %s not reachable: %s", tracking_uri(), exc)
+            return
+        counts = replay_queue(folder, finished_only=finished_only, store=store)
+        for name, value in counts.items():
+            totals[name] += value
+
+    while not stop["asked"] and (parent is None or process_alive(parent)):
+        sync(finished_only=True)
+        deadline = time.monotonic() + interval
+        while time.monotonic() < deadline and not stop["asked"]:
+            time.sleep(0.2)
+    sync(finished_only=not stop["asked"])
+    logger.info("sent %d runs (%d operations); %d kept", totals["runs"], totals["operations"], totals["failed"])
+    return totals
 
 
 def _read_queue(path: Path) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 
+from saeft import background
 from saeft.config.finetune import split_run_params
 from saeft.config.calibration import ROLE_KEYS
 from saeft.config.study import pretrained_kind, validate_config
@@ -79,9 +80,12 @@ os.environ["SAEFT_ROOT"] = os.path.abspath(workflow.basedir)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-# SAEFT_TRACKING=off: jobs log nothing to MLflow (and save its ~3 s import); an environment
-# variable, not a config key, so switching it reruns nothing.
-os.environ.setdefault("SAEFT_TRACKING", "on")
+# SAEFT_TRACKING=off: jobs log nothing to MLflow; =live: each job logs to the store itself (an
+# MLflow import and connection per job); otherwise jobs spool their tracking to mlflow-queue/
+# and the run's sync process sends it (tracking.smk). An environment variable, not a config
+# key, so switching it reruns nothing.
+if os.environ.get("SAEFT_TRACKING", "on").strip().lower() in {"", "on"}:
+    os.environ["SAEFT_TRACKING"] = "spool"
 
 
 # Set above; declared so that Snakemake passes them on to jobs on remote executors.

@@ -1,18 +1,24 @@
-# MLflow: the store is created once before jobs start; runs that jobs could not log (server down,
-# store locked) wait in mlflow-queue/ until `snakemake sync_mlflow` replays them.
+# The run's two background processes, started before the first job and stopped after the last:
+# the warm worker (saeft.worker), which runs the jobs of a local run without their start-up
+# imports, and the MLflow sync (saeft sync-tracking --follow), which creates the store, the
+# experiment and the study's parent run, then sends each job's spooled tracking within seconds
+# of its end. Runs that could not be sent (server down) wait in mlflow-queue/ until
+# `snakemake sync_mlflow` replays them.
 
 
 onstart:
-    # Create the MLflow store, experiment and the study's parent run once: parallel jobs creating
-    # them would race (jobs nest their runs under that parent). Not with SAEFT_TRACKING=off.
-    if tracking_enabled():
-        shell(f"saeft init-tracking --experiment {STUDY} --study {STUDY} --log-level WARNING")
+    background.start(STUDY, tracking_queue(), os.path.join("logs", STUDY, "workflow"), workflow.local_exec)
 
 
 onsuccess:
+    background.stop()
     if queued_tracking():
         logger.warning(f"{len(queued_tracking())} job(s) queued their MLflow tracking in {tracking_queue()}: "
                        "replay with `snakemake sync_mlflow` once the store answers")
+
+
+onerror:
+    background.stop()
 
 
 rule sync_mlflow:
