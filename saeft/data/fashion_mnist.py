@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import gzip
 import logging
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -385,7 +386,9 @@ def options(data: dict[str, Any] | None) -> FashionMNISTConfig:
 def load_split(split: str, transform: Callable[[Image.Image], torch.Tensor], cfg: FashionMNISTConfig) -> torch.utils.data.Dataset:
     """``split`` as a Dataset of (transformed image, label), for the registry."""
     from saeft.data.arrays import ArrayImageDataset
+    from saeft.data.image_cache import cached_split
 
-    images, labels = render_split(cfg, split)
+    files = [Path(cfg.root) / name for pair in FILES.values() for name in pair]
+    images, labels = cached_split("fashion_mnist", split, cfg, render_split, sys.modules[__name__], files)
     logger.info("made %d images of fashion_mnist/%s from %s", len(labels), split, cfg.root)
     return ArrayImageDataset(images, labels, transform)

@@ -215,8 +215,9 @@ class DatasetSpec:
 
 def _load_shapes(split: str, transform: Callable[[Image.Image], torch.Tensor], options: synthetic.WorldConfig) -> torch.utils.data.Dataset:
     from saeft.data.arrays import ArrayImageDataset
+    from saeft.data.image_cache import cached_split
 
-    images, labels = synthetic.render_split(options, split)
+    images, labels = cached_split("shapes", split, options, synthetic.render_split, synthetic)
     logger.info("rendered %d images of shapes/%s", len(labels), split)
     return ArrayImageDataset(images, labels, transform)
 

@@ -76,6 +76,9 @@ os.environ["SAEFT_GIT_COMMIT"] = os.environ.get("SAEFT_GIT_COMMIT") or _git_comm
 # The checkout whose Snakefile runs: the rules' conda environment (workflow/envs/saeft.yaml)
 # installs its requirements.lock and saeft from it under --sdm conda.
 os.environ["SAEFT_ROOT"] = os.path.abspath(workflow.basedir)
+# Generated splits (shapes, Fashion-MNIST's shifts) are rendered once and read back by later jobs
+# (saeft.data.image_cache; not an output: deleting the folder costs a render).
+os.environ.setdefault("SAEFT_IMAGE_CACHE", os.path.abspath(os.path.join(".snakemake", "saeft-images")))
 # Jobs share the cores: spinning OpenMP threads waiting for work slowed a job 20-fold under load.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -91,6 +94,7 @@ if os.environ.get("SAEFT_TRACKING", "on").strip().lower() in {"", "on"}:
 # Set above; declared so that Snakemake passes them on to jobs on remote executors.
 envvars:
     "SAEFT_TRACKING",
+    "SAEFT_IMAGE_CACHE",
     "SAEFT_GIT_COMMIT",
     "SAEFT_ROOT",
     "OMP_WAIT_POLICY",
