@@ -8,8 +8,9 @@ scratch ``--repeats`` times in each mode, in a temporary folder:
 - ``default``: as a user runs it: the warm worker (saeft.worker) forks each job, jobs spool
   their MLflow tracking and the run's sync process sends it (tracking on);
 - ``tracking-off``: the same with ``SAEFT_TRACKING=off``;
-- ``fresh``: every job a fresh Python process logging to MLflow itself (``SAEFT_WORKER=off
-  SAEFT_TRACKING=live``): how every job ran before the worker.
+- ``fresh``: every job a fresh Python process logging to MLflow itself and rendering its
+  images (``SAEFT_WORKER=off SAEFT_TRACKING=live SAEFT_IMAGE_CACHE=``): how every job ran
+  before the worker.
 
 For every job, the wall time is Snakemake's benchmark of it (the whole shell command) and the
 work is what the job timed around its stage function (the ``done in`` line of its log, imports
@@ -38,7 +39,7 @@ TINY = ROOT / "tests" / "data" / "tiny_study.yaml"
 MODES = {
     "default": {},
     "tracking-off": {"SAEFT_TRACKING": "off"},
-    "fresh": {"SAEFT_WORKER": "off", "SAEFT_TRACKING": "live"},
+    "fresh": {"SAEFT_WORKER": "off", "SAEFT_TRACKING": "live", "SAEFT_IMAGE_CACHE": ""},
 }
 DONE = re.compile(r"done in [0-9.]+s \((.*)\)")
 IMPORTED = ("torch", "torchvision", "open_clip", "mlflow", "pandas", "h5py", "matplotlib", "numpy", "safetensors", "saeft")
@@ -47,7 +48,7 @@ IMPORTED = ("torch", "torchvision", "open_clip", "mlflow", "pandas", "h5py", "ma
 def run_study(folder: Path, env_overrides: dict[str, str], cores: int) -> float:
     """Run the tiny study from scratch in ``folder``; its wall time in seconds."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **env_overrides}
-    for name in ("SAEFT_WORKER", "SAEFT_TRACKING"):
+    for name in ("SAEFT_WORKER", "SAEFT_TRACKING", "SAEFT_IMAGE_CACHE"):
         if name not in env_overrides:
             env.pop(name, None)
     started = time.monotonic()
