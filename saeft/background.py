@@ -6,12 +6,14 @@ start-up imports. Each logs to ``<logs>/<name>.log``."""
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from saeft.mlflow_store import tracking_mode
@@ -20,6 +22,9 @@ from saeft.worker import available
 
 logger = logging.getLogger(__name__)
 
+READY_SECONDS = 60
+"""How long starting waits for the worker to listen (its imports take seconds): the first jobs
+then run in it too. A worker not ready by then is left to start; jobs run fresh meanwhile."""
 STOP_SECONDS = 600
 """How long stopping waits for the sync process to send what is queued before killing it."""
 
@@ -29,17 +34,29 @@ _running: dict[str, tuple[subprocess.Popen, str | None]] = {}
 def start(study: str, queue: str, logs: str | os.PathLike, local: bool) -> None:
     """Start the MLflow sync when jobs spool their tracking (``SAEFT_TRACKING``), and the worker
     when jobs run on this machine (``local``: not under a cluster executor), unless
-    ``SAEFT_WORKER=off`` or the platform cannot fork one; jobs find it through ``SAEFT_WORKER``.
-    Jobs that start before the worker listens start fresh."""
+    ``SAEFT_WORKER=off``, the platform cannot fork one or a GPU is present (unless
+    ``SAEFT_WORKER=on``); waits until it listens, then points ``SAEFT_WORKER`` at it."""
     if tracking_mode() == "spool":
         _start("tracking", ["sync-tracking", "--follow", "--queue", queue, "--parent", str(os.getpid()),
                             "--experiment", study, "--study", study, "--log-level", "INFO"], logs)
-    if os.environ.get(WORKER_ENV, "").lower() == "off" or not local or not available():
-        os.environ.pop(WORKER_ENV, None)
+    asked = os.environ.pop(WORKER_ENV, "").lower()
+    reason = ("SAEFT_WORKER=off" if asked == "off" else "jobs run on a cluster" if not local
+              else "this platform cannot fork one" if not available()
+              else "a GPU is present (forking CUDA jobs is untested: SAEFT_WORKER=on to try)" if gpu_present() and asked != "on"
+              else None)
+    if reason:
+        logger.info("no warm worker: %s; every job starts a fresh Python", reason)
         return
     folder = tempfile.mkdtemp(prefix="saeft-worker-")  # short: a socket path has at most 107 bytes
-    os.environ[WORKER_ENV] = os.path.join(folder, "socket")
-    _start("worker", ["worker", "--socket", os.environ[WORKER_ENV], "--parent", str(os.getpid())], logs, folder)
+    socket_path = os.path.join(folder, "socket")
+    process = _start("worker", ["worker", "--socket", socket_path, "--parent", str(os.getpid())], logs, folder)
+    deadline = time.monotonic() + READY_SECONDS
+    while not os.path.exists(socket_path) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process.poll() is not None:
+        logger.warning("the warm worker exited (see %s): every job starts a fresh Python", Path(logs) / "worker.log")
+        return
+    os.environ[WORKER_ENV] = socket_path
 
 
 def stop() -> None:
@@ -57,10 +74,16 @@ def stop() -> None:
         del _running[name]
 
 
-def _start(name: str, args: list[str], logs: str | os.PathLike, folder: str | None = None) -> None:
+def gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU (its device files), without initialising CUDA."""
+    return os.path.exists("/dev/nvidiactl") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def _start(name: str, args: list[str], logs: str | os.PathLike, folder: str | None = None) -> subprocess.Popen:
     Path(logs).mkdir(parents=True, exist_ok=True)
     with open(Path(logs) / f"{name}.log", "ab") as log:
         # A session of its own: Ctrl-C reaches the workflow, which then stops these.
         process = subprocess.Popen([sys.executable, "-m", "saeft.cli", *args], stdout=log, stderr=log,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     _running[name] = (process, folder)
+    return process

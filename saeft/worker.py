@@ -150,9 +150,14 @@ def serve(path: str | os.PathLike, parent: int | None, run: Callable[[list[str]]
     logger.info("imported %d modules in %.1fs", len(preload), time.monotonic() - started)
     # What the imports set (torch's inductor cache folder, ...): a fresh process sets it too.
     added = {k: v for k, v in os.environ.items() if before.get(k) != v}
+    import torch
+
+    if torch.cuda.is_initialized():  # a forked child could not use CUDA
+        raise RuntimeError("CUDA was initialised while importing the stage modules: the worker cannot fork jobs")
     server = _Server(Path(path), parent, run, _import_environment(before), added)
     with server.listening():
         server.loop()
+    server.finish()
 
 
 class _Server:
@@ -186,14 +191,22 @@ class _Server:
         try:
             yield
         finally:
-            signal.set_wakeup_fd(-1)
-            self.listener.close()
+            self.listener.close()  # no new jobs; the running ones still get their status
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-            logger.info("stopped")
 
     def _stop(self, *_: Any) -> None:
         self.stopping = True
+
+    def finish(self) -> None:
+        """After the last accepted job: wait for the running children (their clients wait for
+        their status) unless the workflow is gone."""
+        while self.children and (self.parent is None or process_alive(self.parent)):
+            self._reap()
+            if self.children:
+                time.sleep(0.05)
+        signal.set_wakeup_fd(-1)
+        logger.info("stopped")
 
     def loop(self) -> None:
         while not self.stopping and (self.parent is None or process_alive(self.parent)):
@@ -240,7 +253,8 @@ class _Server:
             os.close(fd)
         self.children[pid] = conn
         self.commands[pid] = (" ".join(request["argv"][:1]), time.monotonic())
-        conn.send(json.dumps({"pid": pid}).encode())
+        with contextlib.suppress(OSError):  # a client gone already: the loop sees its socket close
+            conn.send(json.dumps({"pid": pid}).encode())
 
     def _refusal(self, request: dict[str, Any]) -> str | None:
         if {k: request.get(k) for k in self.identity} != self.identity:

@@ -128,3 +128,27 @@ def test_an_edited_source_file_makes_the_worker_refuse(tmp_path, monkeypatch):
     server.sources = {**server.sources, next(iter(server.sources)): 0}  # as if edited since
     assert server._refusal(request) == "saeft's source changed since the worker started"
     assert server._refusal({**request, "executable": "/other/python"}) == "another interpreter or checkout"
+
+
+def test_the_workflow_starts_the_worker_ready_and_stops_it(tmp_path, monkeypatch):
+    from saeft import background
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAEFT_TRACKING", "off")  # the worker alone
+    monkeypatch.delenv(worker.ENV, raising=False)
+    background.start("study", str(tmp_path / "queue"), tmp_path / "logs", local=False)  # a cluster run: none
+    assert worker.ENV not in os.environ and not (tmp_path / "logs").exists()
+    monkeypatch.setattr(background, "gpu_present", lambda: False)
+    background.start("study", str(tmp_path / "queue"), tmp_path / "logs", local=True)
+    try:
+        socket_path = Path(os.environ[worker.ENV])
+        assert socket_path.exists()  # ready before the first job
+        warm = _saeft({**os.environ}, "schema", cwd=tmp_path)
+        assert warm.returncode == 0 and "schema (pid" in (tmp_path / "logs" / "worker.log").read_text()
+    finally:
+        background.stop()
+    assert worker.ENV not in os.environ and not socket_path.parent.exists()
+    assert "stopped" in (tmp_path / "logs" / "worker.log").read_text()
+    monkeypatch.setattr(background, "gpu_present", lambda: True)  # untested with CUDA: off unless asked
+    background.start("study", str(tmp_path / "queue"), tmp_path / "logs", local=True)
+    assert worker.ENV not in os.environ
