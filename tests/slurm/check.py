@@ -19,7 +19,10 @@ def fail(message: str) -> None:
 
 def main(work: Path) -> None:
     slurm, local = work / "slurm", work / "local"
-    logs = sorted((slurm / "logs" / STUDY).rglob("*.log"))
+    # logs/<study>/workflow/ holds the run's MLflow sync, which runs beside Snakemake: no job.
+    logs = sorted(p for p in (slurm / "logs" / STUDY).rglob("*.log") if p.parent.name != "workflow")
+    if (slurm / "logs" / STUDY / "workflow" / "worker.log").exists():
+        fail("a warm worker started under the SLURM executor: its jobs run elsewhere")
     if len(logs) < 10:
         fail(f"only {len(logs)} job logs under {slurm / 'logs' / STUDY}")
     accounted = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-S", "now-1hour"],
