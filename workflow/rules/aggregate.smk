@@ -31,6 +31,7 @@ rule aggregate_tables:
     params:
         files=job_files(aggregate_tables_files),
         settings=job_settings("aggregate_tables", aggregate_tables_settings),
+    threads: 1
     log: job_log("aggregate_tables"),
     benchmark: job_benchmark("aggregate_tables"),
     conda: "../envs/saeft.yaml"

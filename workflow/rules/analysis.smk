@@ -34,6 +34,7 @@ rule analyze_features:
     params:
         files=job_files(analyze_files),
         settings=job_settings("analyze_features", analyze_settings),
+    threads: 1
     log: job_log("analyze_features", "{model}/{dataset}/{run}"),
     benchmark: job_benchmark("analyze_features", "{model}/{dataset}/{run}"),
     conda: "../envs/saeft.yaml"
@@ -72,6 +73,7 @@ rule plot_feature_cards:
     params:
         files=job_files(cards_files),
         settings=job_settings("plot_feature_cards", cards_settings),
+    threads: 1
     log: job_log("plot_feature_cards", "{model}/{dataset}"),
     benchmark: job_benchmark("plot_feature_cards", "{model}/{dataset}"),
     conda: "../envs/saeft.yaml"
@@ -105,6 +107,7 @@ rule aggregate_features:
     params:
         files=job_files(aggregate_features_files),
         settings=job_settings("aggregate_features", aggregate_features_settings),
+    threads: 1
     log: job_log("aggregate_features"),
     benchmark: job_benchmark("aggregate_features"),
     conda: "../envs/saeft.yaml"

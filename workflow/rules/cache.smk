@@ -29,6 +29,7 @@ rule cache_activations:
     params:
         files=job_files(cache_files),
         settings=job_settings("cache_activations", cache_settings),
+    threads: 1
     log: job_log("cache_activations", "{model}/{dataset}/{split}"),
     benchmark: job_benchmark("cache_activations", "{model}/{dataset}/{split}"),
     conda: "../envs/saeft.yaml"
@@ -45,6 +46,7 @@ rule cache_views:
     params:
         files=job_files(cache_files),
         settings=job_settings("cache_views", cache_views_settings),
+    threads: 1
     log: job_log("cache_views", "{model}/{dataset}/{split}"),
     benchmark: job_benchmark("cache_views", "{model}/{dataset}/{split}"),
     conda: "../envs/saeft.yaml"

@@ -16,6 +16,7 @@ rule check_dataset:
     params:
         files=job_files(check_dataset_files),
         settings=job_settings("check_dataset", check_dataset_settings),
+    threads: 1
     log: job_log("check_dataset", "{dataset}/{split}"),
     benchmark: job_benchmark("check_dataset", "{dataset}/{split}"),
     conda: "../envs/saeft.yaml"

@@ -75,6 +75,7 @@ rule evaluate_model:
     params:
         files=job_files(evaluate_files),
         settings=job_settings("evaluate_model", evaluate_settings),
+    threads: 1
     log: job_log("evaluate_model", "{model}/{dataset}/{run}"),
     benchmark: job_benchmark("evaluate_model", "{model}/{dataset}/{run}"),
     conda: "../envs/saeft.yaml"

@@ -43,6 +43,7 @@ rule finetune:
     params:
         files=job_files(finetune_files),
         settings=job_settings("finetune", finetune_settings),
+    threads: 1
     log: job_log("finetune", "{model}/{dataset}/{method}/seed{seed}"),
     benchmark: job_benchmark("finetune", "{model}/{dataset}/{method}/seed{seed}"),
     conda: "../envs/saeft.yaml"

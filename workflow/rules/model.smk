@@ -62,6 +62,7 @@ rule prepare_model:
         source=pretrained_source(),
         files=job_files(prepare_files),
         settings=job_settings("prepare_model", prepare_settings),
+    threads: 1
     log: job_log("prepare_model", "{model}"),
     benchmark: job_benchmark("prepare_model", "{model}"),
     conda: "../envs/saeft.yaml"
@@ -87,6 +88,7 @@ rule build_zeroshot_head:
     params:
         files=job_files(head_files),
         settings=job_settings("build_zeroshot_head", head_settings),
+    threads: 1
     log: job_log("build_zeroshot_head", "{model}/{dataset}"),
     benchmark: job_benchmark("build_zeroshot_head", "{model}/{dataset}"),
     conda: "../envs/saeft.yaml"

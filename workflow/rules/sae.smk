@@ -47,6 +47,7 @@ rule train_sae:
     params:
         files=job_files(sae_files),
         settings=job_settings("train_sae", sae_settings),
+    threads: 1
     log: job_log("train_sae", "{model}/{dataset}"),
     benchmark: job_benchmark("train_sae", "{model}/{dataset}"),
     conda: "../envs/saeft.yaml"
@@ -65,6 +66,7 @@ if SAE_SWEEP:
         params:
             files=job_files(sae_sweep_files),
             settings=job_settings("train_sae_sweep", sae_sweep_settings),
+        threads: 1
         log: job_log("train_sae_sweep", "{model}/{dataset}"),
         benchmark: job_benchmark("train_sae_sweep", "{model}/{dataset}"),
         conda: "../envs/saeft.yaml"

@@ -28,6 +28,7 @@ checkpoint select_variants:
     params:
         files=job_files(select_variants_files),
         settings=job_settings("select_variants", select_variants_settings),
+    threads: 1
     log: job_log("select_variants", "{model}/{dataset}"),
     benchmark: job_benchmark("select_variants", "{model}/{dataset}"),
     conda: "../envs/saeft.yaml"

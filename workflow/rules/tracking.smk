@@ -25,6 +25,7 @@ rule sync_mlflow:
     # No output: a target rule that runs whenever it is asked for.
     params:
         queue=tracking_queue(),
+    threads: 1
     log: job_log("sync_mlflow"),
     conda: "../envs/saeft.yaml"
     shell:
