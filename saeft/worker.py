@@ -228,14 +228,19 @@ class _Server:
 
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
+        conn.settimeout(10)  # a client that connects and sends nothing must not stall the others
+        fds: list[int] = []
         try:
             message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
             request = json.loads(message)
-        except (OSError, ValueError) as exc:
-            logger.warning("bad request: %s", exc)
+            reason = self._refusal(request) if len(fds) == 3 else "no standard streams"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("bad request: %r", exc)
             conn.close()
+            for fd in fds:
+                os.close(fd)
             return
-        reason = self._refusal(request) if len(fds) == 3 else "no standard streams"
+        conn.settimeout(None)
         if reason:
             logger.info("refused %s: %s", " ".join(request.get("argv", [])[:1]), reason)
             with contextlib.suppress(OSError):

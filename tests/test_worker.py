@@ -152,3 +152,17 @@ def test_the_workflow_starts_the_worker_ready_and_stops_it(tmp_path, monkeypatch
     monkeypatch.setattr(background, "gpu_present", lambda: True)  # untested with CUDA: off unless asked
     background.start("study", str(tmp_path / "queue"), tmp_path / "logs", local=True)
     assert worker.ENV not in os.environ
+
+
+def test_a_malformed_request_or_a_silent_client_leaves_the_worker_serving(served, tmp_path):
+    import socket
+
+    env, log, _ = served
+    for payload, answer in ((b"not JSON", b""), (b'{"argv": ["schema"]}', b'{"refused": "another interpreter or checkout"}')):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.connect(env[worker.ENV])
+            socket.send_fds(sock, [payload], [0, 1, 2])
+            assert sock.recv(1024) == answer  # hung up on, or refused
+    assert "bad request" in log.read_text()
+    warm = _saeft(env, "schema", cwd=tmp_path)
+    assert warm.returncode == 0 and '"$schema"' in warm.stdout
