@@ -323,9 +323,8 @@ def _add_export_command(sub: Any) -> None:
 
 def _serve_worker(args: argparse.Namespace) -> dict[str, Any]:
     """``saeft worker``: serve jobs until stopped; each forked child runs :func:`run`."""
-    from saeft.worker import serve
-
     from saeft.mlflow_store import tracking_mode
+    from saeft.worker import serve
 
     # Jobs of a workflow spool their tracking: MLflow is imported by them only when live.
     preload = ["torch", "numpy", "pandas", "h5py", "safetensors.torch", "saeft.commands",
@@ -378,10 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``saeft`` command; returns the exit status. Inside a workflow run the
     warm worker (:mod:`saeft.worker`) runs the command when it can; otherwise this process does."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("SAEFT_WORKER") and argv[:1] != ["worker"]:
-        from saeft.worker import run_command
+    from saeft import worker  # standard library only: cheap for every command
 
-        status = run_command(argv)
+    if os.environ.get(worker.ENV) and argv[:1] != ["worker"]:
+        status = worker.run_command(argv)
         if status is not None:
             return status
     return run(argv)
