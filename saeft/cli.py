@@ -167,7 +167,8 @@ def _add_training_commands(sub: Any) -> None:
                    help="HDF5 caches of evaluation splits: FVU, L0 and dead latents per split in sae.json")
 
     p = add("train-sae-sweep", commands.cmd_train_sae_sweep, "train the SAEs of sae.sweep, one folder each")
-    p.add_argument("--train", required=True, help="HDF5 cache of the training embeddings")
+    p.add_argument("--train", required=True, nargs="+", metavar="[DATA=]PATH",
+                   help="HDF5 cache of the training embeddings, or one per sae.data value of the entries (id=PATH pretrain=PATH)")
     p.add_argument("--heldout", required=True, help="HDF5 cache of held-out embeddings (metrics)")
     _config(p, "SAE section (defaults plus a 'sweep' list of named overrides)")
     p.add_argument("--out-dir", required=True, help="folder of {name}/sae.safetensors and sae.json")

@@ -100,7 +100,10 @@ def cmd_train_sae_sweep(args: argparse.Namespace) -> dict[str, Any]:
     cfgs = sae.sweep_configs(args.config)
     if not cfgs:
         raise ValueError("train-sae-sweep: the config lists no sae.sweep entries")
-    return sae.run_sweep(args.train, args.heldout, args.out_dir, cfgs, head=args.head, evals=_split_paths(args.eval, "--eval"),
+    train = _split_paths(args.train, "--train") if any("=" in item for item in args.train) else args.train[0]
+    if len(args.train) > 1 and not isinstance(train, dict):
+        raise ValueError("train-sae-sweep: several --train caches must each be DATA=PATH (id=..., pretrain=...)")
+    return sae.run_sweep(train, args.heldout, args.out_dir, cfgs, head=args.head, evals=_split_paths(args.eval, "--eval"),
                          curves=lambda name, step, values: RUN.log_curve(_prefixed(f"{name}/train/", values), step))
 
 

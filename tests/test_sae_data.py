@@ -75,8 +75,30 @@ def test_dead_after_zero_means_one_epoch_of_the_training_data():
     assert Trainer("b", SAETrainConfig(expansion=2, k=2, dead_after=50), 8, total_steps=10, n_train=1234).dead_after == 50
     with pytest.raises(ConfigError, match="sae.data"):
         SAETrainConfig(data="test")
-    with pytest.raises(ConfigError, match=r"sae.sweep.0.data: unknown key"):
-        sweep_configs({"sweep": [{"name": "x", "data": "pretrain"}]})
+    assert sweep_configs({"sweep": [{"name": "x", "data": "pretrain"}]})["x"].data == "pretrain"
+    with pytest.raises(ConfigError, match=r"sae.sweep.0.data"):
+        sweep_configs({"sweep": [{"name": "x", "data": "test"}]})
+
+
+def test_sweep_entries_train_on_their_own_data(tmp_path):
+    """A sweep entry with `data: pretrain` trains on the pretraining cache, the others on the ID
+    one, in one job; a missing cache is named."""
+    from saeft.sae import run_sweep
+
+    data = _sparse_data(1000, d=16, seed=2)
+    labels = np.zeros(len(data), dtype=np.int64)
+    _write_cache(tmp_path / "id.h5", data[:300], labels[:300])
+    _write_cache(tmp_path / "pretrain.h5", data[300:800], labels[300:800])
+    _write_cache(tmp_path / "heldout.h5", data[800:], labels[800:])
+    section = {"expansion": 2, "k": 2, "epochs": 1, "batch_size": 64, "warmup_steps": 0,
+               "sweep": [{"name": "photos"}, {"name": "corpus", "data": "pretrain"}]}
+    caches = {"id": tmp_path / "id.h5", "pretrain": tmp_path / "pretrain.h5"}
+    flat = run_sweep(caches, tmp_path / "heldout.h5", tmp_path / "out", sweep_configs(section))
+    assert flat["photos.n_train"] == 300 and flat["corpus.n_train"] == 500
+    record = json.loads((tmp_path / "out" / "corpus" / "sae.json").read_text())
+    assert record["train_cache"] == str(tmp_path / "pretrain.h5") and record["config"]["data"] == "pretrain"
+    with pytest.raises(ValueError, match="sae.data 'pretrain': no training cache"):
+        run_sweep({"id": tmp_path / "id.h5"}, tmp_path / "heldout.h5", tmp_path / "out2", sweep_configs(section))
 
 
 def test_sae_json_reports_metrics_per_eval_split(tmp_path):
@@ -123,3 +145,14 @@ def test_sae_data_pretrain_plans_the_sae_on_the_pretraining_corpus(tmp_path):
     for plan in plans.values():
         assert "--heldout results/tiny/cache/saeft-tiny-rn/shapes/sae_heldout.h5" in plan
         assert "sketch=results/tiny/cache/saeft-tiny-rn/shapes/sketch.h5" in plan
+    # A sweep entry may train on the other data: the sweep job gets one cache per data value.
+    config["sae"]["data"] = "id"
+    config["sae"]["sweep"] = [{"name": "corpus", "data": "pretrain"}, {"name": "photos", "k": 2}]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "-d", str(tmp_path / "sweep"),
+                             "--configfile", str(tmp_path / "sweep.yaml"), "-n", "-p", "--until", "train_sae_sweep"],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = next(line for line in (result.stdout + result.stderr).splitlines() if "saeft train-sae-sweep " in line)
+    assert ("--train id=results/tiny/cache/saeft-tiny-rn/shapes/sae_train.h5 "
+            "pretrain=results/tiny/cache/saeft-tiny-rn/shapes/pretrain.h5") in plan

@@ -110,7 +110,7 @@ def _sweep_schema() -> dict[str, Any]:
     """``sae.sweep``: entries of overrides on the other ``sae`` keys, each with a name."""
     from saeft.config.base import schema_of
 
-    entry = schema_of(SAETrainConfig, defaults=False, exclude=("sweep", "data"))  # a sweep trains on the main SAE's data
+    entry = schema_of(SAETrainConfig, defaults=False, exclude=("sweep",))
     entry["properties"]["name"] = {"type": "string", "pattern": "^[a-z0-9_]+$", "description": "the SAE's name (methods pick it with 'sae')"}
     entry["required"] = ["name"]
     entry.pop("description", None)

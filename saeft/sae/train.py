@@ -64,8 +64,17 @@ def train_sae(
     return result["sae"]
 
 
+def train_cache_for(train_h5: str | os.PathLike | Mapping[str, str | os.PathLike], cfg: SAETrainConfig) -> str | os.PathLike:
+    """The training cache of an SAE: ``train_h5`` itself, or its entry for the SAE's ``data``."""
+    if not isinstance(train_h5, Mapping):
+        return train_h5
+    if cfg.data not in train_h5:
+        raise ValueError(f"sae.data {cfg.data!r}: no training cache given for it (given: {', '.join(sorted(train_h5)) or 'none'})")
+    return train_h5[cfg.data]
+
+
 def train_saes(
-    train_h5: str | os.PathLike,
+    train_h5: str | os.PathLike | Mapping[str, str | os.PathLike],
     heldout_h5: str | os.PathLike,
     cfgs: Mapping[str, SAETrainConfig],
     *,
@@ -74,8 +83,9 @@ def train_saes(
     evals: Mapping[str, str | os.PathLike] | None = None,
     curves: CurvesSink | None = None,
 ) -> dict[str, tuple[TopKSAE, dict[str, Any]]]:
-    """Train several SAEs on one cache; those sharing the data keys (epochs, batch size, seed,
+    """Train several SAEs; those sharing the data keys (``data``, epochs, batch size, seed,
     normalisation, shuffle buffer) train side by side on the same batches, in one pass.
+    ``train_h5`` is one cache, or one per ``data`` value (``{"id": ..., "pretrain": ...}``).
 
     With ``checkpoint`` (a file path; groups after the first add ``.{i}``), each group saves its
     state after every epoch and resumes from a checkpoint saved under the same configs; the
@@ -91,13 +101,14 @@ def train_saes(
         head_weight = head_weight.float()
     groups: dict[tuple, dict[str, SAETrainConfig]] = {}
     for name, cfg in cfgs.items():
-        groups.setdefault(tuple(getattr(cfg, key) for key in _DATA_KEYS), {})[name] = cfg
+        groups.setdefault((str(train_cache_for(train_h5, cfg)), *(getattr(cfg, key) for key in _DATA_KEYS)), {})[name] = cfg
     results: dict[str, tuple[TopKSAE, dict[str, Any]]] = {}
     for i, group in enumerate(groups.values()):
         path = None
         if checkpoint is not None:
             path = Path(checkpoint) if i == 0 else Path(f"{checkpoint}.{i}")
-        results.update(_train_group(train_h5, heldout_h5, heldout_raw, labels, head_weight, group, path, curves))
+        group_cache = train_cache_for(train_h5, next(iter(group.values())))
+        results.update(_train_group(group_cache, heldout_h5, heldout_raw, labels, head_weight, group, path, curves))
     for name, path in (evals or {}).items():
         raw, split_labels = read_cache(path, labels=True)
         for sae, metrics in results.values():
@@ -391,7 +402,7 @@ def run(
 
 
 def run_sweep(
-    train_h5: str | os.PathLike,
+    train_h5: str | os.PathLike | Mapping[str, str | os.PathLike],
     heldout_h5: str | os.PathLike,
     out_dir: str | os.PathLike,
     cfgs: Mapping[str, SAETrainConfig],
@@ -401,7 +412,8 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Stage ``train_sae_sweep``: train every named SAE (one pass where they share the data
     keys) and write ``{out_dir}/{name}/sae.safetensors`` and ``sae.json`` for each; returns the
-    metrics as ``{name}.{metric}``. ``curves``: see :data:`CurvesSink`."""
+    metrics as ``{name}.{metric}``. ``train_h5``: one cache, or one per ``data`` value of the
+    entries. ``curves``: see :data:`CurvesSink`."""
     out_dir = Path(out_dir)
     results = train_saes(
         train_h5, heldout_h5, cfgs, head=head, checkpoint=out_dir / f"sweep-{CHECKPOINT_NAME}", evals=evals, curves=curves
@@ -410,7 +422,7 @@ def run_sweep(
     for name, (sae, metrics) in results.items():
         _write_outputs(
             sae, metrics, cfgs[name], out_dir / name / "sae.safetensors", out_dir / name / "sae.json",
-            train_h5, heldout_h5,
+            train_cache_for(train_h5, cfgs[name]), heldout_h5,
         )
         flat.update({f"{name}.{key}": value for key, value in metrics.items() if key != "splits"})
     return flat

@@ -17,6 +17,14 @@ def sae_inputs(wildcards):
     }
 
 
+def sae_sweep_inputs(wildcards):
+    """sae_inputs, with a training cache per `data` value the sweep's entries train on."""
+    spec = get_dataset(wildcards.dataset)
+    base = f"{R}/cache/{wildcards.model}/{wildcards.dataset}"
+    kinds = sorted({entry.get("data", config["sae"]["data"]) for entry in config["sae"]["sweep"]})
+    return {**sae_inputs(wildcards), "train": [f"{base}/{spec.sae_splits(kind)[0]}.h5" for kind in kinds]}
+
+
 def sae_files(wildcards, input, output):
     """The SAE's data (training and held-out caches, the zero-shot head, each eval split's cache)
     and what it writes."""
@@ -30,8 +38,11 @@ def sae_settings(wildcards):
 
 
 def sae_sweep_files(wildcards, input, output):
-    """sae_files, and the folder of the entries' folders (from the outputs: <out-dir>/<name>/<leaf>)."""
-    return {**sae_files(wildcards, input, output), "--out-dir": os.path.dirname(os.path.dirname(output[0]))}
+    """sae_files with each training cache named by its `data`, and the folder of the entries'
+    folders (from the outputs: <out-dir>/<name>/<leaf>)."""
+    kinds = sorted({entry.get("data", config["sae"]["data"]) for entry in config["sae"]["sweep"]})
+    return {**sae_files(wildcards, input, output), "--train": [f"{kind}={path}" for kind, path in zip(kinds, input.train)],
+            "--out-dir": os.path.dirname(os.path.dirname(output[0]))}
 
 
 def sae_sweep_settings(wildcards):
@@ -60,7 +71,7 @@ if SAE_SWEEP:
 
     rule train_sae_sweep:
         input:
-            unpack(sae_inputs),
+            unpack(sae_sweep_inputs),
         output:
             [f"{R}/sae/{{model}}/{{dataset}}/{name}/{leaf}" for name in SAE_SWEEP for leaf in ("sae.safetensors", "sae.json")],
         params:
