@@ -82,6 +82,23 @@ def test_captions_name_class_and_style():
     assert "star" in text and ("sketch" in text or "drawing" in text)
 
 
+def test_styleless_captions_name_the_class_alone_at_their_share():
+    """At 0 the captions (and the random stream) are those of before; at 0.5 about half the
+    captions name no style."""
+    words = {w for styles in synthetic.STYLE_WORDS.values() for style in styles for w in style.split()}
+    plain = np.random.default_rng(1)
+    styled = [synthetic.caption(c % 10, "rendition", plain) for c in range(50)]
+    corpus = synthetic.pretrain_corpus(synthetic.WorldConfig(pretrain_per_class=1, image_size=16))
+    again = np.random.default_rng(1)
+    assert [corpus.caption(c % 10, "rendition", again) for c in range(50)] == styled
+    mixed = synthetic.pretrain_corpus(synthetic.WorldConfig(pretrain_per_class=1, image_size=16, styleless_captions=0.5))
+    rng = np.random.default_rng(2)
+    texts = [mixed.caption(c % 10, "sketch", rng) for c in range(400)]
+    bare = [t for t in texts if not words & set(t.rstrip(".").split())]
+    assert 0.4 < len(bare) / len(texts) < 0.6
+    assert all(synthetic.CLASSNAMES[i % 10] in t for i, t in enumerate(texts))
+
+
 def test_bad_world_config_names_the_key():
     with pytest.raises(ConfigError, match="synthetic.spurious"):
         synthetic.WorldConfig(spurious=1.5)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import functools
 import logging
 import zlib
 from typing import Literal
@@ -107,6 +108,9 @@ class WorldConfig(StageConfig):
     """Probability that an ID photo's background hue is its class's hue (the shortcut)."""
     spurious_resampled: Fraction = 0.5
     """The same probability in the ``resampled`` shift (ImageNet-V2-like, weaker shortcut)."""
+    styleless_captions: Fraction = 0.0
+    """Share of pretraining captions that name the class alone ("a circle."), as most web
+    captions name no style; the others name class and style. 0 keeps every caption styled."""
     object_scale: Annotated[float, Schema(exclusive_minimum=0, maximum=2)] = 1.0
     """Size of the objects in every domain, relative to the original renderer (1: about a third
     of the image side); larger objects are easier to tell apart at a given resolution."""
@@ -154,8 +158,15 @@ def render_image(cfg: WorldConfig, split: str, index: int) -> tuple[np.ndarray, 
     return _downsample(image), label
 
 
-def caption(label: int, domain: str, rng: np.random.Generator) -> str:
-    """A pretraining caption naming the class and the style of the image."""
+STYLELESS_TEMPLATES: tuple[str, ...] = ("a {c}.", "the {c}.", "a picture of a {c}.", "an image of the {c}.")
+"""Captions that name the class alone (``synthetic.styleless_captions``)."""
+
+
+def caption(label: int, domain: str, rng: np.random.Generator, styleless: float = 0.0) -> str:
+    """A pretraining caption naming the class and the style of the image; with probability
+    ``styleless``, the class alone (no random number is drawn for it at 0)."""
+    if styleless > 0 and rng.random() < styleless:
+        return STYLELESS_TEMPLATES[rng.integers(len(STYLELESS_TEMPLATES))].format(c=CLASSNAMES[label])
     style = STYLE_WORDS[domain][rng.integers(len(STYLE_WORDS[domain]))]
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
     return template.format(style=style, c=CLASSNAMES[label])
@@ -166,7 +177,8 @@ def pretrain_corpus(cfg: WorldConfig) -> PretrainCorpus:
     photos, no shortcut."""
     images, labels = render_split(cfg, "pretrain")
     domains = np.array([split_label_and_domain("pretrain", i)[1] for i in range(len(labels))])
-    return PretrainCorpus(images=images, labels=labels, domains=domains, caption=caption)
+    return PretrainCorpus(images=images, labels=labels, domains=domains,
+                          caption=functools.partial(caption, styleless=cfg.styleless_captions))
 
 
 # --------------------------------------------------------------------------------------------
