@@ -42,7 +42,10 @@ _VALUE = re.compile(r"[A-Za-z0-9_.+-]+")
 
 def format_value(value: Any) -> str:
     """A parameter value as a variant label writes it: numbers in their shortest form (``10``,
-    ``0.001``, ``1e-05``), booleans ``true``/``false``, strings as they are."""
+    ``0.001``, ``1e-05``), booleans ``true``/``false``, None ``null`` (as YAML writes it; e.g.
+    ``sae=null``, the main SAE), strings as they are."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     text = f"{value:g}" if isinstance(value, (int, float)) else str(value)

@@ -111,9 +111,20 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, text, key):
 
 def test_a_method_may_name_an_sae_of_the_sweep():
     config = default_config()
-    config["sae"]["sweep"] = [{"name": "x8", "expansion": 8}]
+    config["sae"]["sweep"] = [*config["sae"].get("sweep", []), {"name": "x8", "expansion": 8}]
     config["methods"]["saeft"]["sae"] = "x8"
     validate_config(copy.deepcopy(config))
+    # A grid may try dictionaries (null: the main sae:); each name must be in the sweep.
+    config["methods"]["saeft"]["grid"] = {"lambda": [1], "sae": [None, "x8"]}
+    validate_config(copy.deepcopy(config))
+    from saeft.variants import expand
+
+    variants = expand("saeft", config["methods"]["saeft"])
+    assert variants["saeft@lambda=1,sae=null"]["sae"] is None and variants["saeft@lambda=1,sae=x8"]["sae"] == "x8"
+    config["methods"]["saeft"]["grid"] = {"lambda": [1], "sae": ["x16"]}
+    with pytest.raises(ConfigError, match=r"methods.saeft.sae: 'x16' is not in sae.sweep .*variant saeft@lambda=1,sae=x16"):
+        validate_config(copy.deepcopy(config))
+    del config["methods"]["saeft"]["grid"]
     config["methods"]["saeft"]["sae"] = "x16"
     with pytest.raises(ConfigError, match="methods.saeft.sae: 'x16' is not in sae.sweep"):
         validate_config(copy.deepcopy(config))
@@ -137,11 +148,12 @@ def test_k_larger_than_the_dictionary_fails_at_load():
     with pytest.raises(ConfigError, match=r"sae.k: 65 is larger than the dictionary \(expansion 1 x 64-dim"):
         validate_config(copy.deepcopy(config))
     config["sae"]["k"] = 64
-    config["sae"]["sweep"] = [{"name": "wide", "expansion": 4}, {"name": "dense", "k": 1000}]
-    with pytest.raises(ConfigError, match="sae.sweep.1.k: 1000"):
+    kept = config["sae"].get("sweep", [])  # the default study's own entries stay (its grid names them)
+    config["sae"]["sweep"] = [*kept, {"name": "wide", "expansion": 4}, {"name": "dense", "k": 1000}]
+    with pytest.raises(ConfigError, match=f"sae.sweep.{len(kept) + 1}.k: 1000"):
         validate_config(copy.deepcopy(config))
     config["model"]["name"] = "ViT-B-16"  # 512-dim: k 129 at expansion 1 fits
-    config["sae"].update(k=129, sweep=[{"name": "wide", "expansion": 4}])
+    config["sae"].update(k=129, sweep=[*kept, {"name": "wide", "expansion": 4}])
     validate_config(copy.deepcopy(config))
 
 

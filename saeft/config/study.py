@@ -90,7 +90,7 @@ def _variant_schemas(params: dict[str, Any], method: str) -> dict[str, Any]:
         raise ValueError(f"methods.{method}: parameter(s) {', '.join(clash)} are also finetune keys a variant may set "
                          "(saeft.config.finetune.RUN_KEYS): rename the method's parameter")
     keys = {**params["properties"], **{key: finetune[key] for key in RUN_KEYS}}
-    grid = {key: {"type": "array", "items": prop, "minItems": 1} for key, prop in keys.items() if key != "sae"}
+    grid = {key: {"type": "array", "items": prop, "minItems": 1} for key, prop in keys.items()}
     named = {**params, "properties": {"name": {"type": "string", "pattern": "^[a-z0-9_]+$"}, **keys},
              "required": ["name"]}
     return {
