@@ -46,7 +46,10 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
     logger.info("pretraining %s on %d captioned images of %s, %d pairs per batch", arch, len(labels), cfg.dataset, len(groups))
 
     loss_fn = open_clip_module().ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused kernel updates every parameter in one pass: the 3.2M token embeddings of the text
+    # tower made the optimiser step a quarter of a CPU step.
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters()) or None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
     progress = Progress(cfg.steps, "pretrain")
     points = Curve(curve, cfg.steps)

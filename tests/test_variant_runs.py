@@ -86,8 +86,13 @@ def test_a_grid_over_lr_plans_one_finetune_per_value_with_its_lr(tmp_path):
         assert cfg.lr == lr and cfg.epochs == 3 and cfg.method_params == {}
     # The other methods keep the study's lr; every job gets pretrain_clip's schedule (config.yaml).
     saeft = next(job for run, job in jobs.items() if run.startswith("saeft@"))
-    assert saeft["config"]["lr"] == 0.0003 and "lr" not in saeft["config"]["method_params"]
-    assert all(job["pretrain"] == {"lr": 0.002, "steps": 3000, "warmup_steps": 100} for job in jobs.values())
+    import yaml
+    from pathlib import Path
+
+    study = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+    assert saeft["config"]["lr"] == study["finetune"]["lr"] and "lr" not in saeft["config"]["method_params"]
+    schedule = {key: study["pretrain"][key] for key in ("lr", "steps", "warmup_steps")}
+    assert all(job["pretrain"] == schedule for job in jobs.values())
 
 
 # -- the regime against the pretraining -------------------------------------------------------
