@@ -35,16 +35,32 @@ def top1(predicted: np.ndarray, target: np.ndarray) -> float:
 def macro_f1(predicted: np.ndarray, target: np.ndarray) -> float:
     """Mean F1 over the classes that occur in ``target`` (a class only predicted counts as a false
     positive of the others, not as a class of its own)."""
-    classes = np.unique(target)
-    if len(classes) == 0:
+    if len(target) == 0:
         return 0.0
-    scores = []
-    for c in classes:
-        tp = int(((predicted == c) & (target == c)).sum())
-        fp = int(((predicted == c) & (target != c)).sum())
-        fn = int(((predicted != c) & (target == c)).sum())
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return float(np.mean(scores))
+    return float(macro_f1_rows(np.asarray(predicted), np.asarray(target), np.arange(len(target))[None])[0])
+
+
+def macro_f1_rows(predicted: np.ndarray, target: np.ndarray, indices: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """:func:`macro_f1` of each row of ``indices`` [B, n] (the images of one bootstrap resample),
+    from per-row class counts: F1 of class c is 2 tp / (predicted c + true c), averaged over the
+    classes present in the row's targets. Rows are counted ``chunk`` at a time (one bincount of
+    chunk x classes each), so no confusion matrix is built."""
+    labels, codes = np.unique(np.concatenate([np.asarray(target).ravel(), np.asarray(predicted).ravel()]), return_inverse=True)
+    n_classes = len(labels)
+    true_code, predicted_code = codes[: len(target)], codes[len(target):]
+    hit = true_code == predicted_code
+    scores = np.empty(len(indices), dtype=np.float64)
+    for start in range(0, len(indices), chunk):
+        rows = np.asarray(indices[start:start + chunk])
+        offset = np.arange(len(rows))[:, None] * n_classes
+        size = len(rows) * n_classes
+        true_count = np.bincount((offset + true_code[rows]).ravel(), minlength=size).reshape(len(rows), n_classes)
+        predicted_count = np.bincount((offset + predicted_code[rows]).ravel(), minlength=size).reshape(len(rows), n_classes)
+        tp = np.bincount((offset + true_code[rows]).ravel(), weights=hit[rows].ravel(), minlength=size).reshape(len(rows), n_classes)
+        present = true_count > 0
+        f1 = np.divide(2 * tp, true_count + predicted_count, out=np.zeros_like(tp), where=present)
+        scores[start:start + len(rows)] = f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+    return scores
 
 
 def group_accuracies(predicted: np.ndarray, target: np.ndarray, groups: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, Any]]:

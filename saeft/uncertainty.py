@@ -61,10 +61,10 @@ def _top1(predicted: np.ndarray, target: np.ndarray, groups: np.ndarray | None, 
 
 
 def _macro_f1(predicted: np.ndarray, target: np.ndarray, groups: np.ndarray | None, indices: np.ndarray) -> np.ndarray:
-    """Macro-F1 (saeft.metrics.macro_f1) on each row of ``indices``."""
-    from saeft.metrics import macro_f1
+    """Macro-F1 (saeft.metrics.macro_f1) on each row of ``indices`` (vectorised)."""
+    from saeft.metrics import macro_f1_rows
 
-    return np.array([macro_f1(predicted[rows], target[rows]) for rows in indices])
+    return macro_f1_rows(predicted, target, indices)
 
 
 def _worst_region_acc(predicted: np.ndarray, target: np.ndarray, groups: np.ndarray | None, indices: np.ndarray) -> np.ndarray:

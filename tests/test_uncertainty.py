@@ -123,6 +123,29 @@ def test_macro_f1_replicates_match_the_metric_on_resampled_arrays():
     assert len(set(np.round(r.boot[:, 0], 9))) > 1  # the resamples do move the statistic
 
 
+def test_vectorised_macro_f1_equals_the_per_class_definition():
+    """F1 per class from its tp, fp and fn, averaged over the classes of the targets: classes
+    only predicted, classes absent from a resample, string labels and chunk edges included."""
+    def by_definition(predicted, target):
+        scores = []
+        for c in np.unique(target):
+            tp = int(((predicted == c) & (target == c)).sum())
+            fp = int(((predicted == c) & (target != c)).sum())
+            fn = int(((predicted != c) & (target == c)).sum())
+            scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+        return float(np.mean(scores))
+
+    rng = np.random.default_rng(3)
+    target = rng.integers(0, 12, size=300)
+    predicted = np.where(rng.random(300) < 0.5, target, rng.integers(0, 15, size=300))
+    indices = bootstrap_indices(300, 7, seed=4)
+    rows = metrics.macro_f1_rows(predicted, target, indices, chunk=3)
+    assert rows == pytest.approx([by_definition(predicted[r], target[r]) for r in indices], abs=1e-12)
+    names = np.array([f"class{i}" for i in range(15)])
+    assert metrics.macro_f1(names[predicted], names[target]) == pytest.approx(by_definition(predicted, target), abs=1e-12)
+    assert metrics.macro_f1(np.array([1, 1]), np.array([0, 0])) == 0.0 and metrics.macro_f1(np.array([]), np.array([])) == 0.0
+
+
 def worst_region(predicted, target, groups):
     names = sorted(set(groups.tolist()))
     codes = np.array([names.index(name) for name in groups])
