@@ -4,7 +4,7 @@ Under SLURM a job's allocation decides: SLURM sets ``CUDA_VISIBLE_DEVICES`` to t
 granted, so jobs on one node never share one. A workstation has no such arbiter: Snakemake's
 ``--resources gpu=N`` bounds how many GPU jobs run at once but does not say which GPU each takes.
 There, :func:`assign_gpus` gives every job GPUs of its own through lock files, one per GPU
-(``<lock dir>/gpu<i>.lock``): a job holds an exclusive ``flock`` on its GPUs' files for as long
+(``<lock dir>/gpu<i>.lock``): a job holds an exclusive lock (``filelock``: ``flock``) on its GPUs' files for as long
 as it lives, and the kernel drops the lock when the process exits, however it exits, so a crashed
 job never leaves a GPU taken.
 
@@ -14,7 +14,6 @@ This module must not import torch: it runs before CUDA is initialised, which rea
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -22,6 +21,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class GpuSlots:
             raise ValueError(f"GpuSlots needs at least one GPU, got {n_gpus}")
         self.n_gpus = n_gpus
         self.lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
-        self._held: dict[int, int] = {}  # GPU index -> open file descriptor holding its lock
+        self._held: dict[int, FileLock] = {}  # GPU index -> the lock this object holds on it
 
     @property
     def held(self) -> list[int]:
@@ -64,15 +65,14 @@ class GpuSlots:
         return sorted(self._held)
 
     def _try(self, index: int) -> bool:
-        fd = os.open(self.lock_dir / f"gpu{index}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        path = self.lock_dir / f"gpu{index}.lock"
+        lock = FileLock(path, mode=0o666, blocking=False, preserve_lock_file=True)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            lock.acquire()
+        except Timeout:
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for people reading the folder
-        self._held[index] = fd
+        path.write_text(f"{os.getpid()}\n")  # who holds it, for people reading the folder
+        self._held[index] = lock
         return True
 
     def try_acquire(self, count: int = 1) -> list[int] | None:
@@ -108,9 +108,9 @@ class GpuSlots:
     def release(self, indices: list[int] | None = None) -> None:
         """Give back ``indices`` (default: all held)."""
         for index in list(self._held if indices is None else indices):
-            fd = self._held.pop(index, None)
-            if fd is not None:
-                os.close(fd)  # closing the descriptor drops the flock
+            lock = self._held.pop(index, None)
+            if lock is not None:
+                lock.release()
 
 
 _SLOTS: GpuSlots | None = None

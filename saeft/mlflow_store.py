@@ -6,13 +6,14 @@ study's parent run."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -84,18 +85,18 @@ def store_lock() -> Iterator[None]:
         yield
         return
     path = store.with_name(store.name + ".saeft-lock") if not store.is_dir() else store / ".saeft-lock"
+    # A FileLock per call opens its own file, so threads exclude each other as processes do.
+    lock = FileLock(path, preserve_lock_file=True)
     try:
-        handle = open(path, "a+b")
+        lock.acquire()
     except OSError as exc:
         logger.debug("no lock at %s: %s", path, exc)
         yield
         return
-    with handle:  # flock: one lock per open file, so threads exclude each other as processes do
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def open_mlflow() -> Any:
