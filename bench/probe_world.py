@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=None)
     parser.add_argument("--world", nargs="*", default=[], metavar="KEY=VALUE",
                         help="other world (synthetic) keys, e.g. object_scale=1.2 train_per_class=200")
+    parser.add_argument("--head-scale", type=float, default=1.0,
+                        help="multiply the zero-shot head (its logit scale) by this before anything uses it")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -50,6 +52,7 @@ def main() -> None:
     from saeft.config.study import validate_config
     from saeft.data.registry import get_dataset
     from saeft.models import classifier_from_zeroshot, load_classifier, preprocess_for
+    from saeft.probe import fit_linear_head
     from saeft.quality import embed_split, linear_probe_accuracy
     from saeft.weights import interpolate_weights
 
@@ -57,6 +60,12 @@ def main() -> None:
     folder = Path(args.model)
     model_path, head_path = folder / "model.safetensors", folder / "heads" / "shapes.safetensors"
     spec = get_dataset("shapes")
+    if args.head_scale != 1.0:
+        from safetensors.torch import load_file, save_file
+
+        scaled = Path(tempfile.mkdtemp()) / "head.safetensors"
+        save_file({"weight": load_file(head_path)["weight"] * args.head_scale}, scaled)
+        head_path = scaled
     zeroshot, _ = classifier_from_zeroshot(model_path, head_path)
     preprocess = preprocess_for(zeroshot.visual)
     splits = ("val", "test", *spec.ood_evals)
@@ -69,11 +78,26 @@ def main() -> None:
     def scores(logits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         out = {s: 100 * float((lg.argmax(-1) == y).float().mean()) for s, (lg, y) in logits.items()}
         out["val_loss"] = float(torch.nn.functional.cross_entropy(*logits["val"]))
+        # Confidence (mean top softmax probability) on ID test and the shifts: a mixture is pulled
+        # towards its more confident endpoint.
+        out["conf_id"] = 100 * float(logits["test"][0].softmax(-1).max(-1).values.mean())
+        out["conf_ood"] = 100 * float(np.mean([float(logits[s][0].softmax(-1).max(-1).values.mean()) for s in spec.ood_evals]))
         out["ood"] = float(np.mean([out[s] for s in spec.ood_evals]))
         return out
 
     def row(name: str, s: dict[str, float]) -> None:
-        print(f"  {name:<18}" + " ".join(f"{s[k]:6.1f}" for k in ("val", "test", *spec.ood_evals, "ood")) + f" {s['val_loss']:6.3f}", flush=True)
+        print(f"  {name:<18}" + " ".join(f"{s[k]:6.1f}" for k in ("val", "test", *spec.ood_evals, "ood")) + f" {s['val_loss']:6.3f}"
+              + f" {s['conf_id']:6.1f} {s['conf_ood']:6.1f}", flush=True)
+
+    def complementarity(a: dict, b: dict) -> str:
+        """Share of images only ``a`` gets right and only ``b`` gets right, ID test and OOD mean:
+        an ensemble of the two can only gain where each is right where the other is wrong."""
+        def only(x, y, s):
+            right_x = x[s][0].argmax(-1) == x[s][1]
+            right_y = y[s][0].argmax(-1) == y[s][1]
+            return 100 * float((right_x & ~right_y).float().mean())
+        ood = lambda x, y: float(np.mean([only(x, y, s) for s in spec.ood_evals]))
+        return f"ID {only(a, b, 'test'):.1f} / {only(b, a, 'test'):.1f}, OOD {ood(a, b):.1f} / {ood(b, a):.1f}"
 
     for spurious in args.spurious:
         world = {**config["synthetic"], **({"spurious": spurious} if spurious is not None else {})}
@@ -88,13 +112,33 @@ def main() -> None:
             images, labels = zip(*(loaded[i] for i in range(len(loaded))))
             data[split] = (torch.stack(images), torch.tensor(labels))
         print(f"world spurious={world['spurious']} (rendered in {time.monotonic() - started:.0f} s)")
-        print(f"  {'model':<18}" + " ".join(f"{k[:6]:>6}" for k in ("val", "test", *spec.ood_evals, "ood")) + " vloss")
+        print(f"  {'model':<18}" + " ".join(f"{k[:6]:>6}" for k in ("val", "test", *spec.ood_evals, "ood")) + " vloss  cf_id cf_ood")
         zs_logits = {s: logits_of(zeroshot, data[s]) for s in splits}
         zs = scores(zs_logits)
         row("zeroshot", zs)
+        # The worst class of each split: a model with blind classes is not a CLIP-like zero-shot.
+        worst = {}
+        for s in ("test", *spec.ood_evals):
+            lg, y = zs_logits[s]
+            right = (lg.argmax(-1) == y).float()
+            worst[s] = min(100 * float(right[y == c].mean()) for c in y.unique())
+        print("  zero-shot worst class: " + ", ".join(f"{s} {v:.0f}" for s, v in worst.items()))
         train_emb = embed_split(zeroshot.visual, torch.utils.data.TensorDataset(*data["train"]))
         lp = {s: 100 * linear_probe_accuracy(train_emb, embed_split(zeroshot.visual, torch.utils.data.TensorDataset(*data[s])), 10) for s in ("val", "test")}
         print(f"  linear probe val {lp['val']:.1f} test {lp['test']:.1f}")
+        # Head-only WiSE-FT: the zero-shot features fixed, the head moved from the zero-shot head
+        # to a converged probe's. How much OOD an ID-trained head loses on the zero-shot features
+        # says how domain-specific the features' class directions are (CLIP's ImageNet probe
+        # loses little: Radford et al. 2021, figure 14).
+        with torch.enable_grad():
+            probe_head = fit_linear_head(train_emb[0].detach(), train_emb[1], zeroshot.head.weight.detach().clone(), 1e-4, 500).weight
+        with torch.no_grad():
+            features = {s: embed_split(zeroshot.visual, torch.utils.data.TensorDataset(*data[s])) for s in ("test", *spec.ood_evals)}
+        for alpha in (0.25, 0.5, 1.0):
+            head = (1 - alpha) * zeroshot.head.weight.detach() + alpha * probe_head
+            acc = {s: 100 * float(((f @ head.T).argmax(-1) == y).float().mean()) for s, (f, y) in features.items()}
+            print(f"  zero-shot features, head {alpha:g} of the way to the probe's: ID {acc['test']:.1f} OOD "
+                  f"{np.mean([acc[s] for s in spec.ood_evals]):.1f} (" + " ".join(f"{acc[s]:.1f}" for s in spec.ood_evals) + ")")
         for lr in args.lrs:
             keys = {k: v for k, v in config["finetune"].items()}
             if lr is not None:
@@ -120,6 +164,7 @@ def main() -> None:
                         rows[f"wise{alpha:g}"] = scores({s: logits_of(mixed, data[s]) for s in splits})
                     ens = {s: (0.5 * zs_logits[s][0].softmax(-1) + 0.5 * ft_logits[s][0].softmax(-1), data[s][1]) for s in splits}
                     rows["ens0.5"] = scores({s: (p.log(), y) for s, (p, y) in ens.items()})
+                    print(f"  seed {seed}: right only by zero-shot / only by FT: {complementarity(zs_logits, ft_logits)}")
                     per_seed[seed] = rows
                     print(f"  seed {seed}: {time.monotonic() - t0:.0f} s", flush=True)
                 if len(tuned_states) > 1:
