@@ -73,7 +73,8 @@ def lints(output: str) -> set[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize("overrides", [[], ["--config", "sae={sweep: [{name: k4, k: 4}]}"]], ids=["default", "sae-sweep"])
+@pytest.mark.parametrize("overrides", [[], ["--config", "sae={sweep: [{name: corpus, data: pretrain}, {name: k4, k: 4}]}"]],
+                         ids=["default", "sae-sweep"])  # the default's grid names the corpus SAE
 def test_lint_warns_of_nothing_but_the_explained_warning(tmp_path, overrides):
     result = snakemake(tmp_path, "--lint", *overrides)
     output = result.stdout + result.stderr

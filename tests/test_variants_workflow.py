@@ -16,7 +16,8 @@ from test_workflow import planned_jobs, snakemake
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ROOT / "tests" / "data" / "tiny_grid.yaml"
-SAEFT = ["saeft@lambda=1,mu=1", "saeft@lambda=100,mu=1", "saeft@lambda=1,mu=10", "saeft@lambda=100,mu=10"]
+# In the grid's order (lambda, then mu): a tie on ID validation goes to the first listed.
+SAEFT = ["saeft@lambda=1,mu=1", "saeft@lambda=1,mu=10", "saeft@lambda=100,mu=1", "saeft@lambda=100,mu=10"]
 FEAT = ["feat_mse@lambda=1", "feat_mse@lambda=100"]
 
 pytestmark = pytest.mark.slow
