@@ -4,9 +4,9 @@ Under SLURM a job's allocation decides: SLURM sets ``CUDA_VISIBLE_DEVICES`` to t
 granted, so jobs on one node never share one. A workstation has no such arbiter: Snakemake's
 ``--resources gpu=N`` bounds how many GPU jobs run at once but does not say which GPU each takes.
 There, :func:`assign_gpus` gives every job GPUs of its own through lock files, one per GPU
-(``<lock dir>/gpu<i>.lock``): a job holds an exclusive lock (``filelock``: ``flock``) on its GPUs' files for as long
-as it lives, and the kernel drops the lock when the process exits, however it exits, so a crashed
-job never leaves a GPU taken.
+(``<lock dir>/gpu<i>.lock``): a job holds an exclusive lock (``filelock``, an ``flock``) on its
+GPUs' files for as long as it lives, and the kernel drops the lock when the process exits,
+however it exits, so a crashed job never leaves a GPU taken.
 
 This module must not import torch: it runs before CUDA is initialised, which reads
 ``CUDA_VISIBLE_DEVICES`` once.

@@ -54,9 +54,10 @@ def macro_f1_rows(predicted: np.ndarray, target: np.ndarray, indices: np.ndarray
         rows = np.asarray(indices[start:start + chunk])
         offset = np.arange(len(rows))[:, None] * n_classes
         size = len(rows) * n_classes
-        true_count = np.bincount((offset + true_code[rows]).ravel(), minlength=size).reshape(len(rows), n_classes)
+        true_cells = (offset + true_code[rows]).ravel()
+        true_count = np.bincount(true_cells, minlength=size).reshape(len(rows), n_classes)
         predicted_count = np.bincount((offset + predicted_code[rows]).ravel(), minlength=size).reshape(len(rows), n_classes)
-        tp = np.bincount((offset + true_code[rows]).ravel(), weights=hit[rows].ravel(), minlength=size).reshape(len(rows), n_classes)
+        tp = np.bincount(true_cells, weights=hit[rows].ravel(), minlength=size).reshape(len(rows), n_classes)
         present = true_count > 0
         f1 = np.divide(2 * tp, true_count + predicted_count, out=np.zeros_like(tp), where=present)
         scores[start:start + len(rows)] = f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)

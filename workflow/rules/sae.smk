@@ -17,12 +17,16 @@ def sae_inputs(wildcards):
     }
 
 
+def sweep_data():
+    """The `data` values the sweep's entries train on, sorted (an entry without one: `sae.data`)."""
+    return sorted({entry.get("data", config["sae"]["data"]) for entry in config["sae"]["sweep"]})
+
+
 def sae_sweep_inputs(wildcards):
     """sae_inputs, with a training cache per `data` value the sweep's entries train on."""
     spec = get_dataset(wildcards.dataset)
     base = f"{R}/cache/{wildcards.model}/{wildcards.dataset}"
-    kinds = sorted({entry.get("data", config["sae"]["data"]) for entry in config["sae"]["sweep"]})
-    return {**sae_inputs(wildcards), "train": [f"{base}/{spec.sae_splits(kind)[0]}.h5" for kind in kinds]}
+    return {**sae_inputs(wildcards), "train": [f"{base}/{spec.sae_splits(kind)[0]}.h5" for kind in sweep_data()]}
 
 
 def sae_files(wildcards, input, output):
@@ -40,8 +44,7 @@ def sae_settings(wildcards):
 def sae_sweep_files(wildcards, input, output):
     """sae_files with each training cache named by its `data`, and the folder of the entries'
     folders (from the outputs: <out-dir>/<name>/<leaf>)."""
-    kinds = sorted({entry.get("data", config["sae"]["data"]) for entry in config["sae"]["sweep"]})
-    return {**sae_files(wildcards, input, output), "--train": [f"{kind}={path}" for kind, path in zip(kinds, input.train)],
+    return {**sae_files(wildcards, input, output), "--train": [f"{kind}={path}" for kind, path in zip(sweep_data(), input.train)],
             "--out-dir": os.path.dirname(os.path.dirname(output[0]))}
 
 
