@@ -26,6 +26,16 @@ from saeft.training import CHECKPOINT_NAME, Curve, CurveSink, Progress, resume_c
 logger = logging.getLogger(__name__)
 
 
+def batch_rows(groups: list[np.ndarray], n_domains: int, per_class: int | None, rng: np.random.Generator) -> np.ndarray:
+    """The rows of one batch: ``groups`` holds the rows of each (class, domain) pair, class by
+    class; one row of every pair, or (``per_class``) of that many pairs of each class, their
+    domains drawn at random without replacement."""
+    if per_class is not None:
+        picks = [np.sort(rng.choice(n_domains, per_class, replace=False)) for _ in range(len(groups) // n_domains)]
+        groups = [groups[c * n_domains + d] for c, domains in enumerate(picks) for d in domains]
+    return np.array([group[rng.integers(len(group))] for group in groups])
+
+
 def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
         on_step: Callable[[int], None] | None = None, curve: CurveSink | None = None) -> dict[str, Any]:
     """Pretrain ``arch`` on the corpus of dataset ``cfg.dataset`` and save it to ``out`` (safetensors).
@@ -41,9 +51,17 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
     corpus = get_dataset(cfg.dataset).pretrain_corpus(options)
     images, labels, domains = corpus.images, corpus.labels, corpus.domains
     pixels = torch.stack([preprocess(Image.fromarray(image)) for image in images])
-    # Rows of each (class, domain) pair; a batch draws one row from each pair.
+    # Rows of each (class, domain) pair; a batch draws one row from each pair, or from
+    # domains_per_class pairs of each class.
+    n_domains = len(np.unique(domains))
     groups = [np.flatnonzero((labels == c) & (domains == d)) for c in np.unique(labels) for d in np.unique(domains)]
-    logger.info("pretraining %s on %d captioned images of %s, %d pairs per batch", arch, len(labels), cfg.dataset, len(groups))
+    per_class = cfg.domains_per_class
+    if per_class is not None and per_class > n_domains:
+        raise ValueError(f"pretrain.domains_per_class: {per_class} is more than the {n_domains} domains of {cfg.dataset}'s corpus")
+    if per_class == n_domains:
+        per_class = None  # every domain: the batches (and random stream) of the default
+    batch_size = len(groups) if per_class is None else per_class * len(groups) // n_domains
+    logger.info("pretraining %s on %d captioned images of %s, %d pairs per batch", arch, len(labels), cfg.dataset, batch_size)
 
     loss_fn = open_clip_module().ClipLoss()
     # The fused kernel updates every parameter in one pass: the 3.2M token embeddings of the text
@@ -65,7 +83,7 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
         losses = saved["losses"]
     model.train()
     for step in range(len(losses) + 1, cfg.steps + 1):
-        rows = np.array([group[rng.integers(len(group))] for group in groups])
+        rows = batch_rows(groups, n_domains, per_class, rng)
         tokens = tokenizer([corpus.caption(int(labels[r]), str(domains[r]), rng) for r in rows])
         image_features, text_features, logit_scale = model(pixels[rows], tokens)
         loss = loss_fn(image_features, text_features, logit_scale)
@@ -85,4 +103,4 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
             on_step(step)
     save_clip(out, model.eval(), arch, source="pretrain_clip")
     checkpoint.unlink(missing_ok=True)
-    return {"final_loss": float(np.mean(losses[-20:])), "steps": cfg.steps, "n_images": len(labels), "batch_size": len(groups)}
+    return {"final_loss": float(np.mean(losses[-20:])), "steps": cfg.steps, "n_images": len(labels), "batch_size": batch_size}

@@ -38,6 +38,31 @@ def test_killed_pretraining_resumes_to_the_same_weights(tiny_world, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_batches_hold_every_pair_or_some_domains_of_each_class():
+    """Without domains_per_class a batch holds one row of every (class, domain) pair, drawing as
+    before; with k, k rows of each class, each of another domain."""
+    import numpy as np
+
+    n_classes, n_domains = 3, 4
+    groups = [np.arange(10) + 100 * (c * n_domains + d) for c in range(n_classes) for d in range(n_domains)]
+    rng, before = np.random.default_rng(5), np.random.default_rng(5)
+    assert pretrain.batch_rows(groups, n_domains, None, rng).tolist() == [g[before.integers(len(g))] for g in groups]
+    for k in (1, 2):
+        rows = pretrain.batch_rows(groups, n_domains, k, np.random.default_rng(k))
+        pair = rows // 100
+        assert len(rows) == n_classes * k
+        for c in range(n_classes):
+            domains = pair[pair // n_domains == c] % n_domains
+            assert len(domains) == k and len(set(domains.tolist())) == k
+
+
+def test_fewer_domains_per_class_make_smaller_batches(tiny_world, tmp_path):
+    info = pretrain.run(ARCH, tiny_world, pretrain.PretrainConfig(steps=2, warmup_steps=1, domains_per_class=1), tmp_path / "m.safetensors")
+    assert info["batch_size"] == 10
+    with pytest.raises(ValueError, match="pretrain.domains_per_class: 5 is more than the 4 domains"):
+        pretrain.run(ARCH, tiny_world, pretrain.PretrainConfig(steps=2, domains_per_class=5), tmp_path / "n.safetensors")
+
+
 def test_bad_pretrain_config_names_the_key():
     from saeft.config import ConfigError
 

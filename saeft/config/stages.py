@@ -62,6 +62,10 @@ class PretrainConfig(StageConfig):
     steps: PositiveInt = 600
     """Optimizer steps. Each batch holds one image of every (class, domain) pair, so no two
     captions in a batch say the same thing (duplicates would be false negatives)."""
+    domains_per_class: PositiveInt | None = None
+    """Images of each class in a batch, each of another domain drawn at random (at most the
+    corpus's domains); null: one of every domain. Fewer make the batch contrast classes more than
+    styles (with 1, no caption in a batch shares its class with another)."""
     lr: PositiveFloat = 1e-3
     """Peak AdamW learning rate."""
     weight_decay: NonNegFloat = 0.1
