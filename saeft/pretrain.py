@@ -26,12 +26,17 @@ from saeft.training import CHECKPOINT_NAME, Curve, CurveSink, Progress, resume_c
 logger = logging.getLogger(__name__)
 
 
-def batch_rows(groups: list[np.ndarray], n_domains: int, per_class: int | None, rng: np.random.Generator) -> np.ndarray:
+def batch_rows(groups: list[np.ndarray], n_domains: int, per_class: int | None, rng: np.random.Generator,
+               shared: bool = False) -> np.ndarray:
     """The rows of one batch: ``groups`` holds the rows of each (class, domain) pair, class by
     class; one row of every pair, or (``per_class``) of that many pairs of each class, their
-    domains drawn at random without replacement."""
+    domains drawn at random without replacement, per class or (``shared``) once for the batch."""
     if per_class is not None:
-        picks = [np.sort(rng.choice(n_domains, per_class, replace=False)) for _ in range(len(groups) // n_domains)]
+        n_classes = len(groups) // n_domains
+        if shared:
+            picks = [np.sort(rng.choice(n_domains, per_class, replace=False))] * n_classes
+        else:
+            picks = [np.sort(rng.choice(n_domains, per_class, replace=False)) for _ in range(n_classes)]
         groups = [groups[c * n_domains + d] for c, domains in enumerate(picks) for d in domains]
     return np.array([group[rng.integers(len(group))] for group in groups])
 
@@ -49,6 +54,8 @@ def _domains_per_class(cfg: PretrainConfig, n_domains: int) -> int | None:
     per_class = cfg.domains_per_class
     if per_class is not None and per_class > n_domains:
         raise ValueError(f"pretrain.domains_per_class: {per_class} is more than the {n_domains} domains of {cfg.dataset}'s corpus")
+    if cfg.shared_domains and per_class is None:
+        raise ValueError("pretrain.shared_domains: true needs pretrain.domains_per_class (the domains a batch shares)")
     return None if per_class == n_domains else per_class
 
 
@@ -91,7 +98,7 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
         losses = saved["losses"]
     model.train()
     for step in range(len(losses) + 1, cfg.steps + 1):
-        rows = batch_rows(groups, n_domains, per_class, rng)
+        rows = batch_rows(groups, n_domains, per_class, rng, cfg.shared_domains)
         tokens = tokenizer([corpus.caption(int(labels[r]), str(domains[r]), rng) for r in rows])
         image_features, text_features, logit_scale = model(pixels[rows], tokens)
         loss = loss_fn(image_features, text_features, logit_scale)

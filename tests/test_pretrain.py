@@ -54,6 +54,10 @@ def test_batches_hold_every_pair_or_some_domains_of_each_class():
         for c in range(n_classes):
             domains = pair[pair // n_domains == c] % n_domains
             assert len(domains) == k and len(set(domains.tolist())) == k
+        shared = pretrain.batch_rows(groups, n_domains, k, np.random.default_rng(k), shared=True) // 100
+        per_class = [sorted((shared[shared // n_domains == c] % n_domains).tolist()) for c in range(n_classes)]
+        assert len(shared) == n_classes * k and len(per_class[0]) == k
+        assert all(domains == per_class[0] for domains in per_class)  # one set of domains for the batch
 
 
 def test_fewer_domains_per_class_make_smaller_batches(tiny_world, tmp_path):
@@ -61,6 +65,8 @@ def test_fewer_domains_per_class_make_smaller_batches(tiny_world, tmp_path):
     assert info["batch_size"] == 10
     with pytest.raises(ValueError, match="pretrain.domains_per_class: 5 is more than the 4 domains"):
         pretrain.run(ARCH, tiny_world, pretrain.PretrainConfig(steps=2, domains_per_class=5), tmp_path / "n.safetensors")
+    with pytest.raises(ValueError, match="pretrain.shared_domains: true needs pretrain.domains_per_class"):
+        pretrain.run(ARCH, tiny_world, pretrain.PretrainConfig(steps=2, shared_domains=True), tmp_path / "o.safetensors")
 
 
 def test_bad_pretrain_config_names_the_key():

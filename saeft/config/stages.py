@@ -66,6 +66,10 @@ class PretrainConfig(StageConfig):
     """Images of each class in a batch, each of another domain drawn at random (at most the
     corpus's domains); null: one of every domain. Fewer make the batch contrast classes more than
     styles (with 1, no caption in a batch shares its class with another)."""
+    shared_domains: bool = False
+    """With ``domains_per_class``: draw the domains once per batch, the same for every class, so
+    that the captions of a batch differ by class, never by style alone (with 1, a batch is of one
+    style, and telling styles apart never helps to match a caption)."""
     lr: PositiveFloat = 1e-3
     """Peak AdamW learning rate."""
     weight_decay: NonNegFloat = 0.1
