@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/dag.py [CONFIG ...] [--no-rerun | --rerun-workdir DIR --rerun-config CONFIG]
 
-For each config (default: workflow/configs/paper_vitb16.yaml and paper_vitb32.yaml), times
+For each config (default: config/paper_vitb16.yaml and paper_vitb32.yaml), times
 ``snakemake -n`` in an empty working directory (every job of the study is planned) and prints the
 job count and seconds. A config that does not exist is replaced, and the output says so, by a
 paper-scale stand-in generated from the default study: every trained method x 3 seeds, WiSE-FT
@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER_CONFIGS = [ROOT / "workflow" / "configs" / "paper_vitb16.yaml", ROOT / "workflow" / "configs" / "paper_vitb32.yaml"]
+PAPER_CONFIGS = [ROOT / "config" / "paper_vitb16.yaml", ROOT / "config" / "paper_vitb32.yaml"]
 TINY = ROOT / "tests" / "data" / "tiny_study.yaml"
 
 
@@ -37,7 +37,7 @@ def stand_in_config(folder: Path) -> Path:
     """The default study at paper scale: every trained method x 3 seeds, WiSE-FT of each on a grid."""
     from saeft.methods import trained_methods
 
-    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     methods = list(trained_methods())
     config["study"] = "paper_scale_standin"
     config["seeds"] = [0, 1, 2]
@@ -52,7 +52,7 @@ def grid_config(folder: Path, variants: int) -> tuple[Path, str]:
     """The default study with an SAE-FT grid of ``variants`` points (lambda x mu x lambda_add,
     rounded down to a multiple of 30), and the name of one of its variants."""
     lambdas = [round(10 ** (i / 4), 4) for i in range(max(1, variants // 30))]
-    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config["study"] = f"grid{variants}"
     config["methods"]["saeft"] = {"lambda_remove": 0.02, "grid": {"lambda": lambdas, "mu": [0.1, 1, 10, 100, 1000],
                                                                    "lambda_add": [0.1, 1, 3, 10, 30, 100]}}
@@ -81,7 +81,7 @@ def plan_grid(tmp: Path, variants: int) -> None:
 def snakemake(workdir: Path, config: Path, *args: str) -> tuple[float, float, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile", str(config), *args]
+    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "-d", str(workdir), "--configfile", str(config), *args]
     started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -52,7 +52,7 @@ def run_study(folder: Path, env_overrides: dict[str, str], cores: int) -> float:
         if name not in env_overrides:
             env.pop(name, None)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile", str(TINY),
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "--replace-workflow-config", "--configfile", str(TINY),
                              "--cores", str(cores), "-q"], cwd=folder, env=env, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"the tiny study failed in {folder}:\n{result.stderr[-3000:]}")

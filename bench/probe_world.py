@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config.yaml", help="study config (its finetune keys and world)")
+    parser.add_argument("--config", default="config/config.yaml", help="study config (its finetune keys and world)")
     parser.add_argument("--model", required=True, help="folder with model.safetensors and heads/shapes.safetensors")
     parser.add_argument("--spurious", type=float, nargs="+", default=[None], help="ID shortcut strengths")
     parser.add_argument("--lrs", type=float, nargs="+", default=[None], help="fine-tuning peak lrs")

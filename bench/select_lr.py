@@ -6,7 +6,7 @@ Fine-tunes ``ft`` at each learning rate of a grid (every other key from the stud
 the best one. Run it after the study has prepared its model (``snakemake --cores all --until
 build_zeroshot_head``)::
 
-    PYTHONPATH=. python bench/select_lr.py --config config.yaml --lrs 1e-4 3e-4 1e-3 3e-3
+    PYTHONPATH=. python bench/select_lr.py --config config/config.yaml --lrs 1e-4 3e-4 1e-3 3e-3
 
 The default study's ``finetune.lr`` is the value this printed (README, "The default study").
 """
@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config.yaml", help="the study config (its finetune keys and dataset options)")
+    parser.add_argument("--config", default="config/config.yaml", help="the study config (its finetune keys and dataset options)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per learning rate")
     parser.add_argument("--dataset", default=None, help="dataset (default: the config's first)")

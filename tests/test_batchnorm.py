@@ -231,7 +231,7 @@ def test_bad_batchnorm_names_the_key():
 def test_schema_defaults_and_rejects_batchnorm():
     from saeft.config.study import validate_config
 
-    config = validate_config(yaml.safe_load((ROOT / "config.yaml").read_text()))
+    config = validate_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
     assert config["finetune"]["batchnorm"] == "frozen"
     # What workflow/rules/common.smk's method_config hands the finetune command.
     resolved = json.dumps({**config["finetune"], "method": "ft", "method_params": {}, "seed": 0})

@@ -22,7 +22,7 @@ from saeft.data import imagenet  # noqa: E402
 from saeft.data.registry import get_dataset  # noqa: E402
 from saeft.data.samples import RealDataOptions  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parent.parent / "workflow" / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "config"
 # tench (0) and stingray (6): in ImageNet-R and -A but not ObjectNet; broom (462), wine bottle
 # (907), banana (954): in all three.
 SUBSET = ["broom", 0, "wine bottle", 6, "Banana"]

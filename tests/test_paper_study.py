@@ -1,4 +1,4 @@
-"""The paper study (workflow/configs/paper_vitb32.yaml) run for real through Snakemake on the
+"""The paper study (config/paper_vitb32.yaml) run for real through Snakemake on the
 fixture data root in the real on-disk layouts (tests/real_data.py): ImageNet with its five shifts,
 iWildCam and FMoW (WILDS), transfer sets. Reduced only through config keys a user would set to
 iterate: a class subset, an image cap and fewer prompt templates per dataset (data.<dataset>),
@@ -28,7 +28,7 @@ from test_workflow import planned_jobs, snakemake  # noqa: E402
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER = ROOT / "workflow" / "configs" / "paper_vitb32.yaml"
+PAPER = ROOT / "config" / "paper_vitb32.yaml"
 ARCH = "saeft-tiny-vit"
 STUDY = "paper_vitb32"
 IMAGENET_CLASSES = ["tench", "stingray", "broom", "wine bottle", "banana"]

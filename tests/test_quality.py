@@ -55,8 +55,8 @@ def test_workflow_stops_before_any_study_job_on_a_failed_pretraining(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
-                             "--configfile", str(tmp_path / "study.yaml"), "--cores", "2"],
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "-d", str(tmp_path),
+                             "--replace-workflow-config", "--configfile", str(tmp_path / "study.yaml"), "--cores", "2"],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode != 0
     base = tmp_path / "results" / config["study"]

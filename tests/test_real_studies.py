@@ -22,7 +22,7 @@ from saeft.config import ConfigError  # noqa: E402
 from saeft.config.study import validate_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "workflow" / "configs"
+CONFIGS = ROOT / "config"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ EXPECTED_JOBS = {
 @pytest.mark.parametrize("name", ["paper_vitb16"])
 def test_paper_config_dry_run_builds_the_full_dag(data_root, tmp_path, name):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
+    command = [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "workflow" / "Snakefile"), "-d", str(tmp_path),
                "--configfile", str(CONFIGS / f"{name}.yaml"), "--config", f"data_root={data_root}"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -135,8 +135,8 @@ def test_sae_data_pretrain_plans_the_sae_on_the_pretraining_corpus(tmp_path):
     for data in ("id", "pretrain"):
         config.setdefault("sae", {})["data"] = data
         (tmp_path / f"{data}.yaml").write_text(yaml.safe_dump(config))
-        result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "-d", str(tmp_path / data),
-                                 "--configfile", str(tmp_path / f"{data}.yaml"), "-n", "-p", "--until", "train_sae"],
+        result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(root / "workflow" / "Snakefile"), "-d", str(tmp_path / data),
+                                 "--replace-workflow-config", "--configfile", str(tmp_path / f"{data}.yaml"), "-n", "-p", "--until", "train_sae"],
                                 capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         plans[data] = next(line for line in (result.stdout + result.stderr).splitlines() if "saeft train-sae " in line)
@@ -149,8 +149,8 @@ def test_sae_data_pretrain_plans_the_sae_on_the_pretraining_corpus(tmp_path):
     config["sae"]["data"] = "id"
     config["sae"]["sweep"] = [{"name": "corpus", "data": "pretrain"}, {"name": "photos", "k": 2}]
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "-d", str(tmp_path / "sweep"),
-                             "--configfile", str(tmp_path / "sweep.yaml"), "-n", "-p", "--until", "train_sae_sweep"],
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(root / "workflow" / "Snakefile"), "-d", str(tmp_path / "sweep"),
+                             "--replace-workflow-config", "--configfile", str(tmp_path / "sweep.yaml"), "-n", "-p", "--until", "train_sae_sweep"],
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     plan = next(line for line in (result.stdout + result.stderr).splitlines() if "saeft train-sae-sweep " in line)

@@ -73,7 +73,7 @@ main()
 def test_slurm_profile_submits_the_paper_dag_as_a_tenth_of_its_jobs_one_gpu_per_group(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", GROUP_PRINTER, "-n", "--profile", "slurm", "--directory", str(tmp_path),
-                             "--configfile", "workflow/configs/paper_vitb16.yaml", "--config", "data_root=/data"],
+                             "--configfile", "config/paper_vitb16.yaml", "--config", "data_root=/data"],
                             cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-3000:]
@@ -103,7 +103,7 @@ def test_slurm_profile_installed_in_the_user_config_dir(tmp_path):
     # From a folder without a 'slurm' entry, the name resolves to ~/.config/snakemake/slurm.
     env_full = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", **env}
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "all", "--profile", "slurm",
-                             "-s", str(ROOT / "Snakefile"), "--configfile", str(STUDY)], cwd=work,
+                             "-s", str(ROOT / "workflow" / "Snakefile"), "--configfile", str(STUDY)], cwd=work,
                             capture_output=True, text=True, env=env_full, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "slurm_account=lab" in _resources(result.stdout + result.stderr)["finetune"]

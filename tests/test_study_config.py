@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def default_config():
-    return yaml.safe_load((ROOT / "config.yaml").read_text())
+    return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
 def test_default_config_is_valid_and_gets_defaults():
@@ -101,7 +101,7 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path, text, key):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text + "\n")
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", str(bad), "-d", str(tmp_path / "w")],
+        [sys.executable, "-m", "snakemake", "--cores", "1", "--replace-workflow-config", "--configfile", str(bad), "-d", str(tmp_path / "w")],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert result.returncode != 0
@@ -174,3 +174,35 @@ def test_nested_command_line_strings_are_typed_by_the_schema():
                      "methods": {"ldifs": {"taps": None}}, "study": "123"}
     with pytest.raises(ConfigError, match="finetune.lr: must be a number, got 'fast'"):
         validate_config({"finetune": {"lr": "fast"}})
+
+
+@pytest.mark.parametrize("name", ["paper_vitb16", "paper_vitb32", "fashion_mnist"])
+def test_shipped_studies_inherit_nothing_they_use_from_the_default_study(name):
+    """Merged over config/config.yaml (as the workflow does), each shipped study resolves to what
+    its file alone says: only sections it never reads (the shapes world; pretraining, for a study
+    on downloaded weights) may differ."""
+    from snakemake.utils import update_config
+
+    from saeft.config.layering import changed_keys, load_yaml, replace_listed_sections
+
+    own = {**load_yaml(ROOT / "config" / f"{name}.yaml"), "data_root": "/data"}
+    merged = load_yaml(ROOT / "config" / "config.yaml")
+    update_config(merged, copy.deepcopy(own))
+    replace_listed_sections(merged, {name: own}, own)
+    alone, merged = validate_config(copy.deepcopy(own)), validate_config(merged)
+    unused = {"synthetic"} | ({"pretrain"} if alone["model"]["pretrained"] != "pretrain_clip" else set())
+    leaked = [key for key in changed_keys(alone, merged) if key.split(".")[0] not in unused]
+    assert not leaked, f"config/{name}.yaml inherits {leaked} from the default study: set them in the file"
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    from saeft.config.layering import load_yaml
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: x\nfinetune:\n  lr: [1, 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml, line \d+, column \d+: not valid YAML"):
+        load_yaml(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: a config file must be a mapping"):
+        load_yaml(listed)

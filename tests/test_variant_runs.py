@@ -89,7 +89,7 @@ def test_a_grid_over_lr_plans_one_finetune_per_value_with_its_lr(tmp_path):
     import yaml
     from pathlib import Path
 
-    study = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+    study = yaml.safe_load((Path(__file__).resolve().parent.parent / "config" / "config.yaml").read_text())
     assert saeft["config"]["lr"] == study["finetune"]["lr"] and "lr" not in saeft["config"]["method_params"]
     schedule = {key: study["pretrain"][key] for key in ("lr", "steps", "warmup_steps")}
     assert all(job["pretrain"] == schedule for job in jobs.values())

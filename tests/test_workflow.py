@@ -26,8 +26,8 @@ def snakemake(workdir: Path, *args: str, config: Path | None = None, env: dict[s
     for name in ("MLFLOW_TRACKING_URI", "SAEFT_MLFLOW_QUEUE"):  # the workdir's own store and queue
         if name not in (extra or {}):
             env.pop(name, None)
-    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
-               "--configfile", str(config or workdir / "study.yaml"), *args]
+    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "-d", str(workdir),
+               "--replace-workflow-config", "--configfile", str(config or workdir / "study.yaml"), *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if result.returncode != 0:
         logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))

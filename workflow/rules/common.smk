@@ -7,8 +7,10 @@ import mimetypes
 import os
 import shlex
 import subprocess
+import sys
 
 from saeft import background
+from saeft.config.base import ConfigError
 from saeft.config.finetune import split_run_params
 from saeft.config.calibration import ROLE_KEYS
 from saeft.config.study import pretrained_kind, validate_config
@@ -20,7 +22,10 @@ from saeft.outputs import output_names
 from saeft.runs import PATTERN as RUN_PATTERN, RunId
 from saeft.variants import PATTERN as VARIANT_PATTERN, grid_values, method_of, study_variants
 
-validate_config(config, workflow.source_path("../schemas/config.schema.json"))
+try:
+    validate_config(config, workflow.source_path("../schemas/config.schema.json"))
+except ConfigError as error:  # it names the key: a traceback would only bury it
+    sys.exit(f"ConfigError: {error}")
 if pretrained_kind(config["model"]["pretrained"]) == "file" and not os.path.isfile(config["model"]["pretrained"]):
     raise WorkflowError(f"model.pretrained: checkpoint {config['model']['pretrained']} does not exist")
 
@@ -75,7 +80,7 @@ def _git_commit():
 os.environ["SAEFT_GIT_COMMIT"] = os.environ.get("SAEFT_GIT_COMMIT") or _git_commit()
 # The checkout whose Snakefile runs: the rules' conda environment (workflow/envs/saeft.yaml)
 # installs its requirements.lock and saeft from it under --sdm conda.
-os.environ["SAEFT_ROOT"] = os.path.abspath(workflow.basedir)
+os.environ["SAEFT_ROOT"] = os.path.abspath(os.path.join(workflow.basedir, ".."))
 # Generated splits (shapes, Fashion-MNIST's shifts) are rendered once and read back by later jobs
 # (saeft.data.image_cache; not an output: deleting the folder costs a render).
 os.environ.setdefault("SAEFT_IMAGE_CACHE", os.path.abspath(os.path.join(".snakemake", "saeft-images")))

@@ -2,14 +2,6 @@
 # count (saeft check-data); the marker JSON is an input of the rules that read the split's images.
 
 
-def check_dataset_files(wildcards, input, output):
-    return {"--out": output[0]}
-
-
-def check_dataset_settings(wildcards):
-    return {"--dataset": wildcards.dataset, "--dataset-options": check_options(wildcards.dataset), "--split": wildcards.split}
-
-
 rule check_dataset:
     output:
         f"{R}/checks/{{dataset}}/{{split}}.json",
