@@ -1,8 +1,8 @@
 """The ``saeft`` command: one subcommand per pipeline stage.
 
 Rules call these with paths and the stage's resolved config as JSON; every subcommand also works
-by hand (``saeft <stage> --help``). ``--track`` names the MLflow run of the job (experiment, run
-name, tags); without it nothing is tracked.
+by hand (``saeft <stage> --help`` ends with a worked example). ``--track`` names the MLflow run of
+a workflow job (experiment, run name, tags); without it nothing is tracked.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ import importlib
 import json
 import logging
 import os
+import re
+import shlex
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from saeft import commands
+from saeft import __version__, commands, environment
 
 logger = logging.getLogger("saeft")
 
@@ -46,6 +49,19 @@ warm worker imports them all once."""
 GPU_COMMANDS = frozenset({"pretrain", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "analyze-features", "calibrate"})
 """Stages that run on a GPU when there is one; each gets a GPU of its own (:mod:`saeft.gpu`)."""
 
+TRACKED = frozenset({"pretrain", "prepare", "head", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "check-data",
+                     "select-variants", "aggregate", "calibrate", "analyze-features", "feature-cards", "aggregate-features"})
+"""The workflow's jobs: each logs to the MLflow run its --track names (every rule passes one). The
+other commands (schema, the tracking tools, the worker, export) have no run of their own."""
+
+THREADED = frozenset({"pretrain", "cache", "finetune", "evaluate", "calibrate", "analyze-features"})
+"""Stages whose torch work runs on --threads CPU threads (:func:`saeft.training.setup_torch` reads
+it as ``SAEFT_THREADS``; finetune also shares it among its DDP workers)."""
+
+THREADS_PASSED = frozenset({"head", "train-sae", "train-sae-sweep", "feature-cards", "aggregate"})
+"""Stages that accept --threads without applying it (their threads follow ``OMP_NUM_THREADS``, which
+Snakemake sets per job), because callers pass it: the first four's rules, tests/test_kill_matrix.py."""
+
 
 def _json_arg(text: str) -> Any:
     try:
@@ -54,10 +70,15 @@ def _json_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--track", type=_json_arg, default=None,
-                        help="MLflow run as JSON: {experiment, run_name, tags}; omit to not track")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all allowed)")
+def _job_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """How command ``name`` runs rather than what it computes: --track and --threads only where
+    they act (or where the workflow passes them), --log-level everywhere."""
+    if name in TRACKED:
+        parser.add_argument("--track", type=_json_arg, default=None,
+                            help="MLflow run as JSON: {experiment, run_name, tags}; omit to not track")
+    if name in THREADED | THREADS_PASSED:
+        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all allowed)" if name in THREADED
+                            else "accepted because callers pass it, not applied: OMP_NUM_THREADS sets this stage's threads")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
@@ -73,22 +94,43 @@ def _dataset_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saeft", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    parser = argparse.ArgumentParser(prog="saeft", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+        "saeft COMMAND --help: its options and a worked example.\n"
+        "snakemake -n -p prints the exact command of every job of a study."))
+    # The installed package's version; a checkout used without installing it has only saeft.__version__.
+    version = environment.package_version("saeft") or __version__
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_setup_commands(sub)
     _add_training_commands(sub)
     _add_evaluation_commands(sub)
     _add_calibration_command(sub)
     _add_analysis_commands(sub)
     _add_export_command(sub)
+    for name, subparser in sub.choices.items():
+        _job_options(subparser, name)
+    # The commands as registered, so that the lists cannot go stale: the workflow's jobs, then the tools.
+    fill = functools.partial(textwrap.fill, width=96, subsequent_indent="  ")
+    parser.description = "\n".join([plain(__doc__.splitlines()[0]), "",
+                                    fill("workflow stages, each a rule's job: " + ", ".join(n for n in sub.choices if n in TRACKED)),
+                                    fill("other commands: " + ", ".join(n for n in sub.choices if n not in TRACKED))])
     return parser
 
 
+def plain(text: str) -> str:
+    """reStructuredText as the plain text of --help: ``code`` and :role:`target` as their bare text."""
+    return re.sub(r"``([^`]+)``", r"\1", re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text))
+
+
 def _subcommand(sub: Any, name: str, fn: Callable[[argparse.Namespace], dict[str, Any]], help_text: str) -> argparse.ArgumentParser:
-    """A subcommand ``name`` that runs ``fn``, with the options every stage takes."""
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    p.set_defaults(fn=fn)
-    _common(p)
+    """A subcommand ``name`` that runs ``fn``; its help ends with its worked example
+    (:data:`saeft.commands.EXAMPLES`), line breaks kept."""
+    caption, command = commands.EXAMPLES[name]
+    shortened = "\n(from snakemake -n -p, shortened: no --track; settings left out take their defaults)" if name in TRACKED else ""
+    epilog = f"example: {caption}{shortened}\n{commands.shell_lines(command)}"
+    p = sub.add_parser(name, help=plain(help_text), description=plain(help_text), epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(fn=fn, track=None, threads=None)  # where the command has no such option
     return p
 
 

@@ -1,13 +1,16 @@
 """The stage commands behind ``saeft <stage>``: each reads its parsed arguments, runs the stage
 and returns the metrics the job logs. :mod:`saeft.cli` parses the command line, opens the job's
-MLflow run (:data:`RUN` while a command runs) and calls them.
+MLflow run (:data:`RUN` while a command runs) and calls them. :data:`EXAMPLES`: how to run each by
+hand, the end of its ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -349,3 +352,118 @@ def cmd_schema(args: argparse.Namespace) -> dict[str, Any]:
             handle.write(text)
     logger.info("wrote %s", SCHEMA_PATH)
     return {}
+
+
+# The worked examples' paths and settings: the default study's (config.yaml), as its workflow lays
+# out and plans its jobs; when that config changes, `snakemake -n -p` shows what to update here.
+_RESULTS = "results/default"
+_ZEROSHOT = f"{_RESULTS}/models/saeft-vit-p4/zeroshot"
+_CACHES, _SAE = f"{_RESULTS}/cache/saeft-vit-p4/shapes", f"{_RESULTS}/sae/saeft-vit-p4/shapes"
+_EVALS, _ANALYSES = f"{_RESULTS}/eval/saeft-vit-p4/shapes", f"{_RESULTS}/analysis/saeft-vit-p4/shapes"
+_VARIANT = "saeft@lambda=10,mu=1,sae=null"
+_RUN = f"{_RESULTS}/finetune/saeft-vit-p4/shapes/{_VARIANT}/seed0"
+_FT_RUN = f"{_RESULTS}/finetune/saeft-vit-p4/shapes/ft@lr=0.001/seed0"
+
+
+def _shell_json(obj: Any) -> str:
+    return shlex.quote(json.dumps(obj, separators=(",", ":")))
+
+
+_WORLD_OPTIONS = "--dataset-options " + _shell_json(
+    {"object_scale": 1.2, "spurious": 0.5, "train_per_class": 400, "val_per_class": 50, "test_per_class": 100})
+_WORLD = f"--dataset shapes {_WORLD_OPTIONS}"
+_SAE_CONFIG = {"k": 8, "auxk_alpha": 0.25}
+_PRETRAIN_SCHEDULE = {"lr": 0.002, "steps": 6000, "warmup_steps": 100}
+_IDENTITY = _shell_json({"study": "default", "model": "saeft-vit-p4", "method": "saeft", "variant": _VARIANT, "seed": 0})
+_SAEFT_FINETUNE = {"method": "saeft", "method_params": {"lambda": 10, "mu": 1, "lambda_add": 10, "lambda_remove": 0.02},
+                   "seed": 0, "lr": 0.0001, "epochs": 3, "warmup_steps": 20}
+
+EXAMPLES: dict[str, tuple[str, str]] = {
+    "schema": ("after editing a config dataclass, rewrite the schema file", "saeft schema --write"),
+    "sync-tracking": ("send what jobs queued while MLflow was unreachable", "saeft sync-tracking --queue mlflow-queue"),
+    "worker": ("what a workflow run starts before its first job", "saeft worker --socket /tmp/saeft-worker/socket"),
+    "init-tracking": ("the default study's experiment and parent run", "saeft init-tracking --experiment default --study default"),
+    "pretrain": ("the default study's pretrain_clip job", f"saeft pretrain --arch saeft-vit-p4 {_WORLD_OPTIONS} "
+                 f"--config {_shell_json(_PRETRAIN_SCHEDULE)} --out {_RESULTS}/pretrain/saeft-vit-p4/model.safetensors "
+                 f"--quality {_RESULTS}/pretrain/saeft-vit-p4/quality.json"),
+    "prepare": ("the default study's prepare_model job", f"saeft prepare --arch saeft-vit-p4 --pretrained "
+                f"{_RESULTS}/pretrain/saeft-vit-p4/model.safetensors --quality {_RESULTS}/pretrain/saeft-vit-p4/quality.json "
+                f"--min-zeroshot-acc 0.6 --out {_ZEROSHOT}/model.safetensors"),
+    "head": ("the default study's build_zeroshot_head job",
+             f"saeft head --model {_ZEROSHOT}/model.safetensors --dataset shapes --out {_ZEROSHOT}/heads/shapes.safetensors"),
+    "cache": ("a cache_activations job of the default study",
+              f"saeft cache --model {_ZEROSHOT}/model.safetensors --pretrained pretrain_clip {_WORLD} --split test --out {_CACHES}/test.h5"),
+    "train-sae": ("the default study's train_sae job", f"saeft train-sae --train {_CACHES}/sae_train.h5 --heldout {_CACHES}/sae_heldout.h5 "
+                  f"--head {_ZEROSHOT}/heads/shapes.safetensors --eval test={_CACHES}/test.h5 sketch={_CACHES}/sketch.h5 "
+                  f"--config {_shell_json(_SAE_CONFIG)} --out-weights {_SAE}/sae.safetensors --out-json {_SAE}/sae.json"),
+    "train-sae-sweep": ("the default study's train_sae_sweep job (its SAE 'corpus')",
+                        f"saeft train-sae-sweep --train pretrain={_CACHES}/pretrain.h5 --heldout {_CACHES}/sae_heldout.h5 "
+                        f"--head {_ZEROSHOT}/heads/shapes.safetensors --config "
+                        f"{_shell_json({**_SAE_CONFIG, 'sweep': [{'name': 'corpus', 'data': 'pretrain'}]})} --out-dir {_SAE}"),
+    "finetune": ("a finetune job of the default study: SAE-FT, one variant, seed 0",
+                 f"saeft finetune --model {_ZEROSHOT}/model.safetensors --head {_ZEROSHOT}/heads/shapes.safetensors "
+                 f"--sae {_SAE}/sae.safetensors --teacher-cache {_CACHES}/train.h5 {_WORLD} --config {_shell_json(_SAEFT_FINETUNE)} "
+                 f"--pretrain-schedule {_shell_json(_PRETRAIN_SCHEDULE)} --out-model {_RUN}/model.safetensors --out-json {_RUN}/train.json"),
+    "evaluate": ("the evaluate_model job of the fine-tuning in 'saeft finetune --help'",
+                 f"saeft evaluate --model {_RUN}/model.safetensors {_WORLD} --split test resampled sketch rendition hard val "
+                 f"--identity {_IDENTITY} --out {_EVALS}/{_VARIANT}/seed0/evals.json "
+                 f"--out-predictions {_EVALS}/{_VARIANT}/seed0/predictions.parquet"),
+    "check-data": ("a check_dataset job of the paper_vitb16 study (datasets on disk)",
+                   f"saeft check-data --dataset imagenet --dataset-options {_shell_json({'data_root': '/data'})} --split val "
+                   "--out results/paper_vitb16/checks/imagenet/val.json"),
+    "select-variants": ("the default study's select_variants job, for two of FT's variants",
+                        f"saeft select-variants --evals {_EVALS}/ft@lr=0.0001/seed0/evals.json {_EVALS}/ft@lr=0.0001/seed1/evals.json "
+                        f"{_EVALS}/ft@lr=0.001/seed0/evals.json {_EVALS}/ft@lr=0.001/seed1/evals.json --variants "
+                        f"{_shell_json({'ft': {'ft@lr=0.0001': {'lr': 0.0001}, 'ft@lr=0.001': {'lr': 0.001}}})} --seeds 0 1 "
+                        f"--rule one_se --order {_shell_json({'ft': ['ft@lr=0.0001', 'ft@lr=0.001']})} "
+                        f"--out {_RESULTS}/selection/saeft-vit-p4/shapes/selection.json"),
+    "aggregate": ("the default study's aggregate_tables job, for two of its evaluations",
+                  f"saeft aggregate --evals {_EVALS}/zeroshot/evals.json {_EVALS}/{_VARIANT}/seed0/evals.json "
+                  f"--predictions {_EVALS}/zeroshot/predictions.parquet {_EVALS}/{_VARIANT}/seed0/predictions.parquet "
+                  f"--selections {_RESULTS}/selection/saeft-vit-p4/shapes/selection.json --tables {_RESULTS}/tables "
+                  f"--figures {_RESULTS}/figures --config {_shell_json({'pretrained': 'pretrain_clip'})}"),
+    "calibrate": ("the default study's calibrate job, for seed 0 of one FT variant",
+                  f"saeft calibrate --evals {_EVALS}/zeroshot/evals.json {_EVALS}/ft@lr=0.001/seed0/evals.json "
+                  f"--predictions {_EVALS}/zeroshot/predictions.parquet {_EVALS}/ft@lr=0.001/seed0/predictions.parquet "
+                  f"--baseline-models 0={_FT_RUN}/model.safetensors --zeroshot-model {_ZEROSHOT}/model.safetensors "
+                  f"--zeroshot-head {_ZEROSHOT}/heads/shapes.safetensors {_WORLD} --pretrain-lr 0.002 "
+                  f"--quality {_RESULTS}/pretrain/saeft-vit-p4/quality.json --selection {_RESULTS}/selection/saeft-vit-p4/shapes/selection.json "
+                  f"--out {_RESULTS}/calibration/saeft-vit-p4/shapes/calibration.json"),
+    "analyze-features": ("the analyze_features job of the fine-tuning in 'saeft finetune --help'",
+                         f"saeft analyze-features --model {_RUN}/model.safetensors --cache test={_CACHES}/test.h5 sketch={_CACHES}/sketch.h5 "
+                         f"--sae {_SAE}/sae.safetensors {_WORLD} --identity {_IDENTITY} --out-json {_ANALYSES}/{_VARIANT}/seed0/features.json "
+                         f"--out-images {_ANALYSES}/{_VARIANT}/seed0/images.parquet"),
+    "feature-cards": ("the default study's plot_feature_cards job, for two methods",
+                      f"saeft feature-cards --images ft={_ANALYSES}/ft@lr=0.001/seed0/images.parquet "
+                      f"saeft={_ANALYSES}/{_VARIANT}/seed0/images.parquet --sae {_SAE}/sae.safetensors "
+                      f"--head {_ZEROSHOT}/heads/shapes.safetensors {_WORLD} --out-dir {_ANALYSES}/cards"),
+    "aggregate-features": ("the default study's aggregate_features job, for one analysed run",
+                           f"saeft aggregate-features --analyses {_ANALYSES}/{_VARIANT}/seed0/features.json "
+                           f"--images {_ANALYSES}/{_VARIANT}/seed0/images.parquet --evals {_EVALS}/{_VARIANT}/seed0/evals.json "
+                           f"--tables {_RESULTS}/tables --figures {_RESULTS}/figures"),
+    "export": ("WiSE-FT (alpha 0.5) of the fine-tuning in 'saeft finetune --help' as an open_clip folder",
+               f"saeft export --run {_RUN} --alpha 0.5 --out exports/wiseft-saeft-seed0"),
+}
+"""Each command's worked example, the end of its --help: (caption, command line). A workflow
+stage's is a job of the default study (check-data's: of paper_vitb16) as ``snakemake -n -p``
+prints it, shortened (tests/test_cli_help.py parses each)."""
+
+
+def shell_lines(command: str, width: int = 96) -> str:
+    """``command`` as indented shell lines of about ``width`` characters, each but the last ending
+    in a backslash; an option starts a piece of a line and keeps its first value beside it."""
+    words = shlex.split(command)
+    pieces = [shlex.join(words[:2])]
+    for word in words[2:]:
+        bare_option = pieces[-1].startswith("--") and " " not in pieces[-1]
+        if word.startswith("--") or (not bare_option and len(pieces[-1]) + 1 + len(word) > width):
+            pieces.append(shlex.quote(word))
+        else:
+            pieces[-1] += " " + shlex.quote(word)
+    lines = [pieces[0]]
+    for piece in pieces[1:]:
+        if len(lines[-1]) + 1 + len(piece) <= width:
+            lines[-1] += " " + piece
+        else:
+            lines.append(piece)
+    return "  " + " \\\n    ".join(lines)

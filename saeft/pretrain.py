@@ -41,6 +41,35 @@ def batch_rows(groups: list[np.ndarray], n_domains: int, per_class: int | None, 
     return np.array([group[rng.integers(len(group))] for group in groups])
 
 
+def describes(labels: np.ndarray, domains: np.ndarray, styleless: np.ndarray) -> torch.Tensor:
+    """(B, B) bool, True where caption j describes image i: the same class, and a caption that
+    names no style or the image's domain."""
+    same_class = labels[:, None] == labels[None, :]
+    return torch.from_numpy(same_class & ((domains[:, None] == domains[None, :]) | styleless[None, :]))
+
+
+def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                        positives: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss where an image (a caption) may have several positives:
+    minus the log of the softmax mass on them, both ways, averaged. With one positive each (the
+    identity) it is CLIP's loss."""
+    logits = logit_scale * image_features @ text_features.T
+    on_positives = logits.masked_fill(~positives, float("-inf"))
+    image_to_text = torch.logsumexp(logits, 1) - torch.logsumexp(on_positives, 1)
+    text_to_image = torch.logsumexp(logits, 0) - torch.logsumexp(on_positives, 0)
+    return (image_to_text.mean() + text_to_image.mean()) / 2
+
+
+def contrastive_loss(model: torch.nn.Module, pixels: torch.Tensor, texts: list[str], tokenizer: Callable,
+                     positives: torch.Tensor | None) -> torch.Tensor:
+    """The loss of one batch of (image, caption) pairs: open_clip's ClipLoss, or with
+    ``positives`` (:func:`describes`) :func:`multi_positive_loss`."""
+    image_features, text_features, logit_scale = model(pixels, tokenizer(texts))
+    if positives is None:
+        return open_clip_module().ClipLoss()(image_features, text_features, logit_scale)
+    return multi_positive_loss(image_features, text_features, logit_scale, positives)
+
+
 def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
     """AdamW with the fused kernel where every parameter allows it: it updates them in one pass
     (the 3.2M token embeddings of the text tower made the optimiser step a quarter of a CPU step)."""
@@ -81,7 +110,6 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
     batch_size = len(groups) if per_class is None else per_class * len(groups) // n_domains
     logger.info("pretraining %s on %d captioned images of %s, %d pairs per batch", arch, len(labels), cfg.dataset, batch_size)
 
-    loss_fn = open_clip_module().ClipLoss()
     optimizer = _optimizer(model, cfg)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)
     progress = Progress(cfg.steps, "pretrain")
@@ -99,9 +127,10 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
     model.train()
     for step in range(len(losses) + 1, cfg.steps + 1):
         rows = batch_rows(groups, n_domains, per_class, rng, cfg.shared_domains)
-        tokens = tokenizer([corpus.caption(int(labels[r]), str(domains[r]), rng) for r in rows])
-        image_features, text_features, logit_scale = model(pixels[rows], tokens)
-        loss = loss_fn(image_features, text_features, logit_scale)
+        texts = [corpus.caption(int(labels[r]), str(domains[r]), rng) for r in rows]
+        styleless = np.array([corpus.styleless is not None and corpus.styleless(text) for text in texts])
+        positives = describes(labels[rows], domains[rows], styleless) if cfg.multi_positive else None
+        loss = contrastive_loss(model, pixels[rows], texts, tokenizer, positives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

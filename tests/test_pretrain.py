@@ -74,3 +74,33 @@ def test_bad_pretrain_config_names_the_key():
 
     with pytest.raises(ConfigError, match="pretrain.steps"):
         pretrain.PretrainConfig(steps=0)
+
+
+def test_multi_positive_loss_is_clips_with_one_positive_each_and_counts_every_describing_caption():
+    import numpy as np
+    import open_clip
+
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    clip = open_clip.ClipLoss()(images, texts, scale)
+    assert torch.allclose(pretrain.multi_positive_loss(images, texts, scale, torch.eye(6, dtype=torch.bool)), clip, atol=1e-6)
+    # A styleless caption describes its class in every domain; a styled one its own pair only.
+    labels, domains = np.array([0, 0, 1, 1]), np.array(["photo", "sketch", "photo", "sketch"])
+    positives = pretrain.describes(labels, domains, np.array([True, False, False, False]))
+    assert positives.tolist() == [[True, False, False, False], [True, True, False, False],
+                                  [False, False, True, False], [False, False, False, True]]
+    # More positives for an image lower its loss (the sketch of class 0 now matches "a circle." too).
+    logits_ok = pretrain.multi_positive_loss(images[:4], texts[:4], scale, positives)
+    assert logits_ok < pretrain.multi_positive_loss(images[:4], texts[:4], scale, torch.eye(4, dtype=torch.bool))
+
+
+def test_pretraining_with_styleless_captions_and_several_positives_runs(tiny_world, tmp_path):
+    import dataclasses
+
+    world = dataclasses.replace(tiny_world, styleless_captions=0.5)
+    several = pretrain.run(ARCH, world, pretrain.PretrainConfig(steps=2, warmup_steps=1, multi_positive=True), tmp_path / "m.safetensors")
+    one = pretrain.run(ARCH, world, pretrain.PretrainConfig(steps=2, warmup_steps=1), tmp_path / "n.safetensors")
+    # Same batches and captions; same-class captions without a style count as positives: a lower loss.
+    assert 0 < several["final_loss"] < one["final_loss"]

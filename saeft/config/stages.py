@@ -70,6 +70,11 @@ class PretrainConfig(StageConfig):
     """With ``domains_per_class``: draw the domains once per batch, the same for every class, so
     that the captions of a batch differ by class, never by style alone (with 1, a batch is of one
     style, and telling styles apart never helps to match a caption)."""
+    multi_positive: bool = False
+    """Match each image with every caption of its batch that describes it, and each caption with
+    every image it describes, instead of its own pair alone: a caption that names no style (the
+    shapes world's ``synthetic.styleless_captions``) then makes the images of its class in every
+    domain positives, not false negatives. False: open_clip's ClipLoss."""
     lr: PositiveFloat = 1e-3
     """Peak AdamW learning rate."""
     weight_decay: NonNegFloat = 0.1

@@ -27,6 +27,9 @@ class PretrainCorpus:
     """(N,) domain (style) name of each image, as the caption function knows it."""
     caption: Callable[[int, str, np.random.Generator], str]
     """``caption(label, domain, rng)``: a caption naming the class (and the style) of an image."""
+    styleless: Callable[[str], bool] | None = None
+    """Whether a caption names no style, so that it describes an image of its class in every
+    domain (``pretrain.multi_positive``); None: every caption names its image's style."""
 
     def __post_init__(self) -> None:
         n = len(self.labels)

@@ -172,13 +172,21 @@ def caption(label: int, domain: str, rng: np.random.Generator, styleless: float 
     return template.format(style=style, c=CLASSNAMES[label])
 
 
+STYLELESS_CAPTIONS: frozenset[str] = frozenset(t.format(c=c) for t in STYLELESS_TEMPLATES for c in CLASSNAMES)
+
+
+def is_styleless(text: str) -> bool:
+    """Whether a pretraining caption names the class alone (it then describes every domain)."""
+    return text in STYLELESS_CAPTIONS
+
+
 def pretrain_corpus(cfg: WorldConfig) -> PretrainCorpus:
     """The captioned ``pretrain`` split for ``pretrain_clip``: every domain but the resampled
     photos, no shortcut."""
     images, labels = render_split(cfg, "pretrain")
     domains = np.array([split_label_and_domain("pretrain", i)[1] for i in range(len(labels))])
     return PretrainCorpus(images=images, labels=labels, domains=domains,
-                          caption=functools.partial(caption, styleless=cfg.styleless_captions))
+                          caption=functools.partial(caption, styleless=cfg.styleless_captions), styleless=is_styleless)
 
 
 # --------------------------------------------------------------------------------------------
