@@ -354,7 +354,7 @@ def cmd_schema(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-# The worked examples' paths and settings: the default study's (config.yaml), as its workflow lays
+# The worked examples' paths and settings: the default study's (config/config.yaml), as its workflow lays
 # out and plans its jobs; when that config changes, `snakemake -n -p` shows what to update here.
 _RESULTS = "results/default"
 _ZEROSHOT = f"{_RESULTS}/models/saeft-vit-p4/zeroshot"

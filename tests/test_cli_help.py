@@ -84,7 +84,7 @@ def planned_commands(tmp_path: Path, *args: str) -> list[tuple[list[str], bool]]
     its job waits on a checkpoint (``input: <TBD>``: its input lists are still unknown)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-n", "-p", "--cores", "1",
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"), "-n", "-p", "--cores", "1",
                              "-d", str(tmp_path), *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     planned = []
@@ -96,7 +96,7 @@ def planned_commands(tmp_path: Path, *args: str) -> list[tuple[list[str], bool]]
     return planned
 
 
-@pytest.mark.parametrize("study", [[], ["--configfile", "workflow/configs/paper_vitb16.yaml", "--config", "data_root=/nonexistent"]],
+@pytest.mark.parametrize("study", [[], ["--configfile", "config/paper_vitb16.yaml", "--config", "data_root=/nonexistent"]],
                          ids=["default", "paper_vitb16"])
 def test_every_command_the_workflow_plans_parses(study, tmp_path):
     planned = planned_commands(tmp_path, *study)
