@@ -8,7 +8,7 @@ build_zeroshot_head``)::
 
     PYTHONPATH=. python bench/select_lr.py --config config/config.yaml --lrs 1e-4 3e-4 1e-3 3e-3
 
-The default study's ``finetune.lr`` is the value this printed (README, "The default study").
+The default study's ``finetune.lr`` is the value this printed (docs/default_study.md).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ ENV_FILE = ROOT / "workflow" / "envs" / "saeft.yaml"
 LOCK = ROOT / "requirements.lock"
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile")]
 
-# Lint warnings that stay, each explained here and in the README: none. (Each rule file's flag
+# Lint warnings that stay, each explained here and in docs/ARCHITECTURE.md: none. (Each rule file's flag
 # and input functions live in workflow/rules/helpers/<file>.smk: Snakemake flags any `def` in a
 # file that also holds a rule.)
 ALLOWED: set[tuple[str, str]] = set()
@@ -78,7 +78,7 @@ def test_lint_warns_of_nothing_but_the_explained_warning(tmp_path, overrides):
     assert result.returncode == 0, output[-3000:]
     found = lints(output)
     assert "Lints for" not in output or found, output[-3000:]
-    assert found - ALLOWED == set(), f"new lint warnings (fix them, or explain them in the README and here):\n{output[-4000:]}"
+    assert found - ALLOWED == set(), f"new lint warnings (fix them, or explain them in docs/ARCHITECTURE.md and here):\n{output[-4000:]}"
     # The allow-list is no wider than what Snakemake reports: a fixed warning leaves it.
     assert found == ALLOWED, f"allowed but not reported any more (drop them from ALLOWED): {ALLOWED - found}"
 

@@ -126,7 +126,7 @@ class StudyConfig(StageConfig):
     """Datasets to fine-tune on; each brings its own evaluation splits (all but shapes and
     fashion_mnist are read from data_root)."""
     data_root: str | None = None
-    """Folder holding the real datasets in their documented layouts (README, 'Real datasets');
+    """Folder holding the real datasets in their documented layouts (docs/real_data.md, 'Real datasets');
     never downloaded by the pipeline; override with --config data_root=/path."""
     data: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"schema": _data_schema})
     """Per-dataset options of datasets read from data_root."""

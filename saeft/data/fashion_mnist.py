@@ -1,4 +1,4 @@
-"""Fashion-MNIST with shifted test sets: the real-image offline study (README, 'Fashion-MNIST study').
+"""Fashion-MNIST with shifted test sets: the real-image offline study (docs/fashion_mnist.md).
 
 The images come from Debian's ``dataset-fashion-mnist`` (gzipped idx files, 60k train and 10k
 test 28x28 grey images, 10 classes), read from a configurable folder and never downloaded. Every

@@ -89,7 +89,7 @@ class DatasetSpec:
     """Per split, the image count of the public release, which check_dataset requires unless
     the config overrides it."""
     layout: str = ""
-    """The expected folder layout under ``data_root``, for error messages and the README."""
+    """The expected folder layout under ``data_root``, for error messages and docs/real_data.md."""
     pretrain_corpus: Callable[[Any], Any] | None = None
     """``pretrain_corpus(options) -> saeft.data.corpus.PretrainCorpus``: captioned images that
     ``pretrain_clip`` can train the study's own CLIP on; None if the dataset offers none."""

@@ -44,7 +44,7 @@ class RealDataOptions(StageConfig):
     classes: list[str | int] | None = None
     """A class subset (e.g. an ImageNet-100 list): class names as in prompts or label indices of
     the dataset; every split, head and shift keeps only these classes, relabelled in the
-    dataset's order (saeft.data.subset; README, 'Paper studies on a subset'). None: every class."""
+    dataset's order (saeft.data.subset; docs/real_data.md, 'Paper studies on a subset'). None: every class."""
     max_images_per_class: PositiveInt | None = None
     """At most this many images of each class in every split (the first in the reader's order:
     file names, metadata rows), for quick iterations. None: every image."""
