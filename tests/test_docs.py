@@ -1,10 +1,25 @@
 """The README stays short and its commands and links stay true: at most 200 lines, the two
 commands and the "Read next" links on its first screen, every relative link of the user docs
-pointing at a file that exists, and no page naming the old config folder."""
+pointing at a file that exists, and no page naming the old config folder.
+
+Docs that cannot rot: every fenced block of the user docs names its language, and every shell
+block (info string ``bash``, ``sh``, ``console`` or ``shell``) is marked either runnable
+(```` ```bash runnable ````, or ``sh runnable``) or illustrative (```` ```bash illustrative ````;
+renderers read the first word only, so GitHub still highlights it as bash). Each runnable block
+runs here, from the repository root, under ``bash -euo pipefail``, offline (HF_HUB_OFFLINE=1,
+SAEFT_TRACKING=off, SAEFT_WORKER=off), with HOME and every ``snakemake``'s working directory in a
+scratch folder (``$DOCS_TMP``): runnable means a command that needs nothing but the checkout and
+takes seconds (``saeft --help``, ``snakemake -n ...``). Whole studies, installs, cluster and GPU
+commands, servers (``mlflow ui``) and anything that needs downloaded data are illustrative."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -87,3 +102,187 @@ def test_link_finder_sees_links_and_skips_code():
 @pytest.mark.parametrize("page", [README, *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name)
 def test_no_page_names_the_old_config_folder(page):
     assert "workflow/configs/" not in page.read_text(), f"{page.name} names workflow/configs/ (studies live in config/)"
+
+
+# --- shell blocks: marked, and the runnable ones run ---------------------------------------------
+
+SHELL_LANGUAGES = {"bash", "sh", "console", "shell"}
+RUNNABLE_LANGUAGES = {"bash", "sh"}  # console blocks hold prompts and output: illustrative only
+MARKS = {"runnable", "illustrative"}
+BLOCK_TIMEOUT_S = 300
+OPENING = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
+
+# The README's two commands keep the info string exactly `bash`: tests/test_environment.py finds
+# them with the pattern ```bash\n(python3 -m venv .*)\n``` and .ci/run runs the test command
+# verbatim (CI itself runs it; the study command is the whole default study, 23 minutes). They
+# count as illustrative here; the marking check names any other unmarked block.
+ALLOWED_UNMARKED = {
+    ("README.md", STUDY_COMMAND.split("\n")[1]),
+    ("README.md", TEST_COMMAND.split("\n")[1]),
+}
+
+
+@dataclass(frozen=True)
+class Block:
+    """A fenced block: where it opens (file and 1-based line of the fence), its info string's
+    words and its text, less the fence's indentation."""
+
+    file: str
+    line: int
+    words: tuple[str, ...]
+    text: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    @property
+    def language(self) -> str:
+        return self.words[0].lower() if self.words else ""
+
+    @property
+    def is_shell(self) -> bool:
+        return self.language in SHELL_LANGUAGES
+
+    @property
+    def marks(self) -> set[str]:
+        return MARKS & {w.lower() for w in self.words[1:]}
+
+    @property
+    def runnable(self) -> bool:
+        return self.is_shell and self.marks == {"runnable"} and self.language in RUNNABLE_LANGUAGES
+
+
+def fenced_blocks(text: str, file: str) -> list[Block]:
+    """Every fenced block of a Markdown text, indented ones (in list items) included: a fence of
+    three or more backticks or tildes, closed by a fence of the same character at least as long."""
+    blocks, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        opening = OPENING.match(lines[i])
+        if not opening or (opening["fence"][0] == "`" and "`" in opening["info"]):
+            i += 1
+            continue
+        indent, fence = len(opening["indent"]), opening["fence"]
+        closing = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        end = next((j for j in range(i + 1, len(lines)) if closing.match(lines[j])), len(lines))
+        body = [line[indent:] if line[:indent].strip() == "" else line.lstrip() for line in lines[i + 1:end]]
+        blocks.append(Block(file, i + 1, tuple(opening["info"].split()), "\n".join(body) + "\n"))
+        i = end + 1
+    return blocks
+
+
+def doc_blocks() -> list[Block]:
+    return [b for page in pages() for b in fenced_blocks(page.read_text(), str(page.relative_to(ROOT)))]
+
+
+def unmarked(blocks: list[Block]) -> list[str]:
+    """'file:line: why' for each shell block marked neither runnable nor illustrative (or both,
+    or runnable in a language that does not run), less the allow-list."""
+    problems = []
+    for block in blocks:
+        if not block.is_shell or (block.file, block.text.strip()) in ALLOWED_UNMARKED:
+            continue
+        if len(block.marks) != 1:
+            problems.append(f"{block.where}: ```{' '.join(block.words)}: mark it 'runnable' or 'illustrative'")
+        elif block.marks == {"runnable"} and block.language not in RUNNABLE_LANGUAGES:
+            problems.append(f"{block.where}: ```{' '.join(block.words)}: only bash and sh blocks run")
+    return problems
+
+
+def run_block(block: Block, scratch: Path) -> subprocess.CompletedProcess:
+    """Run a block's text under bash -euo pipefail from the repository root: offline, no tracking
+    and no worker, HOME and DOCS_TMP in `scratch`, and `snakemake` a shim that puts every run's
+    working directory (.snakemake, results/, logs/) in $DOCS_TMP."""
+    docs_tmp, home, shims = scratch / "docs_tmp", scratch / "home", scratch / "bin"
+    for folder in (docs_tmp, home, shims):
+        folder.mkdir(parents=True, exist_ok=True)
+    venv_bin = str(Path(sys.executable).parent)
+    path = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
+    snakemake = shutil.which("snakemake", path=path)
+    assert snakemake, "snakemake on PATH"
+    shim = shims / "snakemake"
+    shim.write_text(f'#!/bin/sh\nexec {snakemake!s} --directory "$DOCS_TMP" "$@"\n')  # a later -d wins
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{path}", "HOME": str(home), "DOCS_TMP": str(docs_tmp),
+           "HF_HUB_OFFLINE": "1", "SAEFT_TRACKING": "off", "SAEFT_WORKER": "off", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", block.text], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=BLOCK_TIMEOUT_S)
+
+
+def test_every_fenced_block_names_its_language():
+    """A command in a block with no info string would escape the checks below."""
+    bare = [b.where for b in doc_blocks() if not b.words]
+    assert not bare, f"fenced blocks with no info string (```text for plain text, ```bash ... for commands): {bare}"
+
+
+def test_every_shell_block_is_marked_runnable_or_illustrative():
+    problems = unmarked(doc_blocks())
+    assert not problems, "unmarked shell blocks (see tests/test_docs.py):\n" + "\n".join(problems)
+
+
+RUNNABLE = [b for b in doc_blocks() if b.runnable]
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[b.where for b in RUNNABLE])
+def test_runnable_block_runs(block, tmp_path):
+    result = run_block(block, tmp_path)
+    assert result.returncode == 0, f"{block.where}: exit {result.returncode}\n{block.text}\n{result.stdout[-4000:]}"
+
+
+def test_the_docs_have_runnable_blocks():
+    assert RUNNABLE, "no runnable shell block in the docs: the harness would check nothing"
+
+
+SYNTHETIC = """# A page
+
+Some prose.
+
+```bash runnable
+saeft no-such-command
+```
+
+- a list item:
+
+  ```bash
+  echo unmarked
+  ```
+
+```console illustrative
+$ saeft --help
+```
+
+```sh runnable
+true
+```
+"""
+
+
+def test_block_finder_sees_indented_fences_and_marks():
+    blocks = fenced_blocks(SYNTHETIC, "page.md")
+    assert [(b.line, b.words) for b in blocks] == [
+        (5, ("bash", "runnable")), (11, ("bash",)), (15, ("console", "illustrative")), (19, ("sh", "runnable"))]
+    assert blocks[1].text == "echo unmarked\n"
+    assert [b.runnable for b in blocks] == [True, False, False, True]
+
+
+def test_the_marking_check_names_an_unmarked_block():
+    problems = unmarked(fenced_blocks(SYNTHETIC, "page.md"))
+    assert len(problems) == 1 and problems[0].startswith("page.md:11: ```bash:"), problems
+
+
+def test_a_broken_runnable_block_fails(tmp_path):
+    [broken] = [b for b in fenced_blocks(SYNTHETIC, "page.md") if "no-such-command" in b.text]
+    result = run_block(broken, tmp_path)
+    assert result.returncode != 0 and "no-such-command" in result.stdout, result.stdout
+
+
+def test_blocks_run_offline_with_snakemake_in_the_scratch_folder(tmp_path):
+    snakefile = tmp_path / "Snakefile"
+    snakefile.write_text("rule all:\n    output: 'done.txt'\n    shell: 'touch {output}'\n")
+    script = (f'test "$HF_HUB_OFFLINE" = 1 && test "$SAEFT_TRACKING" = off && test "$SAEFT_WORKER" = off\n'
+              f'test "$HOME" != "{Path.home()}"\n'
+              f"snakemake --cores 1 --quiet -s {snakefile}\n"
+              'test -f "$DOCS_TMP/done.txt"\n')
+    result = run_block(Block("page.md", 1, ("bash", "runnable"), script), tmp_path / "scratch")
+    assert result.returncode == 0, result.stdout
+    assert (tmp_path / "scratch" / "docs_tmp" / "done.txt").exists() and not (ROOT / "done.txt").exists()
