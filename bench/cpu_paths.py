@@ -4,10 +4,10 @@ The same commit pretrains a different model on an AMD EPYC with AVX2 than on one
 (issue "A newcomer's first hour"). One machine can emulate the other's code paths: torch picks
 its vectorised kernels by ``ATEN_CPU_CAPABILITY``, MKL its BLAS kernels by
 ``MKL_ENABLE_INSTRUCTIONS`` and oneDNN its ISA by ``ONEDNN_MAX_CPU_ISA``. This bench pretrains the
-default world's CLIP for a few steps in a fresh process per setting, one thread, and prints the
-SHA-256 of the weights and the wall time::
+default world's CLIP for a few steps in a fresh process per setting (and thread count), and prints
+the SHA-256 of the weights and the wall time::
 
-    PYTHONPATH=. python bench/cpu_paths.py --steps 200
+    PYTHONPATH=. python bench/cpu_paths.py --steps 200 --threads 1 2
 
 Settings: ``native`` (what the CPU offers), ``avx2`` (the three libraries held to AVX2, as on an
 AVX2-only CPU), and ``portable`` / ``portable+avx2``: torch's scalar kernels
@@ -58,12 +58,12 @@ print("RESULT " + json.dumps({"sha256": digest.hexdigest()[:16], "seconds": seco
 """
 
 
-def run_setting(name: str, steps: int, folder: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SAEFT_THREADS": "1"}
+def run_setting(name: str, steps: int, folder: Path, threads: int = 1) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **{key: str(threads) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "SAEFT_THREADS")}}
     for key in {key for values in SETTINGS.values() for key in values}:
         env.pop(key, None)
     env.update(SETTINGS[name])
-    result = subprocess.run([sys.executable, "-c", CHILD, str(folder / f"{name}.safetensors"), str(steps)],
+    result = subprocess.run([sys.executable, "-c", CHILD, str(folder / f"{name}-{threads}.safetensors"), str(steps)],
                             capture_output=True, text=True, env=env, check=True)
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
@@ -73,14 +73,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="pretraining steps per setting")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="torch threads (each a run per setting)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        results = {name: run_setting(name, args.steps, Path(folder)) for name in args.settings}
-    native = results.get("native", {}).get("seconds")
-    print(f"{'setting':<15} {'torch kernels':<14} {'weights sha256':<18} {'seconds':>8} {'/ native':>9}")
-    for name, result in results.items():
+        results = {(name, threads): run_setting(name, args.steps, Path(folder), threads)
+                   for threads in args.threads for name in args.settings}
+    print(f"{'setting':<15} {'threads':>7} {'torch kernels':<14} {'weights sha256':<18} {'seconds':>8} {'/ native':>9}")
+    for (name, threads), result in results.items():
+        native = results.get(("native", threads), {}).get("seconds")
         ratio = f"{result['seconds'] / native:.2f}" if native else "-"
-        print(f"{name:<15} {result['capability']:<14} {result['sha256']:<18} {result['seconds']:8.1f} {ratio:>9}")
+        print(f"{name:<15} {threads:>7} {result['capability']:<14} {result['sha256']:<18} {result['seconds']:8.1f} {ratio:>9}")
 
 
 if __name__ == "__main__":
