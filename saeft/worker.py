@@ -40,9 +40,12 @@ ENV = "SAEFT_WORKER"
 """Environment variable: the worker's socket path; unset (or no worker there), jobs start fresh."""
 
 IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE", "TORCH", "PYTORCH", "PYTHON", "LD_", "KMP_", "CUBLAS", "CUDA_LAUNCH",
-                        "NVIDIA_TF32", "TRANSFORMERS", "OPEN_CLIP")
-"""Variables that libraries read when imported: a job whose values differ from the worker's
-starts fresh. Thread counts (``OMP_NUM_THREADS``, ...) are applied in the child instead."""
+                        "NVIDIA_TF32", "TRANSFORMERS", "OPEN_CLIP", "ATEN_", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
+                        "ONEDNN_", "DNNL_")
+"""Variables that libraries read when imported or at their first call: a job whose values differ
+from the worker's starts fresh. They include the numerical code path (torch's
+``ATEN_CPU_CAPABILITY``, MKL's and oneDNN's instruction sets: docs/reproducibility.md). Thread
+counts (``OMP_NUM_THREADS``, ...) are applied in the child instead."""
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 MAX_MESSAGE = 1 << 20

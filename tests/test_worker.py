@@ -117,6 +117,9 @@ def test_a_job_the_worker_cannot_stand_in_for_runs_fresh(served, tmp_path):
     other = _saeft({**env, "HF_HUB_OFFLINE": "0"}, "schema", cwd=tmp_path)  # read by huggingface_hub at import
     assert other.returncode == 0 and '"$schema"' in other.stdout
     assert "refused schema: environment variables read at import differ: HF_HUB_OFFLINE" in log.read_text()
+    # The numerical code path is chosen when torch first runs a kernel: the worker's is fixed.
+    portable = _saeft({**env, "ATEN_CPU_CAPABILITY": "default"}, "schema", cwd=tmp_path)
+    assert portable.returncode == 0 and "import differ: ATEN_CPU_CAPABILITY" in log.read_text()
     gone = _saeft({**env, worker.ENV: str(tmp_path / "no-socket")}, "schema", cwd=tmp_path)
     assert gone.returncode == 0 and '"$schema"' in gone.stdout
 
