@@ -9,6 +9,7 @@ real zero-shot ability on those domains, which ID fine-tuning can erode.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from collections.abc import Callable
@@ -60,13 +61,25 @@ def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tenso
     return (image_to_text.mean() + text_to_image.mean()) / 2
 
 
+def caption_positives(corpus: Any, labels: np.ndarray, domains: np.ndarray, texts: list[str]) -> torch.Tensor:
+    """:func:`describes` for one batch's images and captions (a corpus without a ``styleless``
+    test names every caption's style)."""
+    styleless = np.array([corpus.styleless is not None and corpus.styleless(text) for text in texts])
+    return describes(labels, domains, styleless)
+
+
+@functools.cache
+def _clip_loss() -> torch.nn.Module:
+    return open_clip_module().ClipLoss()
+
+
 def contrastive_loss(model: torch.nn.Module, pixels: torch.Tensor, texts: list[str], tokenizer: Callable,
                      positives: torch.Tensor | None) -> torch.Tensor:
     """The loss of one batch of (image, caption) pairs: open_clip's ClipLoss, or with
     ``positives`` (:func:`describes`) :func:`multi_positive_loss`."""
     image_features, text_features, logit_scale = model(pixels, tokenizer(texts))
     if positives is None:
-        return open_clip_module().ClipLoss()(image_features, text_features, logit_scale)
+        return _clip_loss()(image_features, text_features, logit_scale)
     return multi_positive_loss(image_features, text_features, logit_scale, positives)
 
 
@@ -128,8 +141,7 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
     for step in range(len(losses) + 1, cfg.steps + 1):
         rows = batch_rows(groups, n_domains, per_class, rng, cfg.shared_domains)
         texts = [corpus.caption(int(labels[r]), str(domains[r]), rng) for r in rows]
-        styleless = np.array([corpus.styleless is not None and corpus.styleless(text) for text in texts])
-        positives = describes(labels[rows], domains[rows], styleless) if cfg.multi_positive else None
+        positives = caption_positives(corpus, labels[rows], domains[rows], texts) if cfg.multi_positive else None
         loss = contrastive_loss(model, pixels[rows], texts, tokenizer, positives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
