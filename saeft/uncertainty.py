@@ -47,11 +47,26 @@ class Replicates:
             raise ValueError(f"{n} seeds need point [{n}] and boot [B, {n}], got {self.point.shape} and {self.boot.shape}")
 
 
+_BLOCK = 1 << 22
+"""Indices drawn at a time by :func:`bootstrap_indices` (32 MiB of int64)."""
+
+
 def bootstrap_indices(n_images: int, n_boot: int, seed: int) -> np.ndarray:
-    """[n_boot, n_images] resample indices (with replacement) from np.random.default_rng(seed)."""
+    """[n_boot, n_images] resample indices (with replacement) from np.random.default_rng(seed).
+
+    The draw is np.random.default_rng(seed).integers(0, n_images, size=(n_boot, n_images)),
+    taken a block of rows at a time (the generator's stream is the same) into int32 where the
+    images fit: half the memory, and the whole int64 draw never exists (1000 resamples of
+    iWildCam's test split: 163 MiB instead of 326)."""
     if n_images < 1 or n_boot < 1:
         raise ValueError(f"need at least one image and one resample, got n_images={n_images}, n_boot={n_boot}")
-    return np.random.default_rng(seed).integers(0, n_images, size=(n_boot, n_images))
+    rng = np.random.default_rng(seed)
+    indices = np.empty((n_boot, n_images), dtype=np.int32 if n_images <= np.iinfo(np.int32).max else np.int64)
+    rows = max(1, _BLOCK // n_images)
+    for start in range(0, n_boot, rows):
+        stop = min(start + rows, n_boot)
+        indices[start:stop] = rng.integers(0, n_images, size=(stop - start, n_images))
+    return indices
 
 
 def _top1(predicted: np.ndarray, target: np.ndarray, groups: np.ndarray | None, indices: np.ndarray) -> np.ndarray:

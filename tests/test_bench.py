@@ -55,3 +55,13 @@ def test_gpu_bench_runs_at_tiny_size(tmp_path):
 def test_gpu_bench_refuses_unknown_arguments():
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--huge"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "unknown argument '--huge'" in result.stderr
+
+
+def test_bootstrap_bench_prints_its_times_and_memory():
+    result = subprocess.run([sys.executable, "bench/bootstrap.py", "--images", "500", "--classes", "10", "--resamples", "40",
+                             "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("indices", "macro_f1", "top1"):
+        assert re.search(rf"^  {name} +{NUMBER} s$", result.stdout, re.M), result.stdout
+    assert re.search(rf"index matrix {NUMBER} MiB \(int32\); peak resident memory {NUMBER} MiB", result.stdout)

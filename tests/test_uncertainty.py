@@ -228,3 +228,16 @@ def test_other_levels_use_their_quantile():
 def test_replicates_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="seeds"):
         Replicates((0, 1), np.zeros(3), np.zeros((4, 3)))
+
+
+def test_bootstrap_indices_are_numpys_draw_in_blocks_of_half_the_memory(monkeypatch):
+    """Drawn a block of rows at a time into int32: the same indices as the one int64 draw, so
+    every interval stays the same."""
+    import numpy as np
+
+    from saeft import uncertainty
+
+    monkeypatch.setattr(uncertainty, "_BLOCK", 50)  # 7 rows of 7 images per block, 3 blocks and a part
+    drawn = uncertainty.bootstrap_indices(7, 25, seed=4)
+    assert drawn.dtype == np.int32 and drawn.shape == (25, 7)
+    assert np.array_equal(drawn, np.random.default_rng(4).integers(0, 7, size=(25, 7)))
