@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -98,21 +99,46 @@ def test_sdm_conda_creates_the_one_environment_from_the_env_file(tmp_path, fake_
     listed = snakemake(tmp_path, "--sdm", "conda", "--list-conda-envs", env=env)
     assert listed.returncode == 0, listed.stderr[-3000:]
     rows = [line.split("\t") for line in listed.stdout.splitlines() if line.endswith(tuple("0123456789abcdef_")) and "\t" in line]
-    assert [Path(row[0]).resolve() for row in rows] == [ENV_FILE], listed.stdout
+    assert len(rows) == 1, listed.stdout
+    # The env file written for this checkout: workflow/envs/saeft.yaml with its path filled in.
+    written = tmp_path / "work" / rows[0][0]
+    assert written.parent == tmp_path / "work" / ".snakemake" / "saeft-envs", written
+    expected = ENV_FILE.read_text().replace("${SAEFT_ROOT}", str(ROOT))
+    assert written.read_text().endswith(expected) and written.read_text().startswith(f"# workflow/envs/saeft.yaml for the checkout {ROOT}\n")
 
     created = snakemake(tmp_path, "--sdm", "conda", "--conda-create-envs-only", "--cores", "1", env=env)
     assert created.returncode == 0, created.stderr[-3000:]
     creations = [line for line in log.read_text().splitlines() if line.startswith("env create")]
     assert len(creations) == 1, log.read_text()
     handed = list(tmp_path.glob("conda.log.*.yaml"))
-    assert len(handed) == 1 and handed[0].read_text() == ENV_FILE.read_text()
-    # conda runs from a copy under .snakemake/conda: paths relative to the env file would break
-    # there; ${SAEFT_ROOT} is this checkout in conda's environment, for its pip to expand.
-    assert Path(handed[0].with_suffix(".root").read_text().strip()) == ROOT
+    assert len(handed) == 1 and handed[0].read_text() == written.read_text()
 
     planned = snakemake(tmp_path, "--sdm", "conda", "-n", "--cores", "1", env=env)
     assert planned.returncode == 0, planned.stderr[-3000:]
     assert re.search(r"^finetune\s+\d+$", planned.stdout, re.M), planned.stdout[-2000:]
+
+
+def test_two_checkouts_sharing_a_conda_prefix_get_an_environment_each(tmp_path, fake_conda):
+    """Snakemake names an environment after its file's text: with one shared env file, a second
+    checkout would run the first one's editable saeft. Each checkout writes its own."""
+    env, _ = fake_conda
+    other = tmp_path / "other-checkout"
+    for name in ("workflow", "config"):
+        shutil.copytree(ROOT / name, other / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(LOCK, other / LOCK.name)
+    prefix = tmp_path / "shared-prefix"
+    environments = {}
+    for root in (ROOT, other):
+        result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(root / "workflow" / "Snakefile"), "-d",
+                                 str(tmp_path / f"work-{root.name}"), "--sdm", "conda", "--conda-prefix", str(prefix),
+                                 "--list-conda-envs"], capture_output=True, text=True, cwd=root, timeout=300,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [line.split("\t") for line in result.stdout.splitlines() if "shared-prefix" in line]
+        assert len(rows) == 1, result.stdout
+        environments[root] = rows[0][-1]
+        assert str(root) in (tmp_path / f"work-{root.name}" / rows[0][0]).read_text()
+    assert environments[ROOT] != environments[other], environments
 
 
 def pip_section() -> list[str]:

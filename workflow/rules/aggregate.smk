@@ -13,6 +13,6 @@ rule aggregate_tables:
     threads: 1
     log: job_log("aggregate_tables"),
     benchmark: job_benchmark("aggregate_tables"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     shell:
         "saeft aggregate {params.files} {params.settings} > {log} 2>&1"

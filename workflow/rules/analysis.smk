@@ -15,7 +15,7 @@ rule analyze_features:
     threads: 1
     log: job_log("analyze_features", "{model}/{dataset}/{run}"),
     benchmark: job_benchmark("analyze_features", "{model}/{dataset}/{run}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     resources: gpu=1
     shell:
         "saeft analyze-features {params.files} {params.settings} --threads {threads} > {log} 2>&1"
@@ -32,7 +32,7 @@ rule plot_feature_cards:
     threads: 1
     log: job_log("plot_feature_cards", "{model}/{dataset}"),
     benchmark: job_benchmark("plot_feature_cards", "{model}/{dataset}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     shell:
         "saeft feature-cards {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
@@ -49,6 +49,6 @@ rule aggregate_features:
     threads: 1
     log: job_log("aggregate_features"),
     benchmark: job_benchmark("aggregate_features"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     shell:
         "saeft aggregate-features {params.files} {params.settings} > {log} 2>&1"

@@ -13,7 +13,7 @@ rule cache_activations:
     threads: 1
     log: job_log("cache_activations", "{model}/{dataset}/{split}"),
     benchmark: job_benchmark("cache_activations", "{model}/{dataset}/{split}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     resources: gpu=1
     shell:
         "saeft cache {params.files} {params.settings} --threads {threads} > {log} 2>&1"
@@ -30,6 +30,6 @@ rule cache_views:
     threads: 1
     log: job_log("cache_views", "{model}/{dataset}/{split}"),
     benchmark: job_benchmark("cache_views", "{model}/{dataset}/{split}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     shell:
         "saeft cache {params.files} {params.settings} --threads {threads} > {log} 2>&1"

@@ -16,7 +16,7 @@ rule calibrate:
         settings=job_settings("calibrate", calibrate_settings),
     log: job_log("calibrate", "{model}/{dataset}"),
     benchmark: job_benchmark("calibrate", "{model}/{dataset}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     threads: 2
     resources: gpu=1
     shell:

@@ -2,12 +2,15 @@
 # target and input functions of every rule. Planning imports nothing heavy (no torch, pandas or
 # matplotlib; tests/test_planning.py checks): the config, dataset and method registries, run ids
 # and the aggregate's output names are plain-Python modules.
+import hashlib
 import json
 import mimetypes
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from saeft import background
 from saeft.config.base import ConfigError
@@ -78,9 +81,31 @@ def _git_commit():
 # Jobs read the commit from the environment for their MLflow tag: as a rule param it would make
 # every commit rerun every job.
 os.environ["SAEFT_GIT_COMMIT"] = os.environ.get("SAEFT_GIT_COMMIT") or _git_commit()
-# The checkout whose Snakefile runs: the rules' conda environment (workflow/envs/saeft.yaml)
-# installs its requirements.lock and saeft from it under --sdm conda.
+# The checkout whose Snakefile runs: the rules' conda environment installs its requirements.lock
+# and saeft from it under --sdm conda.
 os.environ["SAEFT_ROOT"] = os.path.abspath(os.path.join(workflow.basedir, ".."))
+
+
+def checkout_env_file():
+    """workflow/envs/saeft.yaml written for this checkout (its path in place of ${SAEFT_ROOT})
+    under .snakemake/saeft-envs/. Snakemake names an environment after its file's text, so two
+    checkouts sharing a --conda-prefix get one environment each, each with its own editable
+    saeft, where one shared file would run the first checkout's code in both."""
+    root = os.environ["SAEFT_ROOT"]
+    with open(os.path.join(root, "workflow", "envs", "saeft.yaml"), encoding="utf-8") as handle:
+        source = handle.read().replace("${SAEFT_ROOT}", root)
+    text = f"# workflow/envs/saeft.yaml for the checkout {root}\n{source}"
+    digest = hashlib.sha256(root.encode()).hexdigest()[:12]
+    path = os.path.abspath(os.path.join(".snakemake", "saeft-envs", f"saeft-{digest}.yaml"))
+    if not os.path.exists(path) or Path(path).read_text(encoding="utf-8") != text:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    return path
+
+
+SAEFT_ENV = checkout_env_file()
 # Generated splits (shapes, Fashion-MNIST's shifts) are rendered once and read back by later jobs
 # (saeft.data.image_cache; not an output: deleting the folder costs a render).
 os.environ.setdefault("SAEFT_IMAGE_CACHE", os.path.abspath(os.path.join(".snakemake", "saeft-images")))

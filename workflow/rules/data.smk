@@ -11,6 +11,6 @@ rule check_dataset:
     threads: 1
     log: job_log("check_dataset", "{dataset}/{split}"),
     benchmark: job_benchmark("check_dataset", "{dataset}/{split}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     shell:
         "saeft check-data {params.files} {params.settings} > {log} 2>&1"

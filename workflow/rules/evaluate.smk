@@ -16,7 +16,7 @@ rule evaluate_model:
     threads: 1
     log: job_log("evaluate_model", "{model}/{dataset}/{run}"),
     benchmark: job_benchmark("evaluate_model", "{model}/{dataset}/{run}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     resources: gpu=1
     shell:
         "saeft evaluate {params.files} {params.settings} --threads {threads} > {log} 2>&1"

@@ -13,7 +13,7 @@ rule finetune:
     threads: 1
     log: job_log("finetune", "{model}/{dataset}/{method}/seed{seed}"),
     benchmark: job_benchmark("finetune", "{model}/{dataset}/{method}/seed{seed}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     resources: gpu=1
     shell:
         "saeft finetune {params.files} {params.settings} --threads {threads} > {log} 2>&1"

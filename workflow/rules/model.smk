@@ -12,7 +12,7 @@ rule pretrain_clip:
         settings=job_settings("pretrain_clip", pretrain_settings),
     log: job_log("pretrain_clip", "{model}"),
     benchmark: job_benchmark("pretrain_clip", "{model}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     threads: all_cores
     resources: gpu=1
     shell:
@@ -31,7 +31,7 @@ rule prepare_model:
     threads: 1
     log: job_log("prepare_model", "{model}"),
     benchmark: job_benchmark("prepare_model", "{model}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     shell:
         "saeft prepare {params.files} {params.settings} > {log} 2>&1"
 
@@ -47,6 +47,6 @@ rule build_zeroshot_head:
     threads: 1
     log: job_log("build_zeroshot_head", "{model}/{dataset}"),
     benchmark: job_benchmark("build_zeroshot_head", "{model}/{dataset}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     shell:
         "saeft head {params.files} {params.settings} --threads {threads} > {log} 2>&1"

@@ -17,7 +17,7 @@ rule train_sae:
     threads: 1
     log: job_log("train_sae", "{model}/{dataset}"),
     benchmark: job_benchmark("train_sae", "{model}/{dataset}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     resources: gpu=1
     shell:
         "saeft train-sae {params.files} {params.settings} --threads {threads} > {log} 2>&1"
@@ -36,7 +36,7 @@ if SAE_SWEEP:
         threads: 1
         log: job_log("train_sae_sweep", "{model}/{dataset}"),
         benchmark: job_benchmark("train_sae_sweep", "{model}/{dataset}"),
-        conda: "../envs/saeft.yaml"
+        conda: SAEFT_ENV
         resources: gpu=1
         shell:
             "saeft train-sae-sweep {params.files} {params.settings} --threads {threads} > {log} 2>&1"

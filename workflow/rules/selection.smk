@@ -15,6 +15,6 @@ checkpoint select_variants:
     threads: 1
     log: job_log("select_variants", "{model}/{dataset}"),
     benchmark: job_benchmark("select_variants", "{model}/{dataset}"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     shell:
         "saeft select-variants {params.files} {params.settings} > {log} 2>&1"

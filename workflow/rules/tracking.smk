@@ -27,6 +27,6 @@ rule sync_mlflow:
         queue=tracking_queue(),
     threads: 1
     log: job_log("sync_mlflow"),
-    conda: "../envs/saeft.yaml"
+    conda: SAEFT_ENV
     shell:
         "saeft sync-tracking --queue {params.queue:q} > {log} 2>&1"
