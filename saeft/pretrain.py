@@ -96,8 +96,6 @@ def _domains_per_class(cfg: PretrainConfig, n_domains: int) -> int | None:
     per_class = cfg.domains_per_class
     if per_class is not None and per_class > n_domains:
         raise ValueError(f"pretrain.domains_per_class: {per_class} is more than the {n_domains} domains of {cfg.dataset}'s corpus")
-    if cfg.shared_domains and per_class is None:
-        raise ValueError("pretrain.shared_domains: true needs pretrain.domains_per_class (the domains a batch shares)")
     return None if per_class == n_domains else per_class
 
 

@@ -74,6 +74,8 @@ def test_bad_pretrain_config_names_the_key():
 
     with pytest.raises(ConfigError, match="pretrain.steps"):
         pretrain.PretrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="pretrain.shared_domains: true needs pretrain.domains_per_class"):
+        pretrain.PretrainConfig(shared_domains=True)
 
 
 def test_multi_positive_loss_is_clips_with_one_positive_each_and_counts_every_describing_caption():

@@ -99,6 +99,8 @@ class PretrainConfig(StageConfig):
         corpora = sorted(name for name, spec in REGISTRY.items() if spec.pretrain_corpus is not None)
         require(self.dataset in corpora, "pretrain.dataset",
                 f"{self.dataset!r} offers no pretraining corpus; datasets that do: {', '.join(corpora)}")
+        require(not self.shared_domains or self.domains_per_class is not None, "pretrain.shared_domains",
+                "true needs pretrain.domains_per_class (the domains a batch shares)")
 
 
 @dataclasses.dataclass
