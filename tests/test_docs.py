@@ -286,3 +286,215 @@ def test_blocks_run_offline_with_snakemake_in_the_scratch_folder(tmp_path):
     result = run_block(Block("page.md", 1, ("bash", "runnable"), script), tmp_path / "scratch")
     assert result.returncode == 0, result.stdout
     assert (tmp_path / "scratch" / "docs_tmp" / "done.txt").exists() and not (ROOT / "done.txt").exists()
+
+
+# --- tables: each one quotes a run's table file, or says why it does not -------------------------
+#
+# Every Markdown table of README.md and docs/*.md has an HTML comment on the line just above it:
+#
+#   <!-- table from docs/results/default/tables/shifts.md -->
+#       its header, alignment row and data rows appear in that file, verbatim (less each line's
+#       leading and trailing whitespace) and in order: one table of the file with the same header
+#       and alignment row holds every quoted data row, in the same order (a subset may be quoted).
+#       The file lies under docs/results/, the snapshot of the run the docs quote
+#       (docs/results/README.md says which run, and how to refresh it);
+#   <!-- table: not from a run file: <why> -->
+#       a layout table, numbers from the literature, a benchmark's printout, a run whose files
+#       are not kept here.
+#
+# docs/calibration.md is left out: its tables are printouts of calibration probes, not of a run.
+
+RUN_TABLES = ROOT / "docs" / "results"
+TABLES_UNCHECKED = {"docs/calibration.md"}
+FROM_FILE = re.compile(r"^\s*<!-- table from (?P<file>\S+) -->\s*$")
+NOT_FROM_FILE = re.compile(r"^\s*<!-- table: not from a run file: (?P<why>\S.*?)\s*-->\s*$")
+ALIGNMENT_ROW = re.compile(r"^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$")
+
+
+@dataclass(frozen=True)
+class Table:
+    """A Markdown table outside fenced blocks: its header's 1-based line, the line above it and
+    its lines (header, alignment row, data rows), each stripped."""
+
+    file: str
+    line: int
+    above: str
+    rows: tuple[str, ...]
+
+
+def fenced_lines(lines: list[str]) -> set[int]:
+    """0-based indices of the lines inside fenced blocks, fences included (as fenced_blocks)."""
+    inside, i = set(), 0
+    while i < len(lines):
+        opening = OPENING.match(lines[i])
+        if not opening or (opening["fence"][0] == "`" and "`" in opening["info"]):
+            i += 1
+            continue
+        fence = opening["fence"]
+        closing = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        end = next((j for j in range(i + 1, len(lines)) if closing.match(lines[j])), len(lines))
+        inside.update(range(i, min(end + 1, len(lines))))
+        i = end + 1
+    return inside
+
+
+def tables(text: str, file: str) -> list[Table]:
+    """Every table outside fenced blocks, found as GitHub does: a row with a pipe, then an
+    alignment row with a pipe; the table runs to the first blank line or line with no pipe."""
+    lines, found, i = text.splitlines(), [], 1
+    fenced = fenced_lines(lines)
+    while i < len(lines):
+        header, alignment = lines[i - 1], lines[i]
+        if (i - 1 in fenced or i in fenced or "|" not in header or "|" not in alignment
+                or not ALIGNMENT_ROW.match(alignment)):
+            i += 1
+            continue
+        end = i + 1
+        while end < len(lines) and end not in fenced and "|" in lines[end] and lines[end].strip():
+            end += 1
+        above = lines[i - 2] if i >= 2 else ""
+        found.append(Table(file, i, above, tuple(line.strip() for line in lines[i - 1:end])))
+        i = end + 1
+    return found
+
+
+def table_problems(table: Table, root: Path = ROOT) -> list[str]:
+    """'file:line: why' for a table with no marker, or whose marked file does not hold its rows."""
+    where = f"{table.file}:{table.line}"
+    if NOT_FROM_FILE.match(table.above):
+        return []
+    marker = FROM_FILE.match(table.above)
+    if not marker:
+        return [f"{where}: no marker on the line above the table: '<!-- table from docs/results/...md -->' "
+                f"or '<!-- table: not from a run file: <why> -->'"]
+    name, results = marker["file"], root / RUN_TABLES.relative_to(ROOT)
+    path = root / name
+    if not path.resolve().is_relative_to(results.resolve()):
+        return [f"{where}: {name} is not under {results.relative_to(root)}/ (the run's table files)"]
+    if not path.is_file():
+        return [f"{where}: {name} does not exist"]
+    candidates = [t for t in tables(path.read_text(), name) if t.rows[:2] == table.rows[:2]]
+    if not candidates:
+        return [f"{where}: header and alignment row not in {name}:\n  {table.rows[0]}\n  {table.rows[1]}"]
+    best = []
+    for candidate in candidates:
+        file_rows, at, missing = candidate.rows[2:], 0, []
+        for number, row in enumerate(table.rows[2:], start=table.line + 2):
+            nxt = next((k for k in range(at, len(file_rows)) if file_rows[k] == row), None)
+            if nxt is None:
+                missing.append(f"{table.file}:{number}: row not in {name} (or out of order):\n  {row}")
+            else:
+                at = nxt + 1
+        if not missing:
+            return []
+        best = missing if not best or len(missing) < len(best) else best
+    return best
+
+
+def doc_tables() -> list[Table]:
+    checked = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    return [t for page in checked if str(page.relative_to(ROOT)) not in TABLES_UNCHECKED
+            for t in tables(page.read_text(), str(page.relative_to(ROOT)))]
+
+
+DOC_TABLES = doc_tables()
+
+
+@pytest.mark.parametrize("table", DOC_TABLES, ids=[f"{t.file}:{t.line}" for t in DOC_TABLES])
+def test_table_is_from_a_run_file_or_says_why_not(table):
+    problems = table_problems(table)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_docs_quote_run_tables():
+    """The check has something to check: the README's main table and default_study.md's result
+    tables are marked as quotes of the snapshot (so the tests above compare them)."""
+    quoted = {(t.file, FROM_FILE.match(t.above)["file"]) for t in DOC_TABLES if FROM_FILE.match(t.above)}
+    assert ("README.md", "docs/results/default/tables/shifts.md") in quoted, quoted
+    assert sum(1 for file, _ in quoted if file == "docs/default_study.md") >= 3, quoted
+
+
+TABLE_PAGE = """# A page
+
+<!-- table from docs/results/default/tables/t.md -->
+| Method | ID |
+|:--|--:|
+| FT | 96.0 |
+| SAE-FT | 95.5 |
+
+<!-- table from docs/results/default/tables/t.md -->
+| Method | ID |
+|:--|--:|
+| SAE-FT | 95.5 |
+
+<!-- table: not from a run file: a layout table -->
+| key | meaning |
+|---|---|
+| `a` | b |
+
+```text
+| a fenced | block |
+|---|---|
+```
+
+| no | marker |
+|---|---|
+| x | y |
+"""
+
+TABLE_FILE = """| Method | ID |
+|:--|--:|
+| Zero-shot | 83.6 |
+| FT | 96.0 |
+| SAE-FT | 95.5 |
+
+A caption.
+"""
+
+
+def write_table_file(root: Path) -> None:
+    folder = root / "docs" / "results" / "default" / "tables"
+    folder.mkdir(parents=True)
+    (folder / "t.md").write_text(TABLE_FILE)
+
+
+def test_the_table_finder_sees_tables_and_their_markers():
+    found = tables(TABLE_PAGE, "page.md")
+    assert [(t.line, len(t.rows)) for t in found] == [(4, 4), (10, 3), (15, 3), (24, 3)]
+    assert found[0].above == "<!-- table from docs/results/default/tables/t.md -->"
+    assert found[0].rows[2] == "| FT | 96.0 |" and found[3].above == ""
+
+
+def test_quoted_tables_and_a_subset_of_rows_pass(tmp_path):
+    write_table_file(tmp_path)
+    found = tables(TABLE_PAGE, "page.md")
+    assert [table_problems(t, tmp_path) for t in found[:3]] == [[], [], []]
+
+
+def test_a_table_without_a_marker_fails(tmp_path):
+    [problem] = table_problems(tables(TABLE_PAGE, "page.md")[3], tmp_path)
+    assert problem.startswith("page.md:24: no marker"), problem
+
+
+def test_a_cell_that_differs_from_its_file_fails_naming_page_line_and_file(tmp_path):
+    write_table_file(tmp_path)
+    edited = TABLE_PAGE.replace("| SAE-FT | 95.5 |\n\n<!-- table from", "| SAE-FT | 95.6 |\n\n<!-- table from")
+    [problem] = table_problems(tables(edited, "page.md")[0], tmp_path)
+    assert problem.startswith("page.md:7: row not in docs/results/default/tables/t.md"), problem
+    assert "| SAE-FT | 95.6 |" in problem
+
+
+def test_rows_out_of_order_a_changed_header_or_a_missing_file_fail(tmp_path):
+    write_table_file(tmp_path)
+    swapped = TABLE_PAGE.replace("| FT | 96.0 |\n| SAE-FT | 95.5 |", "| SAE-FT | 95.5 |\n| FT | 96.0 |")
+    [problem] = table_problems(tables(swapped, "page.md")[0], tmp_path)
+    assert problem.startswith("page.md:7: row not in"), problem
+    renamed = TABLE_PAGE.replace("| Method | ID |\n|:--|--:|\n| FT", "| Method | ID avg |\n|:--|--:|\n| FT")
+    [problem] = table_problems(tables(renamed, "page.md")[0], tmp_path)
+    assert problem.startswith("page.md:4: header and alignment row not in"), problem
+    elsewhere = TABLE_PAGE.replace("tables/t.md", "tables/gone.md")
+    [problem] = table_problems(tables(elsewhere, "page.md")[0], tmp_path)
+    assert problem == "page.md:4: docs/results/default/tables/gone.md does not exist", problem
+    outside = TABLE_PAGE.replace("docs/results/default/tables/t.md", "README.md")
+    [problem] = table_problems(tables(outside, "page.md")[0], tmp_path)
+    assert "is not under docs/results/" in problem, problem
