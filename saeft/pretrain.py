@@ -116,7 +116,8 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
     pixels = torch.stack([preprocess(Image.fromarray(image)) for image in images])
     # Rows of each (class, domain) pair; a batch draws one row from each pair, or from
     # domains_per_class pairs of each class.
-    n_domains, per_class = len(np.unique(domains)), _domains_per_class(cfg, len(np.unique(domains)))
+    n_domains = len(np.unique(domains))
+    per_class = _domains_per_class(cfg, n_domains)
     groups = [np.flatnonzero((labels == c) & (domains == d)) for c in np.unique(labels) for d in np.unique(domains)]
     batch_size = len(groups) if per_class is None else per_class * len(groups) // n_domains
     logger.info("pretraining %s on %d captioned images of %s, %d pairs per batch", arch, len(labels), cfg.dataset, batch_size)

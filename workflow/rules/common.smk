@@ -9,7 +9,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from saeft import background
@@ -18,6 +17,7 @@ from saeft.config.finetune import split_run_params
 from saeft.config.calibration import ROLE_KEYS
 from saeft.config.study import pretrained_kind, validate_config
 from saeft.data.registry import get_dataset
+from saeft.io import atomic_path
 from saeft.data.subset import REDUCTION_KEYS
 from saeft.methods import get_method
 from saeft.mlflow_store import tracking_enabled
@@ -98,10 +98,8 @@ def checkout_env_file():
     digest = hashlib.sha256(root.encode()).hexdigest()[:12]
     path = os.path.abspath(os.path.join(".snakemake", "saeft-envs", f"saeft-{digest}.yaml"))
     if not os.path.exists(path) or Path(path).read_text(encoding="utf-8") != text:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(handle.name, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return path
 
 
