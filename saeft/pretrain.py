@@ -42,11 +42,15 @@ def batch_rows(groups: list[np.ndarray], n_domains: int, per_class: int | None, 
     return np.array([group[rng.integers(len(group))] for group in groups])
 
 
-def describes(labels: np.ndarray, domains: np.ndarray, styleless: np.ndarray) -> torch.Tensor:
-    """(B, B) bool, True where caption j describes image i: the same class, and a caption that
-    names no style or the image's domain."""
-    same_class = labels[:, None] == labels[None, :]
-    return torch.from_numpy(same_class & ((domains[:, None] == domains[None, :]) | styleless[None, :]))
+def describes(labels: np.ndarray, domains: np.ndarray, styleless: np.ndarray,
+              named: np.ndarray | None = None) -> torch.Tensor:
+    """(B, B) bool, True where caption j describes image i: it names image i's class (``named``,
+    else its own image's label), and no style or image i's domain. A caption always describes
+    its own image, as CLIP pairs a web image with its caption, right or wrong."""
+    named = labels if named is None else named
+    same_class = labels[:, None] == named[None, :]
+    own = np.eye(len(labels), dtype=bool)
+    return torch.from_numpy(own | (same_class & ((domains[:, None] == domains[None, :]) | styleless[None, :])))
 
 
 def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -65,7 +69,8 @@ def caption_positives(corpus: Any, labels: np.ndarray, domains: np.ndarray, text
     """:func:`describes` for one batch's images and captions (a corpus without a ``styleless``
     test names every caption's style)."""
     styleless = np.array([corpus.styleless is not None and corpus.styleless(text) for text in texts])
-    return describes(labels, domains, styleless)
+    named = None if corpus.named_class is None else np.array([corpus.named_class(text) for text in texts])
+    return describes(labels, domains, styleless, named)
 
 
 @functools.cache

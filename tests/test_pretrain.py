@@ -93,6 +93,10 @@ def test_multi_positive_loss_is_clips_with_one_positive_each_and_counts_every_de
     positives = pretrain.describes(labels, domains, np.array([True, False, False, False]))
     assert positives.tolist() == [[True, False, False, False], [True, True, False, False],
                                   [False, False, True, False], [False, False, False, True]]
+    # A caption naming the other class describes that class's images and still its own image.
+    confused = pretrain.describes(labels, domains, np.array([False, True, False, False]), named=np.array([0, 1, 1, 1]))
+    assert confused.tolist() == [[True, False, False, False], [False, True, False, False],
+                                 [False, True, True, False], [False, True, False, True]]
     # More positives for an image lower its loss (the sketch of class 0 now matches "a circle." too).
     logits_ok = pretrain.multi_positive_loss(images[:4], texts[:4], scale, positives)
     assert logits_ok < pretrain.multi_positive_loss(images[:4], texts[:4], scale, torch.eye(4, dtype=torch.bool))

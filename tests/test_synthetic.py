@@ -99,6 +99,20 @@ def test_styleless_captions_name_the_class_alone_at_their_share():
     assert all(synthetic.CLASSNAMES[i % 10] in t for i, t in enumerate(texts))
 
 
+def test_confusable_captions_name_the_look_alike_at_their_share():
+    """At 0.3 about 30% of the captions name the look-alike class; named_class reads either back."""
+    corpus = synthetic.pretrain_corpus(synthetic.WorldConfig(pretrain_per_class=1, image_size=16, confusable_captions=0.3,
+                                                             styleless_captions=0.5))
+    rng = np.random.default_rng(3)
+    named = np.array([corpus.named_class(corpus.caption(c % 10, "photo", rng)) for c in range(1000)])
+    own = np.arange(1000) % 10
+    assert 0.25 < np.mean(named != own) < 0.35
+    assert all(synthetic.LOOK_ALIKE[o] == n for o, n in zip(own, named) if n != o)
+    assert synthetic.CLASSNAMES[synthetic.LOOK_ALIKE[synthetic.CLASSNAMES.index("ring")]] == "circle"
+    with pytest.raises(ConfigError, match="synthetic.confusable_captions"):
+        synthetic.WorldConfig(confusable_captions=0.5)
+
+
 def test_bad_world_config_names_the_key():
     with pytest.raises(ConfigError, match="synthetic.spurious"):
         synthetic.WorldConfig(spurious=1.5)

@@ -30,6 +30,9 @@ class PretrainCorpus:
     styleless: Callable[[str], bool] | None = None
     """Whether a caption names no style, so that it describes an image of its class in every
     domain (``pretrain.multi_positive``); None: every caption names its image's style."""
+    named_class: Callable[[str], int] | None = None
+    """The class a caption names, where a caption may name another class than its image's
+    (``pretrain.multi_positive`` then matches it with that class's images); None: its image's."""
 
     def __post_init__(self) -> None:
         n = len(self.labels)

@@ -111,6 +111,11 @@ class WorldConfig(StageConfig):
     styleless_captions: Fraction = 0.0
     """Share of pretraining captions that name the class alone ("a circle."), as most web
     captions name no style; the others name class and style. 0 keeps every caption styled."""
+    confusable_captions: Annotated[float, Schema(minimum=0, exclusive_maximum=0.5)] = 0.0
+    """Share of pretraining captions that name the image's look-alike class instead of its own
+    (a ring captioned "circle"), as web captions confuse similar categories: the zero-shot head
+    then errs on those pairs in every domain, as CLIP's prompt head does, while labelled ID data
+    can correct it. Below 0.5, so a caption still names its own class more often."""
     object_scale: Annotated[float, Schema(exclusive_minimum=0, maximum=2)] = 1.0
     """Size of the objects in every domain, relative to the original renderer (1: about a third
     of the image side); larger objects are easier to tell apart at a given resolution."""
@@ -160,16 +165,30 @@ def render_image(cfg: WorldConfig, split: str, index: int) -> tuple[np.ndarray, 
 
 STYLELESS_TEMPLATES: tuple[str, ...] = ("a {c}.", "the {c}.", "a picture of a {c}.", "an image of the {c}.")
 """Captions that name the class alone (``synthetic.styleless_captions``)."""
+LOOK_ALIKE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("circle", "ring"), ("square", "diamond"), ("star", "cross"), ("hexagon", "heart"), ("triangle", "crescent"))
+"""The classes a noisy caption confuses (``synthetic.confusable_captions``), both ways."""
+LOOK_ALIKE: dict[int, int] = {CLASSNAMES.index(a): CLASSNAMES.index(b) for pair in LOOK_ALIKE_PAIRS
+                              for a, b in (pair, pair[::-1])}
+CLASS_INDEX: dict[str, int] = {name: index for index, name in enumerate(CLASSNAMES)}
 
 
-def caption(label: int, domain: str, rng: np.random.Generator, styleless: float = 0.0) -> str:
+def caption(label: int, domain: str, rng: np.random.Generator, styleless: float = 0.0, confusable: float = 0.0) -> str:
     """A pretraining caption naming the class and the style of the image; with probability
-    ``styleless``, the class alone (no random number is drawn for it at 0)."""
+    ``styleless``, the class alone; with probability ``confusable``, naming the look-alike class
+    (no random number is drawn for either at 0)."""
+    if confusable > 0 and rng.random() < confusable:
+        label = LOOK_ALIKE[label]
     if styleless > 0 and rng.random() < styleless:
         return STYLELESS_TEMPLATES[rng.integers(len(STYLELESS_TEMPLATES))].format(c=CLASSNAMES[label])
     style = STYLE_WORDS[domain][rng.integers(len(STYLE_WORDS[domain]))]
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
     return template.format(style=style, c=CLASSNAMES[label])
+
+
+def named_class(text: str) -> int:
+    """The class a pretraining caption names (which a confusable caption takes from a look-alike)."""
+    return next(CLASS_INDEX[word] for word in text.rstrip(".").split() if word in CLASS_INDEX)
 
 
 STYLELESS_CAPTIONS: frozenset[str] = frozenset(t.format(c=c) for t in STYLELESS_TEMPLATES for c in CLASSNAMES)
@@ -186,7 +205,8 @@ def pretrain_corpus(cfg: WorldConfig) -> PretrainCorpus:
     images, labels = render_split(cfg, "pretrain")
     domains = np.array([split_label_and_domain("pretrain", i)[1] for i in range(len(labels))])
     return PretrainCorpus(images=images, labels=labels, domains=domains,
-                          caption=functools.partial(caption, styleless=cfg.styleless_captions), styleless=is_styleless)
+                          caption=functools.partial(caption, styleless=cfg.styleless_captions, confusable=cfg.confusable_captions),
+                          styleless=is_styleless, named_class=named_class)
 
 
 # --------------------------------------------------------------------------------------------
