@@ -56,11 +56,8 @@ other commands (schema, the tracking tools, the worker, export) have no run of t
 
 THREADED = frozenset({"pretrain", "cache", "finetune", "evaluate", "calibrate", "analyze-features"})
 """Stages whose torch work runs on --threads CPU threads (:func:`saeft.training.setup_torch` reads
-it as ``SAEFT_THREADS``; finetune also shares it among its DDP workers)."""
-
-THREADS_PASSED = frozenset({"head", "train-sae", "train-sae-sweep", "feature-cards", "aggregate"})
-"""Stages that accept --threads without applying it (their threads follow ``OMP_NUM_THREADS``, which
-Snakemake sets per job), because callers pass it: the first four's rules, tests/test_kill_matrix.py."""
+it as ``SAEFT_THREADS``; finetune also shares it among its DDP workers). The other stages' threads
+follow ``OMP_NUM_THREADS``, which Snakemake sets per job."""
 
 
 def _json_arg(text: str) -> Any:
@@ -72,13 +69,12 @@ def _json_arg(text: str) -> Any:
 
 def _job_options(parser: argparse.ArgumentParser, name: str) -> None:
     """How command ``name`` runs rather than what it computes: --track and --threads only where
-    they act (or where the workflow passes them), --log-level everywhere."""
+    they act, --log-level everywhere."""
     if name in TRACKED:
         parser.add_argument("--track", type=_json_arg, default=None,
                             help="MLflow run as JSON: {experiment, run_name, tags}; omit to not track")
-    if name in THREADED | THREADS_PASSED:
-        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all allowed)" if name in THREADED
-                            else "accepted because callers pass it, not applied: OMP_NUM_THREADS sets this stage's threads")
+    if name in THREADED:
+        parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all allowed)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 

@@ -66,7 +66,7 @@ def test_help_is_plain_text_and_ends_with_an_example_that_parses(name, capsys):
 def test_track_and_threads_only_where_they_act(name):
     options = registered_commands()[name]._option_string_actions
     assert ("--track" in options) == (name in cli.TRACKED)
-    assert ("--threads" in options) == (name in cli.THREADED | cli.THREADS_PASSED)
+    assert ("--threads" in options) == (name in cli.THREADED)
 
 
 @pytest.mark.parametrize("argv", [["schema"], ["export", "--run", "r", "--out", "o"], ["sync-tracking"],

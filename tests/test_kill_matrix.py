@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
+from saeft import cli
 from saeft.io import load_tensors
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,8 @@ def saeft(*args: str, kill: str | None = None) -> subprocess.CompletedProcess:
     env.pop("SAEFT_KILL_AT", None)
     if kill:
         env["SAEFT_KILL_AT"] = kill
-    command = [sys.executable, "-m", "saeft.cli", *args, "--threads", "1"]
+    threads = ["--threads", "1"] if args[0] in cli.THREADED else []
+    command = [sys.executable, "-m", "saeft.cli", *args, *threads]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     if kill:
         assert result.returncode == -signal.SIGKILL, f"not killed at {kill}:\n{result.stderr[-3000:]}"

@@ -34,7 +34,7 @@ rule plot_feature_cards:
     benchmark: job_benchmark("plot_feature_cards", "{model}/{dataset}"),
     conda: SAEFT_ENV
     shell:
-        "saeft feature-cards {params.files} {params.settings} --threads {threads} > {log} 2>&1"
+        "saeft feature-cards {params.files} {params.settings} > {log} 2>&1"
 
 
 rule aggregate_features:

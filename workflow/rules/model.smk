@@ -49,4 +49,4 @@ rule build_zeroshot_head:
     benchmark: job_benchmark("build_zeroshot_head", "{model}/{dataset}"),
     conda: SAEFT_ENV
     shell:
-        "saeft head {params.files} {params.settings} --threads {threads} > {log} 2>&1"
+        "saeft head {params.files} {params.settings} > {log} 2>&1"

@@ -20,7 +20,7 @@ rule train_sae:
     conda: SAEFT_ENV
     resources: gpu=1
     shell:
-        "saeft train-sae {params.files} {params.settings} --threads {threads} > {log} 2>&1"
+        "saeft train-sae {params.files} {params.settings} > {log} 2>&1"
 
 
 if SAE_SWEEP:
@@ -39,4 +39,4 @@ if SAE_SWEEP:
         conda: SAEFT_ENV
         resources: gpu=1
         shell:
-            "saeft train-sae-sweep {params.files} {params.settings} --threads {threads} > {log} 2>&1"
+            "saeft train-sae-sweep {params.files} {params.settings} > {log} 2>&1"
