@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from snakemake.sourcecache import LocalSourceFile
+
 from saeft import background
 from saeft.config.base import ConfigError
 from saeft.config.finetune import split_run_params
@@ -70,10 +72,18 @@ wildcard_constraints:
     run=RUN_PATTERN,
 
 
+# The checkout this workflow's files come from, also where a deployment (`module ... snakefile:`,
+# whose workflow.basedir is the importing workflow's) imports it from; a module read from a URL
+# has no checkout, and its rules run the saeft installed with Snakemake.
+_RULES_DIR = workflow.current_basedir
+WORKFLOW_ROOT = (os.path.abspath(os.path.join(_RULES_DIR.get_path_or_uri(secret_free=True), "..", ".."))
+                 if isinstance(_RULES_DIR, LocalSourceFile) else os.path.abspath(os.path.join(workflow.basedir, "..")))
+
+
 def _git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=workflow.basedir, check=True).stdout.strip()
+                              cwd=WORKFLOW_ROOT, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -83,7 +93,7 @@ def _git_commit():
 os.environ["SAEFT_GIT_COMMIT"] = os.environ.get("SAEFT_GIT_COMMIT") or _git_commit()
 # The checkout whose Snakefile runs: the rules' conda environment installs its requirements.lock
 # and saeft from it under --sdm conda.
-os.environ["SAEFT_ROOT"] = os.path.abspath(os.path.join(workflow.basedir, ".."))
+os.environ["SAEFT_ROOT"] = WORKFLOW_ROOT
 
 
 def checkout_env_file():
