@@ -1,5 +1,5 @@
-"""Catalog conventions: `snakemake --lint` warns of nothing (it exits 0),
-and every rule runs in the one conda environment (workflow/envs/saeft.yaml) that installs the lock
+"""Catalog conventions: `snakemake --lint` warns of nothing (it exits 0), `snakefmt --check` finds
+nothing to change, and every rule runs in the one conda environment (workflow/envs/saeft.yaml) that installs the lock
 and saeft itself, checked with a fake `conda` (none on CI machines) and, slowly, with pip."""
 
 from __future__ import annotations
@@ -82,6 +82,13 @@ def test_lint_warns_of_nothing_but_the_explained_warning(tmp_path, overrides):
     assert found - ALLOWED == set(), f"new lint warnings (fix them, or explain them in docs/ARCHITECTURE.md and here):\n{output[-4000:]}"
     # The allow-list is no wider than what Snakemake reports: a fixed warning leaves it.
     assert found == ALLOWED, f"allowed but not reported any more (drop them from ALLOWED): {ALLOWED - found}"
+
+
+def test_workflow_is_formatted_with_snakefmt():
+    """The catalog's layout (pyproject.toml's [tool.snakefmt]); `snakefmt workflow/` fixes it."""
+    snakefmt = Path(sys.executable).with_name("snakefmt")
+    result = subprocess.run([str(snakefmt), "--check", "workflow/"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"run `snakefmt workflow/`:\n{(result.stdout + result.stderr)[-3000:]}"
 
 
 @pytest.fixture

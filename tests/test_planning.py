@@ -14,7 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RULE_FILES = [ROOT / "workflow" / "Snakefile", *sorted((ROOT / "workflow" / "rules").rglob("*.smk"))]
-MAX_RULE_LINES = 16  # input, output, params, threads, log, benchmark, conda, resources, shell
+# input, output, params, threads, log, benchmark, conda, resources, shell: each directive on a
+# line of its own and its values below it, as snakefmt lays them out (tests/test_lint.py)
+MAX_RULE_LINES = 20
 HEAVY = ("torch", "pandas", "matplotlib")
 
 
@@ -42,7 +44,7 @@ def rule_lengths() -> dict[str, int]:
     return {name: len(lines) for name, lines in rule_blocks().items()}
 
 
-def test_every_rule_is_at_most_16_lines():
+def test_every_rule_is_at_most_20_lines():
     lengths = rule_lengths()
     assert {"finetune", "evaluate_model", "aggregate_tables", "all"} <= {name.split(":")[1] for name in lengths}
     thick = {rule: n for rule, n in lengths.items() if n > MAX_RULE_LINES}

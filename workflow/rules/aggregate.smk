@@ -7,12 +7,15 @@ rule aggregate_tables:
         unpack(aggregate_inputs),
     output:
         aggregate_outputs(),
+    log:
+        job_log("aggregate_tables"),
+    benchmark:
+        job_benchmark("aggregate_tables")
+    conda:
+        SAEFT_ENV
+    threads: 1
     params:
         files=job_files(aggregate_tables_files),
         settings=job_settings("aggregate_tables", aggregate_tables_settings),
-    threads: 1
-    log: job_log("aggregate_tables"),
-    benchmark: job_benchmark("aggregate_tables"),
-    conda: SAEFT_ENV
     shell:
         "saeft aggregate {params.files} {params.settings} > {log} 2>&1"

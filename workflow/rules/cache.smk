@@ -7,14 +7,18 @@ rule cache_activations:
         unpack(cache_inputs),
     output:
         f"{R}/cache/{{model}}/{{dataset}}/{{split}}.h5",
+    log:
+        job_log("cache_activations", "{model}/{dataset}/{split}"),
+    benchmark:
+        job_benchmark("cache_activations", "{model}/{dataset}/{split}")
+    conda:
+        SAEFT_ENV
+    threads: 1
+    resources:
+        gpu=1,
     params:
         files=job_files(cache_files),
         settings=job_settings("cache_activations", cache_settings),
-    threads: 1
-    log: job_log("cache_activations", "{model}/{dataset}/{split}"),
-    benchmark: job_benchmark("cache_activations", "{model}/{dataset}/{split}"),
-    conda: SAEFT_ENV
-    resources: gpu=1
     shell:
         "saeft cache {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
@@ -24,12 +28,15 @@ rule cache_views:
         unpack(cache_inputs),
     output:
         f"{R}/cache/{{model}}/{{dataset}}/{{split}}.views.h5",
+    log:
+        job_log("cache_views", "{model}/{dataset}/{split}"),
+    benchmark:
+        job_benchmark("cache_views", "{model}/{dataset}/{split}")
+    conda:
+        SAEFT_ENV
+    threads: 1
     params:
         files=job_files(cache_files),
         settings=job_settings("cache_views", cache_views_settings),
-    threads: 1
-    log: job_log("cache_views", "{model}/{dataset}/{split}"),
-    benchmark: job_benchmark("cache_views", "{model}/{dataset}/{split}"),
-    conda: SAEFT_ENV
     shell:
         "saeft cache {params.files} {params.settings} --threads {threads} > {log} 2>&1"

@@ -11,13 +11,17 @@ rule calibrate:
         unpack(calibrate_inputs),
     output:
         f"{R}/calibration/{{model}}/{{dataset}}/calibration.json",
+    log:
+        job_log("calibrate", "{model}/{dataset}"),
+    benchmark:
+        job_benchmark("calibrate", "{model}/{dataset}")
+    conda:
+        SAEFT_ENV
+    threads: 2
+    resources:
+        gpu=1,
     params:
         files=job_files(calibrate_files),
         settings=job_settings("calibrate", calibrate_settings),
-    log: job_log("calibrate", "{model}/{dataset}"),
-    benchmark: job_benchmark("calibrate", "{model}/{dataset}"),
-    conda: SAEFT_ENV
-    threads: 2
-    resources: gpu=1
     shell:
         "saeft calibrate {params.files} {params.settings} --threads {threads} > {log} 2>&1"

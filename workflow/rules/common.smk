@@ -59,8 +59,10 @@ def needs(variant, need):
 
 for _dataset in DATASETS if GRIDDED else []:
     if get_dataset(_dataset).val_split is None:
-        raise WorkflowError(f"datasets: {_dataset} has no ID validation split apart from its test split, so the "
-                            f"variants of {', '.join(GRIDDED)} cannot be selected without peeking; drop their grid/variants")
+        raise WorkflowError(
+            f"datasets: {_dataset} has no ID validation split apart from its test split, so the "
+            f"variants of {', '.join(GRIDDED)} cannot be selected without peeking; drop their grid/variants"
+        )
 
 
 wildcard_constraints:
@@ -76,14 +78,18 @@ wildcard_constraints:
 # whose workflow.basedir is the importing workflow's) imports it from; a module read from a URL
 # has no checkout, and its rules run the saeft installed with Snakemake.
 _RULES_DIR = workflow.current_basedir
-WORKFLOW_ROOT = (os.path.abspath(os.path.join(_RULES_DIR.get_path_or_uri(secret_free=True), "..", ".."))
-                 if isinstance(_RULES_DIR, LocalSourceFile) else os.path.abspath(os.path.join(workflow.basedir, "..")))
+WORKFLOW_ROOT = (
+    os.path.abspath(os.path.join(_RULES_DIR.get_path_or_uri(secret_free=True), "..", ".."))
+    if isinstance(_RULES_DIR, LocalSourceFile)
+    else os.path.abspath(os.path.join(workflow.basedir, ".."))
+)
 
 
 def _git_commit():
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=WORKFLOW_ROOT, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=WORKFLOW_ROOT, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -191,16 +197,20 @@ def _job_file(folder, rule_name, wildcards, ext):
 def job_files(flags):
     """The ``files`` param of a rule: ``flags(wildcards, input, output)`` as shell words (not a
     rerun trigger: it derives from the input and output)."""
+
     def files(wildcards, input, output):
         return command_line(flags(wildcards, input, output))
+
     return files
 
 
 def job_settings(rule_name, flags):
     """The ``settings`` param of a rule: ``flags(wildcards)`` then --track, as shell words; a
     change of any of them reruns the job."""
+
     def settings(wildcards):
         return command_line({**flags(wildcards), "--track": track(rule_name, wildcards)})
+
     return settings
 
 
@@ -406,8 +416,7 @@ def train_summaries():
 def aggregate_config():
     """aggregate_tables' config: the display keys, the WiSE-FT alpha its tables report, and the
     weights (the reference table compares with published cells of the same weights only)."""
-    return {**config["aggregate"], "wiseft_alpha": WISEFT["alpha"] if WISEFT else None,
-            "pretrained": config["model"]["pretrained"]}
+    return {**config["aggregate"], "wiseft_alpha": WISEFT["alpha"] if WISEFT else None, "pretrained": config["model"]["pretrained"]}
 
 
 def variant_table():
@@ -431,8 +440,13 @@ def in_report(path, caption, subcategory="all datasets"):
     study's category and the subcategory of its dataset (a wildcard pattern is expanded)."""
     stem, ext = os.path.basename(path).rsplit(".", 1)
     kind = "figure" if ext in ("png", "pdf") else "table"
-    return report(path, caption=f"../report/{caption}.rst", category=REPORT_CATEGORY, subcategory=subcategory,
-                  labels={"kind": kind, "name": stem, "format": ext})
+    return report(
+        path,
+        caption=f"../report/{caption}.rst",
+        category=REPORT_CATEGORY,
+        subcategory=subcategory,
+        labels={"kind": kind, "name": stem, "format": ext},
+    )
 
 
 def aggregate_outputs():
@@ -445,7 +459,7 @@ def aggregate_outputs():
     for path in FIGURES:
         stem = os.path.basename(path).rsplit(".", 1)[0]
         kind = next((k for k in PER_DATASET_FIGURES if stem.startswith(f"{k}_")), None)
-        out.append(in_report(path, f"figure_{kind}", stem[len(kind) + 1:]) if kind else in_report(path, f"figure_{stem}"))
+        out.append(in_report(path, f"figure_{kind}", stem[len(kind) + 1 :]) if kind else in_report(path, f"figure_{stem}"))
     # The calibration table (calibrate.smk, included before the aggregate's rules).
     out += [path if path.endswith(".md") else in_report(path, "table_calibration") for path in CALIBRATION_TABLES]
     return out
@@ -453,7 +467,9 @@ def aggregate_outputs():
 
 ANALYSIS = config["analysis"]["enabled"]
 FEATURE_TABLES = [f"{R}/tables/{name}" for name in ("features.parquet", "features_summary.csv", "features_summary.md", "features_top.csv")]
-FEATURE_FIGURES = [f"{R}/figures/{name}" for name in ("features_added_removed.png", "features_added_removed.pdf", "drift_vs_ood.png", "drift_vs_ood.pdf")]
+FEATURE_FIGURES = [
+    f"{R}/figures/{name}" for name in ("features_added_removed.png", "features_added_removed.pdf", "drift_vs_ood.png", "drift_vs_ood.pdf")
+]
 
 
 def analysis_config():
@@ -489,7 +505,9 @@ def analysis_targets():
         return []
     cards = [f"{R}/analysis/{MODEL}/{dataset}/cards/{name}" for dataset in DATASETS for name in card_files()]
     # Every variant's own analysis too (on the selection seeds; the reported ones feed the tables).
-    variants = [analysis_path(d, run, "features.json") for d in DATASETS for run in selection_runs()] if config["analysis"]["variants"] else []
+    variants = (
+        [analysis_path(d, run, "features.json") for d in DATASETS for run in selection_runs()] if config["analysis"]["variants"] else []
+    )
     return FEATURE_TABLES + FEATURE_FIGURES + cards + variants
 
 
@@ -555,7 +573,8 @@ def calibrate_inputs(wildcards):
         "predictions": [eval_path(dataset, run, "predictions.parquet") for run in calibration_runs(dataset)],
         "models": [f"{R}/finetune/{MODEL}/{dataset}/{base}/seed{s}/model.safetensors" for s in SEEDS],
         "train": [f"{R}/finetune/{MODEL}/{dataset}/{base}/seed{s}/train.json" for s in SEEDS],
-        "zeroshot": zeroshot_model(), "head": zeroshot_head(dataset),
+        "zeroshot": zeroshot_model(),
+        "head": zeroshot_head(dataset),
         "selection": [selection_file(dataset)] if CALIBRATION_BASELINE in GRIDDED else [],
     }
     if pretrained_kind(config["model"]["pretrained"]) == "pipeline":
@@ -564,15 +583,26 @@ def calibrate_inputs(wildcards):
 
 
 def calibrate_files(wildcards, input, output):
-    return {"--evals": list(input.evals), "--predictions": list(input.predictions),
-            "--baseline-models": [f"{s}={path}" for s, path in zip(SEEDS, input.models)],
-            "--zeroshot-model": input.zeroshot, "--zeroshot-head": input.head,
-            "--quality": input.get("quality"), "--selection": list(input.selection) or None, "--out": output[0]}
+    return {
+        "--evals": list(input.evals),
+        "--predictions": list(input.predictions),
+        "--baseline-models": [f"{s}={path}" for s, path in zip(SEEDS, input.models)],
+        "--zeroshot-model": input.zeroshot,
+        "--zeroshot-head": input.head,
+        "--quality": input.get("quality"),
+        "--selection": list(input.selection) or None,
+        "--out": output[0],
+    }
 
 
 def calibrate_settings(wildcards):
     pipeline = pretrained_kind(config["model"]["pretrained"]) == "pipeline"
-    return {"--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
-            "--config": CALIBRATION, "--evaluate-config": config["evaluate"],
-            "--level": config["aggregate"]["level"], "--bootstrap": config["aggregate"]["bootstrap"],
-            "--pretrain-lr": config["pretrain"]["lr"] if pipeline else None}
+    return {
+        "--dataset": wildcards.dataset,
+        "--dataset-options": dataset_options(wildcards.dataset),
+        "--config": CALIBRATION,
+        "--evaluate-config": config["evaluate"],
+        "--level": config["aggregate"]["level"],
+        "--bootstrap": config["aggregate"]["bootstrap"],
+        "--pretrain-lr": config["pretrain"]["lr"] if pipeline else None,
+    }

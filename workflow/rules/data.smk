@@ -5,12 +5,15 @@
 rule check_dataset:
     output:
         f"{R}/checks/{{dataset}}/{{split}}.json",
+    log:
+        job_log("check_dataset", "{dataset}/{split}"),
+    benchmark:
+        job_benchmark("check_dataset", "{dataset}/{split}")
+    conda:
+        SAEFT_ENV
+    threads: 1
     params:
         files=job_files(check_dataset_files),
         settings=job_settings("check_dataset", check_dataset_settings),
-    threads: 1
-    log: job_log("check_dataset", "{dataset}/{split}"),
-    benchmark: job_benchmark("check_dataset", "{dataset}/{split}"),
-    conda: SAEFT_ENV
     shell:
         "saeft check-data {params.files} {params.settings} > {log} 2>&1"

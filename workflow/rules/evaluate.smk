@@ -10,13 +10,17 @@ rule evaluate_model:
     output:
         evals=f"{R}/eval/{{model}}/{{dataset}}/{{run}}/evals.json",
         predictions=f"{R}/eval/{{model}}/{{dataset}}/{{run}}/predictions.parquet",
+    log:
+        job_log("evaluate_model", "{model}/{dataset}/{run}"),
+    benchmark:
+        job_benchmark("evaluate_model", "{model}/{dataset}/{run}")
+    conda:
+        SAEFT_ENV
+    threads: 1
+    resources:
+        gpu=1,
     params:
         files=job_files(evaluate_files),
         settings=job_settings("evaluate_model", evaluate_settings),
-    threads: 1
-    log: job_log("evaluate_model", "{model}/{dataset}/{run}"),
-    benchmark: job_benchmark("evaluate_model", "{model}/{dataset}/{run}"),
-    conda: SAEFT_ENV
-    resources: gpu=1
     shell:
         "saeft evaluate {params.files} {params.settings} --threads {threads} > {log} 2>&1"

@@ -11,14 +11,18 @@ rule train_sae:
     output:
         weights=f"{R}/sae/{{model}}/{{dataset}}/sae.safetensors",
         metrics=f"{R}/sae/{{model}}/{{dataset}}/sae.json",
+    log:
+        job_log("train_sae", "{model}/{dataset}"),
+    benchmark:
+        job_benchmark("train_sae", "{model}/{dataset}")
+    conda:
+        SAEFT_ENV
+    threads: 1
+    resources:
+        gpu=1,
     params:
         files=job_files(sae_files),
         settings=job_settings("train_sae", sae_settings),
-    threads: 1
-    log: job_log("train_sae", "{model}/{dataset}"),
-    benchmark: job_benchmark("train_sae", "{model}/{dataset}"),
-    conda: SAEFT_ENV
-    resources: gpu=1
     shell:
         "saeft train-sae {params.files} {params.settings} > {log} 2>&1"
 
@@ -30,13 +34,17 @@ if SAE_SWEEP:
             unpack(sae_sweep_inputs),
         output:
             [f"{R}/sae/{{model}}/{{dataset}}/{name}/{leaf}" for name in SAE_SWEEP for leaf in ("sae.safetensors", "sae.json")],
+        log:
+            job_log("train_sae_sweep", "{model}/{dataset}"),
+        benchmark:
+            job_benchmark("train_sae_sweep", "{model}/{dataset}")
+        conda:
+            SAEFT_ENV
+        threads: 1
+        resources:
+            gpu=1,
         params:
             files=job_files(sae_sweep_files),
             settings=job_settings("train_sae_sweep", sae_sweep_settings),
-        threads: 1
-        log: job_log("train_sae_sweep", "{model}/{dataset}"),
-        benchmark: job_benchmark("train_sae_sweep", "{model}/{dataset}"),
-        conda: SAEFT_ENV
-        resources: gpu=1
         shell:
             "saeft train-sae-sweep {params.files} {params.settings} > {log} 2>&1"

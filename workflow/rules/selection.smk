@@ -9,12 +9,15 @@ checkpoint select_variants:
         select_variants_inputs,
     output:
         f"{R}/selection/{{model}}/{{dataset}}/selection.json",
+    log:
+        job_log("select_variants", "{model}/{dataset}"),
+    benchmark:
+        job_benchmark("select_variants", "{model}/{dataset}")
+    conda:
+        SAEFT_ENV
+    threads: 1
     params:
         files=job_files(select_variants_files),
         settings=job_settings("select_variants", select_variants_settings),
-    threads: 1
-    log: job_log("select_variants", "{model}/{dataset}"),
-    benchmark: job_benchmark("select_variants", "{model}/{dataset}"),
-    conda: SAEFT_ENV
     shell:
         "saeft select-variants {params.files} {params.settings} > {log} 2>&1"

@@ -13,8 +13,10 @@ onstart:
 onsuccess:
     background.stop()
     if queued_tracking():
-        logger.warning(f"{len(queued_tracking())} job(s) queued their MLflow tracking in {tracking_queue()}: "
-                       "replay with `snakemake sync_mlflow` once the store answers")
+        logger.warning(
+            f"{len(queued_tracking())} job(s) queued their MLflow tracking in {tracking_queue()}: "
+            "replay with `snakemake sync_mlflow` once the store answers"
+        )
 
 
 onerror:
@@ -22,11 +24,13 @@ onerror:
 
 
 rule sync_mlflow:
+    log:
+        job_log("sync_mlflow"),
+    conda:
+        SAEFT_ENV
+    threads: 1
     # No output: a target rule that runs whenever it is asked for.
     params:
         queue=tracking_queue(),
-    threads: 1
-    log: job_log("sync_mlflow"),
-    conda: SAEFT_ENV
     shell:
         "saeft sync-tracking --queue {params.queue:q} > {log} 2>&1"

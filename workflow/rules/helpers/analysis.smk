@@ -15,19 +15,31 @@ def analysis_inputs(wildcards):
 
 def analyze_files(wildcards, input, output):
     caches = [f"{split}={path}" for split, path in zip(get_dataset(wildcards.dataset).eval_splits, input.caches)]
-    return {**run_model_files(wildcards, input), "--cache": caches, "--sae": input.sae,
-            "--out-json": output.summary, "--out-images": output.images}
+    return {
+        **run_model_files(wildcards, input),
+        "--cache": caches,
+        "--sae": input.sae,
+        "--out-json": output.summary,
+        "--out-images": output.images,
+    }
 
 
 def analyze_settings(wildcards):
-    return {"--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
-            "--identity": evaluation_identity(wildcards), "--config": analysis_config()}
+    return {
+        "--dataset": wildcards.dataset,
+        "--dataset-options": dataset_options(wildcards.dataset),
+        "--identity": evaluation_identity(wildcards),
+        "--config": analysis_config(),
+    }
 
 
 def card_inputs(wildcards):
     """The images.parquet of every analysed run, the dataset's main SAE and zero-shot head."""
-    return {"images": [analysis_path(wildcards.dataset, run, "images.parquet") for run in analysis_runs(wildcards.dataset)],
-            "sae": sae_path(wildcards.model, wildcards.dataset), "head": zeroshot_head(wildcards.dataset)}
+    return {
+        "images": [analysis_path(wildcards.dataset, run, "images.parquet") for run in analysis_runs(wildcards.dataset)],
+        "sae": sae_path(wildcards.model, wildcards.dataset),
+        "head": zeroshot_head(wildcards.dataset),
+    }
 
 
 def card_outputs():
@@ -42,21 +54,30 @@ def cards_files(wildcards, input, output):
 
 
 def cards_settings(wildcards):
-    return {"--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
-            "--config": config["analysis"]["cards"]}
+    return {
+        "--dataset": wildcards.dataset,
+        "--dataset-options": dataset_options(wildcards.dataset),
+        "--config": config["analysis"]["cards"],
+    }
 
 
 def aggregate_features_inputs(wildcards):
     """The analyses of the reported runs and their evaluations (known once the variants are
     selected: a function of the checkpoint)."""
-    return {"analyses": analysis_files("features.json"), "images": analysis_files("images.parquet"),
-            "evals": eval_results(selected_only=True)}
+    return {
+        "analyses": analysis_files("features.json"),
+        "images": analysis_files("images.parquet"),
+        "evals": eval_results(selected_only=True),
+    }
 
 
 def aggregate_features_files(wildcards, input, output):
     # Until select_variants has run, Snakemake plans with its output as the only input.
-    return {**{f"--{name}": list(input.get(name, [])) for name in ("analyses", "images", "evals")},
-            "--tables": os.path.dirname(output.tables[0]), "--figures": os.path.dirname(output.figures[0])}
+    return {
+        **{f"--{name}": list(input.get(name, [])) for name in ("analyses", "images", "evals")},
+        "--tables": os.path.dirname(output.tables[0]),
+        "--figures": os.path.dirname(output.figures[0]),
+    }
 
 
 def aggregate_features_settings(wildcards):

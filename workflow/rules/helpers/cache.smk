@@ -4,8 +4,7 @@
 
 def cache_inputs(wildcards):
     """The zero-shot model, and the split's check marker when it is read from data_root."""
-    return {"model": f"{R}/models/{wildcards.model}/zeroshot/model.safetensors",
-            "check": check_marker(wildcards.dataset, wildcards.split)}
+    return {"model": f"{R}/models/{wildcards.model}/zeroshot/model.safetensors", "check": check_marker(wildcards.dataset, wildcards.split)}
 
 
 def cache_files(wildcards, input, output):
@@ -13,8 +12,13 @@ def cache_files(wildcards, input, output):
 
 
 def cache_settings(wildcards):
-    return {"--pretrained": pretrained_source() or "", "--dataset": wildcards.dataset,
-            "--dataset-options": dataset_options(wildcards.dataset), "--split": wildcards.split, "--config": config["cache"]}
+    return {
+        "--pretrained": pretrained_source() or "",
+        "--dataset": wildcards.dataset,
+        "--dataset-options": dataset_options(wildcards.dataset),
+        "--split": wildcards.split,
+        "--config": config["cache"],
+    }
 
 
 def cache_views_settings(wildcards):

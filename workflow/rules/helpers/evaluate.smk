@@ -26,10 +26,12 @@ def eval_sets(dataset):
 
 def evaluate_inputs(wildcards):
     """The run's weights, the check markers of every split it reads, and the transfer sets' heads."""
-    checks = [marker for evalset in eval_sets(wildcards.dataset)
-              for marker in check_marker(*transfer_split(wildcards.dataset, evalset))]
-    return {"checks": checks, "transfer_heads": [zeroshot_head(t) for t in TRANSFER.get(wildcards.dataset, [])],
-            **run_model_inputs(wildcards.model, wildcards.dataset, wildcards.run)}
+    checks = [marker for evalset in eval_sets(wildcards.dataset) for marker in check_marker(*transfer_split(wildcards.dataset, evalset))]
+    return {
+        "checks": checks,
+        "transfer_heads": [zeroshot_head(t) for t in TRANSFER.get(wildcards.dataset, [])],
+        **run_model_inputs(wildcards.model, wildcards.dataset, wildcards.run),
+    }
 
 
 def evaluation_identity(wildcards):
@@ -45,8 +47,7 @@ def run_model_files(wildcards, input):
     """The evaluated model: --model, the zero-shot head (--head) or, for WiSE-FT, --alpha and the
     zero-shot model and head to mix with."""
     alpha = RunId.parse(wildcards.run).alpha
-    wiseft = {} if alpha is None else {"--alpha": f"{alpha:g}", "--zeroshot-model": input.zeroshot,
-                                       "--zeroshot-head": input.zeroshot_head}
+    wiseft = {} if alpha is None else {"--alpha": f"{alpha:g}", "--zeroshot-model": input.zeroshot, "--zeroshot-head": input.zeroshot_head}
     return {"--model": input.model, "--head": input.get("head"), **wiseft}
 
 
@@ -57,8 +58,12 @@ def evaluate_files(wildcards, input, output):
 def evaluate_settings(wildcards):
     """--split (the dataset's eval splits) and --transfer (each transfer set with its head)."""
     transfer = TRANSFER.get(wildcards.dataset, [])
-    return {"--dataset": wildcards.dataset, "--split": list(get_dataset(wildcards.dataset).scored_splits),
-            "--transfer": [f"{name}={zeroshot_head(name)}" for name in transfer] or None,
-            "--dataset-options": dataset_options(wildcards.dataset),
-            "--transfer-options": {name: dataset_options(name) for name in transfer},
-            "--identity": evaluation_identity(wildcards), "--config": config["evaluate"]}
+    return {
+        "--dataset": wildcards.dataset,
+        "--split": list(get_dataset(wildcards.dataset).scored_splits),
+        "--transfer": [f"{name}={zeroshot_head(name)}" for name in transfer] or None,
+        "--dataset-options": dataset_options(wildcards.dataset),
+        "--transfer-options": {name: dataset_options(name) for name in transfer},
+        "--identity": evaluation_identity(wildcards),
+        "--config": config["evaluate"],
+    }

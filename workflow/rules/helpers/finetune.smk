@@ -6,8 +6,11 @@ def finetune_inputs(wildcards):
     """The zero-shot model and head, the check markers of the splits it reads, and what the method
     needs (registry): the SAE it names, the teacher cache of f_0 (unless the teacher runs live)."""
     spec = get_dataset(wildcards.dataset)
-    inputs = {"model": zeroshot_model(), "head": zeroshot_head(wildcards.dataset),
-              "checks": check_marker(wildcards.dataset, spec.train_split) + check_marker(wildcards.dataset, spec.heldout_split)}
+    inputs = {
+        "model": zeroshot_model(),
+        "head": zeroshot_head(wildcards.dataset),
+        "checks": check_marker(wildcards.dataset, spec.train_split) + check_marker(wildcards.dataset, spec.heldout_split),
+    }
     if needs(wildcards.method, "sae"):
         inputs["sae"] = sae_path(wildcards.model, wildcards.dataset, method_params(wildcards.method, wildcards.dataset).get("sae"))
     teacher = teacher_cache(wildcards.model, wildcards.dataset) if needs(wildcards.method, "teacher") else None
@@ -17,8 +20,14 @@ def finetune_inputs(wildcards):
 
 
 def finetune_files(wildcards, input, output):
-    return {"--model": input.model, "--head": input.head, "--sae": input.get("sae"), "--teacher-cache": input.get("teacher"),
-            "--out-model": output.model, "--out-json": output.summary}
+    return {
+        "--model": input.model,
+        "--head": input.head,
+        "--sae": input.get("sae"),
+        "--teacher-cache": input.get("teacher"),
+        "--out-model": output.model,
+        "--out-json": output.summary,
+    }
 
 
 def pretrain_schedule():
@@ -30,6 +39,9 @@ def pretrain_schedule():
 
 
 def finetune_settings(wildcards):
-    return {"--dataset": wildcards.dataset, "--dataset-options": dataset_options(wildcards.dataset),
-            "--config": method_config(wildcards.method, wildcards.seed, wildcards.dataset),
-            "--pretrain-schedule": pretrain_schedule()}
+    return {
+        "--dataset": wildcards.dataset,
+        "--dataset-options": dataset_options(wildcards.dataset),
+        "--config": method_config(wildcards.method, wildcards.seed, wildcards.dataset),
+        "--pretrain-schedule": pretrain_schedule(),
+    }

@@ -41,8 +41,11 @@ def sae_settings(wildcards):
 def sae_sweep_files(wildcards, input, output):
     """sae_files with each training cache named by its `data`, and the folder of the entries'
     folders (from the outputs: <out-dir>/<name>/<leaf>)."""
-    return {**sae_files(wildcards, input, output), "--train": [f"{kind}={path}" for kind, path in zip(sweep_data(), input.train)],
-            "--out-dir": os.path.dirname(os.path.dirname(output[0]))}
+    return {
+        **sae_files(wildcards, input, output),
+        "--train": [f"{kind}={path}" for kind, path in zip(sweep_data(), input.train)],
+        "--out-dir": os.path.dirname(os.path.dirname(output[0])),
+    }
 
 
 def sae_sweep_settings(wildcards):

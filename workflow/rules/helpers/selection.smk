@@ -12,7 +12,11 @@ def select_variants_files(wildcards, input, output):
 
 
 def select_variants_settings(wildcards):
-    return {"--variants": {m: {v: method_params(v, wildcards.dataset) for v in VARIANTS[m]} for m in GRIDDED},
-            "--seeds": SELECTION_SEEDS, "--oracle": json.dumps(config["selection"]["oracle"]), "--rule": config["selection"]["rule"],
-            # The config's order (the JSON of --variants is written with sorted keys): ties and one_se go by it.
-            "--order": {m: list(VARIANTS[m]) for m in GRIDDED}}
+    return {
+        "--variants": {m: {v: method_params(v, wildcards.dataset) for v in VARIANTS[m]} for m in GRIDDED},
+        "--seeds": SELECTION_SEEDS,
+        "--oracle": json.dumps(config["selection"]["oracle"]),
+        "--rule": config["selection"]["rule"],
+        # The config's order (the JSON of --variants is written with sorted keys): ties and one_se go by it.
+        "--order": {m: list(VARIANTS[m]) for m in GRIDDED},
+    }
