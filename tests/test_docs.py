@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -498,3 +499,24 @@ def test_rows_out_of_order_a_changed_header_or_a_missing_file_fail(tmp_path):
     outside = TABLE_PAGE.replace("docs/results/default/tables/t.md", "README.md")
     [problem] = table_problems(tables(outside, "page.md")[0], tmp_path)
     assert "is not under docs/results/" in problem, problem
+
+
+PLANNED_JOBS = re.compile(r"^\| `(config/[\w.]+\.yaml)` \| (\d+) \|$", re.M)
+
+
+@pytest.mark.slow
+def test_the_planned_job_counts_are_what_snakemake_plans(tmp_path):
+    """docs/performance.md's table of jobs per study is what `snakemake -n` plans now."""
+    rows = PLANNED_JOBS.findall((ROOT / "docs" / "performance.md").read_text())
+    assert {"config/config.yaml", "config/paper_vitb16.yaml"} <= {config for config, _ in rows}
+    for config, jobs in rows:
+        workdir = tmp_path / config.replace("/", "_")
+        workdir.mkdir()
+        needs_root = "data_root" in (yaml.safe_load((ROOT / config).read_text()) or {})
+        extra = ["--config", f"data_root={tmp_path / 'data'}"] if needs_root else []
+        result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "-d", str(workdir),
+                                 "--configfile", config, *extra], cwd=ROOT, capture_output=True, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        planned = re.search(r"^total\s+(\d+)$", result.stdout, re.M)
+        assert planned, f"{config}: no job count in snakemake -n's output:\n{(result.stdout + result.stderr)[-2000:]}"
+        assert int(planned[1]) == int(jobs), f"docs/performance.md says {config} plans {jobs} jobs; snakemake -n plans {planned[1]}"
