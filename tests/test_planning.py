@@ -240,7 +240,10 @@ def test_nested_override_of_a_configfile_study(tmp_path):
     result = plan(tmp_path, "--configfile", "config/fashion_mnist.yaml", "--config", "finetune={lr: 0.005}")
     assert result["code"] == 0, result["output"][-3000:]
     configs = finetune_configs(result["output"])
-    assert configs and all(cfg["lr"] == 0.005 for cfg in configs.values())
+    # The shared lr reaches the methods without an lr grid; a grid's own lrs stay.
+    assert configs["feat_mse"]["lr"] == configs["saeft"]["lr"] == 0.005
+    assert configs["ft"]["lr"] in (1e-4, 3e-4, 1e-3) and configs["lpft"]["lr"] in (3e-5, 1e-4)
+    assert all(cfg["epochs"] == 3 for cfg in configs.values() if cfg["method"] != "scratch")
 
 
 # Through Snakemake, a nested method key; typing and unknown keys of nested strings are checked
