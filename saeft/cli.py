@@ -54,10 +54,11 @@ TRACKED = frozenset({"pretrain", "prepare", "head", "cache", "train-sae", "train
 """The workflow's jobs: each logs to the MLflow run its --track names (every rule passes one). The
 other commands (schema, the tracking tools, the worker, export) have no run of their own."""
 
-THREADED = frozenset({"pretrain", "cache", "finetune", "evaluate", "calibrate", "analyze-features"})
-"""Stages whose torch work runs on --threads CPU threads (:func:`saeft.training.setup_torch` reads
-it as ``SAEFT_THREADS``; finetune also shares it among its DDP workers). The other stages' threads
-follow ``OMP_NUM_THREADS``, which Snakemake sets per job."""
+THREADED = frozenset({"pretrain", "head", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "calibrate",
+                      "analyze-features", "feature-cards"})
+"""Stages whose torch work runs on --threads CPU threads: set as the job starts (torch's thread
+count), and read again by :func:`saeft.training.setup_torch` as ``SAEFT_THREADS`` (finetune also
+shares it among its DDP workers). The other commands do no torch work worth threads."""
 
 
 def _json_arg(text: str) -> Any:
@@ -434,8 +435,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     # open_clip warns on the root logger about every model it creates without weights, also
     # where saeft loads the weights right after: keep job logs about the job.
     logging.getLogger().addFilter(lambda record: "No pretrained weights loaded" not in record.getMessage())
-    if args.threads:
+    if getattr(args, "threads", None):
         os.environ["SAEFT_THREADS"] = str(args.threads)
+        # torch takes its thread count from OMP_NUM_THREADS when first imported; a warm worker
+        # has imported it already.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(args.threads)
     if os.environ.get("SLURM_JOB_ID"):
         logger.info("SLURM job %s on %s, CUDA_VISIBLE_DEVICES=%s", os.environ["SLURM_JOB_ID"],
                     os.environ.get("SLURMD_NODENAME", "?"), os.environ.get("CUDA_VISIBLE_DEVICES", ""))

@@ -41,7 +41,7 @@ rule plot_feature_cards:
         files=job_files(cards_files),
         settings=job_settings("plot_feature_cards", cards_settings),
     shell:
-        "saeft feature-cards {params.files} {params.settings} > {log} 2>&1"
+        "saeft feature-cards {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
 
 rule aggregate_features:

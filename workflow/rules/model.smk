@@ -59,4 +59,4 @@ rule build_zeroshot_head:
         files=job_files(head_files),
         settings=job_settings("build_zeroshot_head", head_settings),
     shell:
-        "saeft head {params.files} {params.settings} > {log} 2>&1"
+        "saeft head {params.files} {params.settings} --threads {threads} > {log} 2>&1"

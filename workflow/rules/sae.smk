@@ -24,7 +24,7 @@ rule train_sae:
         files=job_files(sae_files),
         settings=job_settings("train_sae", sae_settings),
     shell:
-        "saeft train-sae {params.files} {params.settings} > {log} 2>&1"
+        "saeft train-sae {params.files} {params.settings} --threads {threads} > {log} 2>&1"
 
 
 if SAE_SWEEP:
@@ -47,4 +47,4 @@ if SAE_SWEEP:
             files=job_files(sae_sweep_files),
             settings=job_settings("train_sae_sweep", sae_sweep_settings),
         shell:
-            "saeft train-sae-sweep {params.files} {params.settings} > {log} 2>&1"
+            "saeft train-sae-sweep {params.files} {params.settings} --threads {threads} > {log} 2>&1"
