@@ -61,6 +61,15 @@ count), and read again by :func:`saeft.training.setup_torch` as ``SAEFT_THREADS`
 shares it among its DDP workers). The other commands do no torch work worth threads."""
 
 
+def apply_threads(threads: int) -> None:
+    """Run this job's torch work on ``threads`` CPU threads (a THREADED stage's --threads):
+    :func:`saeft.training.setup_torch` reads ``SAEFT_THREADS``; torch takes ``OMP_NUM_THREADS``
+    when first imported, and a warm worker has imported it already."""
+    os.environ["SAEFT_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
 def _json_arg(text: str) -> Any:
     try:
         return json.loads(text)
@@ -436,12 +445,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     # where saeft loads the weights right after: keep job logs about the job.
     logging.getLogger().addFilter(lambda record: "No pretrained weights loaded" not in record.getMessage())
     if getattr(args, "threads", None):
-        os.environ["SAEFT_THREADS"] = str(args.threads)
-        # torch takes its thread count from OMP_NUM_THREADS when first imported; a warm worker
-        # has imported it already.
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(args.threads)
+        apply_threads(args.threads)
     if os.environ.get("SLURM_JOB_ID"):
         logger.info("SLURM job %s on %s, CUDA_VISIBLE_DEVICES=%s", os.environ["SLURM_JOB_ID"],
                     os.environ.get("SLURMD_NODENAME", "?"), os.environ.get("CUDA_VISIBLE_DEVICES", ""))

@@ -108,3 +108,19 @@ def test_every_command_the_workflow_plans_parses(study, tmp_path):
             assert not unknown, f"saeft {argv[0]} takes no {unknown}"
         else:
             assert parser.parse_args(argv).command == argv[0]
+
+
+def test_threads_set_the_jobs_torch_threads(monkeypatch):
+    """--threads of a THREADED stage sets torch's thread count for the job, also where torch is
+    already imported (a warm worker)."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("SAEFT_THREADS", "0")
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")
+    try:
+        cli.apply_threads(1)
+        assert torch.get_num_threads() == 1
+        assert os.environ["SAEFT_THREADS"] == os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
