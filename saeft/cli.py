@@ -56,15 +56,13 @@ other commands (schema, the tracking tools, the worker, export) have no run of t
 
 THREADED = frozenset({"pretrain", "head", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "calibrate",
                       "analyze-features", "feature-cards"})
-"""Stages whose torch work runs on --threads CPU threads: set as the job starts (torch's thread
-count), and read again by :func:`saeft.training.setup_torch` as ``SAEFT_THREADS`` (finetune also
-shares it among its DDP workers). The other commands do no torch work worth threads."""
+"""Stages whose torch work runs on --threads CPU threads (:func:`apply_threads`; finetune shares
+them among its DDP workers). The other commands do no torch work worth threads."""
 
 
 def apply_threads(threads: int) -> None:
-    """Run this job's torch work on ``threads`` CPU threads (a THREADED stage's --threads):
-    :func:`saeft.training.setup_torch` reads ``SAEFT_THREADS``; torch takes ``OMP_NUM_THREADS``
-    when first imported, and a warm worker has imported it already."""
+    """A THREADED stage's --threads: ``SAEFT_THREADS`` for setup_torch, ``OMP_NUM_THREADS`` for
+    torch's first import, and torch's own count where a warm worker has imported it already."""
     os.environ["SAEFT_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
@@ -429,8 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from saeft import worker  # standard library only: cheap for every command
 
     if os.environ.get(worker.ENV) and argv[:1] != ["worker"]:
-        status = worker.run_command(argv)
-        if status is not None:
+        if (status := worker.run_command(argv)) is not None:
             return status
     return run(argv)
 
@@ -444,7 +441,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     # open_clip warns on the root logger about every model it creates without weights, also
     # where saeft loads the weights right after: keep job logs about the job.
     logging.getLogger().addFilter(lambda record: "No pretrained weights loaded" not in record.getMessage())
-    if getattr(args, "threads", None):
+    if args.threads:
         apply_threads(args.threads)
     if os.environ.get("SLURM_JOB_ID"):
         logger.info("SLURM job %s on %s, CUDA_VISIBLE_DEVICES=%s", os.environ["SLURM_JOB_ID"],
