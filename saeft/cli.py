@@ -61,11 +61,11 @@ them among its DDP workers). The other commands do no torch work worth threads."
 
 
 def apply_threads(threads: int) -> None:
-    """A THREADED stage's --threads: ``SAEFT_THREADS`` for setup_torch, ``OMP_NUM_THREADS`` for
-    torch's first import, and torch's own count where a warm worker has imported it already."""
-    os.environ["SAEFT_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(threads)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
+    """A THREADED stage's --threads: torch's thread count now, and ``SAEFT_THREADS`` for setup_torch
+    (not OMP_NUM_THREADS: it would outlive the command in the process and cap ``nproc``)."""
+    import torch  # every THREADED stage imports it anyway
+    os.environ["SAEFT_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 def _json_arg(text: str) -> Any:
