@@ -1,6 +1,6 @@
 """The paired bootstrap at iWildCam-test size: time and memory of 1000 resamples of one run.
 
-The intervals of every table come from :mod:`saeft.uncertainty`: one matrix of resample indices
+The intervals of every table come from :mod:`saeft.report.uncertainty`: one matrix of resample indices
 per eval set, shared by every run on it (the bootstrap is paired), and the metric on each row.
 iWildCam's test split is the largest eval set of the paper studies (42,791 images, 182 classes,
 macro-F1). This bench makes predictions of that size (a model right 70% of the time, wrong
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from saeft.uncertainty import bootstrap_indices, replicates
+from saeft.report.uncertainty import bootstrap_indices, replicates
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ alike), ``--repeats`` times:
 - ``forward``: the model's image encoder on the batches the stage sees, already decoded and
   preprocessed (the same tensors, pinned on a GPU): copy to the device, ``encode_image``, copy
   the embeddings back; no files, no HDF5. The least any cache must do;
-- ``cache``: :func:`saeft.cache.run` on all ``--images`` images (model load, image decoding and
+- ``cache``: :func:`saeft.stages.cache.run` on all ``--images`` images (model load, image decoding and
   preprocessing, the forward, the HDF5 writes and flushes, the final rename);
 - ``cache, one batch``: the same stage on the first ``--batch`` images only: its fixed cost
   (loading the model, opening the files) and the first batch;
@@ -112,9 +112,9 @@ def main() -> None:
     os.environ["SAEFT_THREADS"] = str(args.threads)  # cache.run's setup_torch reads it
     import torch
 
-    from saeft import cache
     from saeft.data.registry import get_dataset
-    from saeft.models import create_clip, load_clip, preprocess_for, save_clip
+    from saeft.nn.models import create_clip, load_clip, preprocess_for, save_clip
+    from saeft.stages import cache
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

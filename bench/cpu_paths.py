@@ -40,10 +40,10 @@ SETTINGS = {
 CHILD = r"""
 import hashlib, json, sys, time
 import torch
-from saeft import pretrain
 from saeft.config.stages import PretrainConfig
 from saeft.data.synthetic import WorldConfig
-from saeft.io import load_tensors
+from saeft.infra.io import load_tensors
+from saeft.stages import pretrain
 out, steps = sys.argv[1], int(sys.argv[2])
 world = WorldConfig(object_scale=1.2, pretrain_per_class=400)
 start = time.perf_counter()

@@ -70,7 +70,7 @@ def _rss_bytes() -> int:
 
 def image_size_of(arch: str) -> int:
     """The input resolution open_clip's config of ``arch`` declares."""
-    from saeft.models import open_clip_module
+    from saeft.nn.models import open_clip_module
 
     size = open_clip_module().get_model_config(arch)["vision_cfg"]["image_size"]
     return size if isinstance(size, int) else size[0]
@@ -84,14 +84,14 @@ def build_step(method: str, teacher: str, batch: int, device_name: str, clock=ti
     ``precision`` bf16 runs the loss under the autocast fine-tuning uses (on GPU only, as there)."""
     import torch
 
-    from saeft import finetune
     from saeft.data.registry import get_dataset
     from saeft.data.synthetic import CLASSNAMES
-    from saeft.loss import Towers, build_context, method_loss
     from saeft.methods import get_method
-    from saeft.models import ImageClassifier, create_clip
+    from saeft.nn.loss import Towers, build_context, method_loss
+    from saeft.nn.models import ImageClassifier, create_clip
+    from saeft.nn.training import warmup_cosine
     from saeft.sae import TopKSAE
-    from saeft.training import warmup_cosine
+    from saeft.stages import finetune
 
     device = torch.device(device_name)
     n_classes, size = len(CLASSNAMES), image_size or image_size_of(arch)
@@ -153,7 +153,7 @@ def child(method: str, teacher: str, batch: int, steps: int, warmup: int, device
     """Time one method's training step and its peak memory; runs in its own process."""
     import torch
 
-    from saeft.training import setup_torch
+    from saeft.nn.training import setup_torch
 
     setup_torch(0, threads)
     cuda = torch.device(device_name).type == "cuda"
@@ -189,7 +189,7 @@ def paired(rows: list[str], args) -> dict:
     """Step ``ft``, ``ft (repeat)`` and ``rows`` in turn in this process, in blocks, until every
     ratio's interval (the noise check's too) is narrower than ``args.precision``; returns the
     per-block log-ratios and ft's median step per block. Runs in a child process of its own."""
-    from saeft.training import setup_torch
+    from saeft.nn.training import setup_torch
 
     setup_torch(0, args.threads)
     names = ["ft", "ft (repeat)", *[r for r in rows if r not in ("ft", "ft (repeat)")]]

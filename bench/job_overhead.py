@@ -5,7 +5,7 @@
 Runs the tiny test study (tests/data/tiny_study.yaml: every stage, seconds of work each) from
 scratch ``--repeats`` times in each mode, in a temporary folder:
 
-- ``default``: as a user runs it: the warm worker (saeft.worker) forks each job, jobs spool
+- ``default``: as a user runs it: the warm worker (saeft.infra.worker) forks each job, jobs spool
   their MLflow tracking and the run's sync process sends it (tracking on);
 - ``tracking-off``: the same with ``SAEFT_TRACKING=off``;
 - ``fresh``: every job a fresh Python process logging to MLflow itself and rendering its
@@ -85,7 +85,7 @@ def tables_digest(folder: Path) -> str:
 def import_breakdown() -> dict[str, tuple[float, float]]:
     """Per top-level package a fine-tuning job imports: (seconds of its own modules, cumulative
     seconds of its outermost imports, including the packages it pulls in), from -X importtime."""
-    modules = "saeft.cli, saeft.finetune, saeft.models, open_clip, saeft.tracking, mlflow"
+    modules = "saeft.cli, saeft.stages.finetune, saeft.nn.models, open_clip, saeft.infra.tracking, mlflow"
     result = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {modules}"], capture_output=True,
                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     rows = []

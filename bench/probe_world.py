@@ -1,12 +1,12 @@
 """Probe a world's calibration quickly, in one process: the established baselines only.
 
-Calibrating a world (issue "Calibrated worlds", ``saeft.calibration``) needs many candidate
+Calibrating a world (issue "Calibrated worlds", ``saeft.report.calibration``) needs many candidate
 worlds and fine-tuning regimes; a whole study per candidate is too slow. This probe takes a
 pretrained zero-shot model (a study's ``models/<model>/zeroshot/``) and, for each ID shortcut
 strength and fine-tuning lr given, fine-tunes ``ft`` on the given seeds and prints, per model, ID
 validation, ID test, every shift and the OOD average: zero-shot, a linear probe, FT, the WiSE-FT
 curve, the output-space ensemble at 0.5, the uniform soup of the FT seeds; then the P2, P3, P5
-and P6 numbers of :mod:`saeft.calibration` (points, no intervals: the study measures those).
+and P6 numbers of :mod:`saeft.report.calibration` (points, no intervals: the study measures those).
 It never reads SAE-FT. The pretraining corpus has no shortcut, so one pretrained model serves
 every ``--spurious``::
 
@@ -48,13 +48,13 @@ def main() -> None:
 
     import torch
 
-    from saeft import finetune
     from saeft.config.study import validate_config
     from saeft.data.registry import get_dataset
-    from saeft.models import classifier_from_zeroshot, load_classifier, preprocess_for
-    from saeft.probe import fit_linear_head
-    from saeft.quality import embed_split, linear_probe_accuracy
-    from saeft.weights import interpolate_weights
+    from saeft.nn.models import classifier_from_zeroshot, load_classifier, preprocess_for
+    from saeft.nn.probe import fit_linear_head
+    from saeft.nn.quality import embed_split, linear_probe_accuracy
+    from saeft.nn.weights import interpolate_weights
+    from saeft.stages import finetune
 
     config = validate_config(yaml.safe_load(Path(args.config).read_text()))
     folder = Path(args.model)

@@ -34,9 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from saeft import finetune
-    from saeft.data.registry import get_dataset
     from saeft.config.study import validate_config
+    from saeft.data.registry import get_dataset
+    from saeft.stages import finetune
 
     config = validate_config(yaml.safe_load(Path(args.config).read_text()))
     dataset = args.dataset or config["datasets"][0]

@@ -21,33 +21,34 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from saeft import __version__, commands, environment
+from saeft import __version__, commands
+from saeft.infra import environment
 
 logger = logging.getLogger("saeft")
 
 STAGE_IMPORTS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("saeft.pretrain", "saeft.quality", "saeft.models", "open_clip"),
-    "prepare": ("saeft.prepare", "saeft.models", "open_clip"),
-    "head": ("saeft.prepare", "saeft.models", "open_clip"),
-    "cache": ("saeft.cache", "saeft.models", "open_clip"),
+    "pretrain": ("saeft.stages.pretrain", "saeft.nn.quality", "saeft.nn.models", "open_clip"),
+    "prepare": ("saeft.stages.prepare", "saeft.nn.models", "open_clip"),
+    "head": ("saeft.stages.prepare", "saeft.nn.models", "open_clip"),
+    "cache": ("saeft.stages.cache", "saeft.nn.models", "open_clip"),
     "train-sae": ("saeft.sae",),
     "train-sae-sweep": ("saeft.sae",),
-    "finetune": ("saeft.finetune", "saeft.models", "open_clip"),
-    "evaluate": ("saeft.evaluate", "saeft.models", "open_clip"),
-    "calibrate": ("saeft.calibrate", "saeft.models", "open_clip"),
-    "analyze-features": ("saeft.analysis.features", "saeft.models", "open_clip"),
+    "finetune": ("saeft.stages.finetune", "saeft.nn.models", "open_clip"),
+    "evaluate": ("saeft.stages.evaluate", "saeft.nn.models", "open_clip"),
+    "calibrate": ("saeft.stages.calibrate", "saeft.nn.models", "open_clip"),
+    "analyze-features": ("saeft.analysis.features", "saeft.nn.models", "open_clip"),
     "feature-cards": ("saeft.analysis.cards",),
-    "aggregate": ("saeft.aggregate",),
-    "aggregate-features": ("saeft.aggregate", "saeft.analysis.tables"),
-    "select-variants": ("saeft.selection",),
-    "export": ("saeft.export",),
+    "aggregate": ("saeft.stages.aggregate",),
+    "aggregate-features": ("saeft.stages.aggregate", "saeft.analysis.tables"),
+    "select-variants": ("saeft.stages.selection",),
+    "export": ("saeft.stages.export",),
 }
 """The modules each stage runs on, imported (and timed) before its work: the job log's ``done
 in`` line splits start-up, imports, tracking and work (bench/job_overhead.py reads it), and the
 warm worker imports them all once."""
 
 GPU_COMMANDS = frozenset({"pretrain", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "analyze-features", "calibrate"})
-"""Stages that run on a GPU when there is one; each gets a GPU of its own (:mod:`saeft.gpu`)."""
+"""Stages that run on a GPU when there is one; each gets a GPU of its own (:mod:`saeft.infra.gpu`)."""
 
 TRACKED = frozenset({"pretrain", "prepare", "head", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "check-data",
                      "select-variants", "aggregate", "calibrate", "analyze-features", "feature-cards", "aggregate-features"})
@@ -101,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeft", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
         "saeft COMMAND --help: its options and a worked example.\n"
         "snakemake -n -p prints the exact command of every job of a study."))
-    # The installed package's version; a checkout used without installing it has only saeft.__version__.
-    version = environment.package_version("saeft") or __version__
+    version = environment.package_version("saeft") or __version__  # installed, else the checkout's __version__
     parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_setup_commands(sub)
@@ -155,7 +155,7 @@ def _add_setup_commands(sub: Any) -> None:
     p.add_argument("--study", default=None, help="--follow: the study whose parent run to create")
 
     p = add("worker", _serve_worker,
-            "serve the jobs of a workflow run from one warm process (saeft.worker; the workflow starts it)")
+            "serve the jobs of a workflow run from one warm process (saeft.infra.worker; the workflow starts it)")
     p.add_argument("--socket", required=True, help="Unix socket path to listen at")
     p.add_argument("--parent", type=int, default=None, help="stop once this process (the workflow) is gone")
 
@@ -370,8 +370,8 @@ def _add_export_command(sub: Any) -> None:
 
 def _serve_worker(args: argparse.Namespace) -> dict[str, Any]:
     """``saeft worker``: serve jobs until stopped; each forked child runs :func:`run`."""
-    from saeft.mlflow_store import tracking_mode
-    from saeft.worker import serve
+    from saeft.infra.mlflow_store import tracking_mode
+    from saeft.infra.worker import serve
 
     # Jobs of a workflow spool their tracking: MLflow is imported by them only when live.
     preload = ["torch", "numpy", "pandas", "h5py", "safetensors.torch", "saeft.commands",
@@ -383,7 +383,7 @@ def _serve_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def _nproc(args: argparse.Namespace) -> int:
     """Training processes of a finetune job: the explicit --nproc, or the SLURM allocation's GPUs."""
-    from saeft.gpu import allocated_gpu_count
+    from saeft.infra.gpu import allocated_gpu_count
 
     if args.nproc == "auto":
         return max(1, allocated_gpu_count())
@@ -422,9 +422,9 @@ def _launch_torchrun(argv: Sequence[str], nproc: int, threads: int | None) -> in
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``saeft`` command; returns the exit status. Inside a workflow run the
-    warm worker (:mod:`saeft.worker`) runs the command when it can; otherwise this process does."""
+    warm worker (:mod:`saeft.infra.worker`) runs the command when it can; otherwise this process does."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from saeft import worker  # standard library only: cheap for every command
+    from saeft.infra import worker  # standard library only: cheap for every command
 
     if os.environ.get(worker.ENV) and argv[:1] != ["worker"]:
         if (status := worker.run_command(argv)) is not None:
@@ -447,7 +447,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         logger.info("SLURM job %s on %s, CUDA_VISIBLE_DEVICES=%s", os.environ["SLURM_JOB_ID"],
                     os.environ.get("SLURMD_NODENAME", "?"), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     if args.command in GPU_COMMANDS:
-        from saeft.gpu import assign_gpus
+        from saeft.infra.gpu import assign_gpus
 
         nproc = _nproc(args) if args.command == "finetune" else 1
         assign_gpus(nproc)  # before torch initialises CUDA
@@ -457,7 +457,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         args.track = None  # one MLflow run and one log per job: rank 0's
         logging.getLogger().setLevel(logging.WARNING)
     from saeft.config import ConfigError
-    from saeft.tracking import JobRun, job_run
+    from saeft.infra.tracking import JobRun, job_run
 
     params = {k: v for k, v in vars(args).items() if k not in {"fn", "track", "log_level", "threads"}}
     timing = {"start-up": _process_age(), "imports": time.monotonic()}

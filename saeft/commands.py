@@ -15,23 +15,23 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from saeft.tracking import JobRun
+from saeft.infra.tracking import JobRun
 
 logger = logging.getLogger("saeft")
 
 RUN: Any = JobRun()
-"""The running job's MLflow run (:func:`saeft.tracking.job_run`), set by :func:`saeft.cli.main`; outside
+"""The running job's MLflow run (:func:`saeft.infra.tracking.job_run`), set by :func:`saeft.cli.main`; outside
 a job an untracked run, whose every call does nothing."""
 
 
 def cmd_init_tracking(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft.tracking import init_store
+    from saeft.infra.tracking import init_store
 
     return {"ok": init_store(args.experiment, args.study)}
 
 
 def cmd_sync_tracking(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft.tracking import follow_queue, init_store, replay_queue
+    from saeft.infra.tracking import follow_queue, init_store, replay_queue
 
     if args.follow:
         if args.experiment:
@@ -44,10 +44,11 @@ def cmd_sync_tracking(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import pretrain, quality
     from saeft.data.registry import get_dataset
-    from saeft.io import write_json
-    from saeft.models import load_clip
+    from saeft.infra.io import write_json
+    from saeft.nn import quality
+    from saeft.nn.models import load_clip
+    from saeft.stages import pretrain
 
     cfg = pretrain.PretrainConfig.from_dict(args.config, "pretrain.")
     options = get_dataset(cfg.dataset).options(args.dataset_options)
@@ -58,27 +59,27 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import prepare
+    from saeft.stages import prepare
 
     if args.quality:
-        from saeft import quality
+        from saeft.nn import quality
 
         quality.check(args.quality, args.min_zeroshot_acc)
     return prepare.run_model(args.arch, args.pretrained, args.out)
 
 
 def cmd_head(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import prepare
     from saeft.data.registry import get_dataset
+    from saeft.stages import prepare
 
     options = get_dataset(args.dataset).options(args.dataset_options) if args.dataset_options else None
     return prepare.run_head(args.model, args.dataset, args.out, options)
 
 
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import cache
     from saeft.data.registry import get_dataset
-    from saeft.views import ViewConfig
+    from saeft.nn.views import ViewConfig
+    from saeft.stages import cache
 
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = cache.CacheConfig.from_dict(args.config, "cache.")
@@ -115,8 +116,8 @@ def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import finetune
     from saeft.data.registry import get_dataset
+    from saeft.stages import finetune
 
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = finetune.FinetuneConfig.from_dict(args.config, "finetune.")
@@ -124,7 +125,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
                          sae_path=args.sae, teacher_cache=args.teacher_cache, pretrain_schedule=args.pretrain_schedule,
                          on_epoch=lambda record: RUN.log_metrics(record, step=int(record["epoch"])))
     if os.path.isfile(args.out_model):  # rank 0 wrote it (the other ranks have no MLflow run)
-        from saeft.tracking import model_reference
+        from saeft.infra.tracking import model_reference
 
         RUN.log_model_reference("classifier", model_reference(args.out_model, args.out_json), params=cfg.to_dict())
     return final
@@ -140,8 +141,8 @@ def _wiseft(args: argparse.Namespace, stage: str) -> tuple[str, str, float] | No
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import evaluate
     from saeft.data.registry import get_dataset
+    from saeft.stages import evaluate
 
     options = get_dataset(args.dataset).options(args.dataset_options)
     cfg = evaluate.EvaluateConfig.from_dict(args.config, "evaluate.")
@@ -166,9 +167,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def _evaluation_inputs(results: dict[str, dict[str, Any]], inputs: dict[str, dict[str, str]]) -> list[dict[str, Any]]:
     """The eval sets as MLflow dataset inputs: ``<dataset>/<eval set>`` (a transfer set:
-    ``<its dataset>/<its split>``), source and digest (:func:`saeft.evaluate.fingerprint`) and a
+    ``<its dataset>/<its split>``), source and digest (:func:`saeft.stages.evaluate.fingerprint`) and a
     profile of counts; no image goes to MLflow."""
-    from saeft.tracking import dataset_record
+    from saeft.infra.tracking import dataset_record
 
     records = []
     for name, result in results.items():
@@ -181,7 +182,7 @@ def _evaluation_inputs(results: dict[str, dict[str, Any]], inputs: dict[str, dic
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import export
+    from saeft.stages import export
 
     files = export.resolve(args.run, args.alpha, args.zeroshot_model, args.zeroshot_head)
     record = export.run(files, args.out, args.alpha)
@@ -202,7 +203,7 @@ def _evaluation_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
     from saeft.data.registry import get_dataset
-    from saeft.io import write_json
+    from saeft.infra.io import write_json
 
     spec = get_dataset(args.dataset)
     if not spec.on_disk:
@@ -215,7 +216,7 @@ def cmd_check_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_select_variants(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import selection
+    from saeft.stages import selection
 
     record = selection.run(args.evals, args.out, args.variants, args.seeds, oracle=bool(args.oracle), rule=args.rule,
                            order=args.order)
@@ -233,10 +234,10 @@ def _scores_frame(entry: dict[str, Any]) -> Any:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import calibrate
     from saeft.config.calibration import CalibrationConfig
     from saeft.config.stages import EvaluateConfig
     from saeft.data.registry import get_dataset
+    from saeft.stages import calibrate
 
     if len(args.predictions) != len(args.evals):
         raise ValueError(f"--predictions: {len(args.predictions)} files for {len(args.evals)} --evals files")
@@ -254,13 +255,13 @@ def cmd_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _calibration_frame(result: dict[str, Any]) -> Any:
-    from saeft.calibration import calibration_frame
+    from saeft.report.calibration import calibration_frame
 
     return calibration_frame(result["criteria"])
 
 
 def cmd_aggregate(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import aggregate
+    from saeft.stages import aggregate
 
     cfg = aggregate.AggregateConfig.from_dict(args.config, "aggregate.")
     if args.predictions and len(args.predictions) != len(args.evals):
@@ -325,8 +326,8 @@ def _split_paths_multi(items: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def cmd_aggregate_features(args: argparse.Namespace) -> dict[str, Any]:
-    from saeft import aggregate
     from saeft.analysis import tables
+    from saeft.stages import aggregate
 
     cfg = aggregate.AggregateConfig.from_dict(args.config, "aggregate.")
     if args.top < 1:
@@ -341,7 +342,7 @@ def cmd_aggregate_features(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_schema(args: argparse.Namespace) -> dict[str, Any]:
     from saeft.config.study import SCHEMA_PATH, schema_text
-    from saeft.io import atomic_path
+    from saeft.infra.io import atomic_path
 
     text = schema_text()
     if not args.write:

@@ -19,7 +19,7 @@ def pytest_configure(config) -> None:
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and "SAEFT_THREADS" not in os.environ:
         share = max(1, len(os.sched_getaffinity(0)) // int(workers))
-        os.environ["SAEFT_THREADS"] = str(share)  # saeft.training.setup_torch's default
+        os.environ["SAEFT_THREADS"] = str(share)  # saeft.nn.training.setup_torch's default
         import torch
 
         torch.set_num_threads(share)
@@ -38,7 +38,7 @@ def clip_file(tmp_path_factory):
     """A randomly initialised tiny CLIP in the safetensors format of prepare_model."""
     import torch
 
-    from saeft.models import create_clip, save_clip
+    from saeft.nn.models import create_clip, save_clip
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
@@ -48,7 +48,7 @@ def clip_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def head_file(clip_file, tmp_path_factory):
-    from saeft.prepare import run_head
+    from saeft.stages.prepare import run_head
 
     path = tmp_path_factory.mktemp("heads") / "shapes.safetensors"
     run_head(clip_file, "shapes", path)

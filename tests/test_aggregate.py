@@ -1,4 +1,4 @@
-"""Tests for saeft.results (under the aggregate stage): tidy table, summary statistics, input validation (the paper's
+"""Tests for saeft.report.results (under the aggregate stage): tidy table, summary statistics, input validation (the paper's
 tables, figures and run() are tested in test_paper_outputs.py)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saeft import results
-from saeft.config.aggregate import AggregateConfig
-from saeft.results import OOD_AVG, load_metrics, summarize
-from saeft.tables import shifts_table, to_markdown
 from saeft.config import ConfigError
+from saeft.config.aggregate import AggregateConfig
+from saeft.report import results
+from saeft.report.paper_tables import shifts_table, to_markdown
+from saeft.report.results import OOD_AVG, load_metrics, summarize
 
 EVALSETS = {"test": "id", "sketch": "ood", "rendition": "ood"}
 SEEDS = (0, 1, 2)

@@ -156,8 +156,8 @@ def test_analysis_config_rejects_bad_values():
 
 
 def test_stage_on_the_zeroshot_model_and_a_tuned_copy(tmp_path, clip_file, head_file, tiny_world):
-    from saeft import cache
-    from saeft.models import classifier_from_zeroshot, save_classifier
+    from saeft.nn.models import classifier_from_zeroshot, save_classifier
+    from saeft.stages import cache
 
     caches = {}
     for split in ("test", "sketch"):
@@ -235,7 +235,7 @@ def test_cards_rank_features_and_pick_top_activating_images():
 
 def test_cards_stage_writes_png_json_and_index(tmp_path, tiny_world):
     from saeft.analysis import cards
-    from saeft.io import save_tensors
+    from saeft.infra.io import save_tensors
 
     sae_path = tmp_path / "sae.safetensors"
     _sae_for(8, sae_path)
@@ -258,8 +258,8 @@ def test_cards_stage_writes_png_json_and_index(tmp_path, tiny_world):
 def test_feature_tables_join_accuracy_and_summarize_over_seeds(tmp_path):
     import json
 
-    from saeft.config.aggregate import AggregateConfig
     from saeft.analysis import tables
+    from saeft.config.aggregate import AggregateConfig
 
     measures = {m: 0.0 for m in tables.MEASURES}
     analyses, images, evals = [], [], []

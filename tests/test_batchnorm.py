@@ -14,17 +14,17 @@ import torch
 import yaml
 from torch import nn
 
-from saeft import cache, finetune
-from saeft.distributed import sync_batchnorm_for, without_sync_batchnorm
-from saeft.loss import build_context, method_loss
-from saeft.methods import get_method, needing, trained_methods
-from saeft.methods.flyp_towers import FlypModel
 from saeft.config import ConfigError
 from saeft.data.registry import get_dataset
-from saeft.io import load_tensors
-from saeft.models import ImageClassifier, classifier_from_zeroshot, load_clip, preprocess_for, tokenizer_for
-from saeft.regularizers import sae_penalty
+from saeft.infra.io import load_tensors
+from saeft.methods import get_method, needing, trained_methods
+from saeft.methods.flyp_towers import FlypModel
+from saeft.nn.distributed import sync_batchnorm_for, without_sync_batchnorm
+from saeft.nn.loss import build_context, method_loss
+from saeft.nn.models import ImageClassifier, classifier_from_zeroshot, load_clip, preprocess_for, tokenizer_for
+from saeft.nn.regularizers import sae_penalty
 from saeft.sae import TopKSAE
+from saeft.stages import cache, finetune
 
 BATCH = torch.tensor([5, 0, 17, 3, 9, 11, 30, 22])
 """Training images of one batch (the tiny world's train split has 40)."""

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from saeft.embeddings import read_cache
-from saeft import cache
-from saeft.models import load_clip, preprocess_for
 from saeft.data.registry import get_dataset
+from saeft.nn.embeddings import read_cache
+from saeft.nn.models import load_clip, preprocess_for
+from saeft.stages import cache
 
 
 def test_layout_and_attrs(tiny_world, clip_file, tmp_path):

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saeft import calibration
-from saeft.evaluate import write_predictions
-from saeft.intervals import Evaluations
-from saeft.results import load_metrics
+from saeft.report import calibration
+from saeft.report.intervals import Evaluations
+from saeft.report.results import load_metrics
+from saeft.stages.evaluate import write_predictions
 
 N = 400  # images per eval set: intervals of about +-5 points per model, tighter when paired
 SETS = (("test", "id"), ("resampled", "ood"), ("sketch", "ood"), ("val", "val"))
@@ -144,7 +144,7 @@ def test_the_world_needs_zero_shot_and_the_baseline(tmp_path):
 
 def test_the_comparison_gives_no_reading_in_an_uncalibrated_world():
     from saeft.config.aggregate import AggregateConfig
-    from saeft.variant_tables import comparison_table
+    from saeft.report.variant_tables import comparison_table
 
     diffs = pd.DataFrame([{"model": "m", "dataset": d, "method": "saeft", "other": "ft", "n_seeds": 3,
                            "ΔID mean": 0.01, "ΔID low": -0.02, "ΔID high": 0.04, "ΔID se": 0.015,
@@ -155,8 +155,8 @@ def test_the_comparison_gives_no_reading_in_an_uncalibrated_world():
 
 
 def test_the_aggregate_writes_the_calibration_table_and_stamps_the_figures(tmp_path):
-    from saeft import aggregate
     from saeft.config.aggregate import AggregateConfig
+    from saeft.stages import aggregate
 
     df, ev = _world(tmp_path, wise_ood=0.44, wise25_ood=0.45)
     records = calibration.assess(df, ev, _inputs(), gate=["P5"])

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from saeft import cli, tracking
+from saeft import cli
+from saeft.infra import tracking
 
 STAGES = ("init-tracking", "pretrain", "prepare", "head", "cache", "train-sae", "train-sae-sweep", "finetune", "evaluate", "aggregate")
 
@@ -87,7 +88,7 @@ def test_saeft_tracking_off_leaves_mlflow_alone(tmp_path, switch, tracked):
     import sys
 
     code = ("import os, sys\n"
-            "from saeft.tracking import job_run, init_store\n"
+            "from saeft.infra.tracking import job_run, init_store\n"
             "init_store('e', 'study')\n"
             "with job_run({'experiment': 'e', 'run_name': 'r', 'tags': {'study': 'study'}}, {'a': 1}) as run:\n"
             "    run.log_metrics({'x': 1.0})\n"

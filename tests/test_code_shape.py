@@ -107,8 +107,8 @@ def test_no_import_cycle():
 
 
 # Stage modules: each may import shared helpers, never another stage (the CLI sits above them all).
-STAGES = ("saeft.pretrain", "saeft.prepare", "saeft.cache", "saeft.finetune", "saeft.evaluate")
-SHARED = ("saeft.config", "saeft.runs", "saeft.io", "saeft.methods", "saeft.data", "saeft.tracking", "saeft.mlflow_store", "saeft.environment")
+STAGES = ("saeft.stages.pretrain", "saeft.stages.prepare", "saeft.stages.cache", "saeft.stages.finetune", "saeft.stages.evaluate")
+SHARED = ("saeft.config", "saeft.plan.runs", "saeft.infra.io", "saeft.methods", "saeft.data", "saeft.infra.tracking", "saeft.infra.mlflow_store", "saeft.infra.environment")
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -122,6 +122,6 @@ def test_stages_import_no_other_stage(stage):
 def test_shared_helpers_import_no_stage(shared):
     graph = import_graph()
     names = [n for n in modules() if n == shared or n.startswith(shared + ".")]
-    stages = STAGES + ("saeft.aggregate", "saeft.analysis", "saeft.cli")
+    stages = STAGES + ("saeft.stages.aggregate", "saeft.analysis", "saeft.cli")
     uphill = {f"{n} -> {t}" for n in names for t in graph.get(n, ()) if t.startswith(stages)}
     assert not uphill, f"shared helpers import stages: {sorted(uphill)}"

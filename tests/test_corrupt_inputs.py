@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from saeft import cache, cli, finetune
+from saeft import cli
+from saeft.nn.training import CHECKPOINT_NAME, resume_checkpoint, save_checkpoint
 from saeft.sae import TopKSAE, save_sae
-from saeft.training import CHECKPOINT_NAME, resume_checkpoint, save_checkpoint
+from saeft.stages import cache, finetune
 
 
 @pytest.fixture(scope="module")

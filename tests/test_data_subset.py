@@ -150,10 +150,10 @@ def test_head_and_scores_of_a_subset(data_root, tmp_path, clip_file):
     hand-computed one over the chosen classes in its 200."""
     import torch
 
-    from saeft import evaluate
-    from saeft.io import load_tensors
-    from saeft.models import classifier_from_zeroshot, load_clip, preprocess_for, zeroshot_head
-    from saeft.prepare import run_head
+    from saeft.infra.io import load_tensors
+    from saeft.nn.models import classifier_from_zeroshot, load_clip, preprocess_for, zeroshot_head
+    from saeft.stages import evaluate
+    from saeft.stages.prepare import run_head
 
     options = _options(data_root, classes=SUBSET, templates=2)
     head = tmp_path / "imagenet.safetensors"

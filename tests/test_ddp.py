@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeft.io import load_tensors
+from saeft.infra.io import load_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = "saeft-tiny-vit"  # LayerNorm only: without GPUs there is no SyncBatchNorm to match BatchNorm
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory):
-    from saeft.models import create_clip, save_clip
-    from saeft.prepare import run_head
+    from saeft.nn.models import create_clip, save_clip
+    from saeft.stages.prepare import run_head
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("vit")
@@ -86,7 +86,7 @@ def test_two_processes_match_one_on_the_same_global_batch(vit, tmp_path, tiny_wo
 
 
 def test_rank_share_splits_each_global_batch_in_order():
-    from saeft.distributed import RankShare
+    from saeft.nn.distributed import RankShare
 
     batches = [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9]]
     shares = [list(RankShare(batches, rank, 2)) for rank in range(2)]
@@ -97,7 +97,7 @@ def test_rank_share_splits_each_global_batch_in_order():
 def test_sync_batchnorm_is_undone_with_its_state_before_saving():
     from torch import nn
 
-    from saeft.distributed import without_sync_batchnorm
+    from saeft.nn.distributed import without_sync_batchnorm
 
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))

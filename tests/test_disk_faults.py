@@ -50,7 +50,7 @@ def test_outputs_get_the_umask_permissions_not_the_temporary_files_private_ones(
     import os
     import stat
 
-    from saeft.io import atomic_path, write_json
+    from saeft.infra.io import atomic_path, write_json
 
     out = tmp_path / "result.json"
     write_json(out, {"value": 1})

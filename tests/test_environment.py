@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from saeft import environment, tracking
+from saeft.infra import environment, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
@@ -89,12 +89,12 @@ def test_a_cuda_device_is_named_with_its_gpu():
 
 def test_the_environment_module_does_not_import_torch():
     """Snakefile planning imports parts of saeft: the record must not make it pay for torch."""
-    code = "import sys, saeft.environment; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, saeft.infra.environment; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_write_json_adds_the_record_to_objects_only(tmp_path):
-    from saeft.io import write_json
+    from saeft.infra.io import write_json
 
     write_json(tmp_path / "a.json", {"value": 1})
     data = json.loads((tmp_path / "a.json").read_text())
@@ -176,7 +176,7 @@ def test_a_queued_run_gets_its_environment_tags_on_replay(tmp_path, monkeypatch)
 def test_the_cache_records_the_environment_in_its_attributes(tiny_world, clip_file, tmp_path):
     import h5py
 
-    from saeft import cache
+    from saeft.stages import cache
 
     out = tmp_path / "val.h5"
     cache.run(clip_file, "shapes", "val", tiny_world, cache.CacheConfig(), out)

@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from saeft import cli, evaluate, export, finetune
+from saeft import cli
 from saeft.config.stages import EvaluateConfig
 from saeft.data.registry import get_dataset
-from saeft.io import load_tensors
-from saeft.metrics import eval_logits
-from saeft.models import (ImageClassifier, create_clip, load_classifier, load_clip, load_run_model, open_clip_module,
+from saeft.infra.io import load_tensors
+from saeft.nn.metrics import eval_logits
+from saeft.stages import evaluate, export, finetune
+from saeft.nn.models import (ImageClassifier, create_clip, load_classifier, load_clip, load_run_model, open_clip_module,
                           save_classifier, save_clip)
 
 ARCH = "saeft-tiny-rn"

@@ -207,7 +207,7 @@ def test_the_debian_copy_reads_as_published():
 
 
 def test_pretraining_must_name_a_dataset_with_a_corpus():
-    from saeft.pretrain import PretrainConfig
+    from saeft.stages.pretrain import PretrainConfig
 
     assert PretrainConfig(dataset="fashion_mnist").dataset == "fashion_mnist"
     with pytest.raises(ConfigError, match="pretrain.dataset.*fashion_mnist, shapes"):

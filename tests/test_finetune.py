@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saeft import cache, finetune
 from saeft.config import ConfigError
-from saeft.io import load_tensors
+from saeft.infra.io import load_tensors
+from saeft.nn.training import CHECKPOINT_NAME
+from saeft.nn.weights import interpolate_weights
 from saeft.sae import SAETrainConfig
 from saeft.sae import run as train_sae
-from saeft.training import CHECKPOINT_NAME
-from saeft.weights import interpolate_weights
+from saeft.stages import cache, finetune
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The ID-OOD frontier: Pareto mask, per-group marking and the frontier figure (saeft.frontier)."""
+"""The ID-OOD frontier: Pareto mask, per-group marking and the frontier figure (saeft.report.frontier)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from saeft.config.aggregate import AggregateConfig
-from saeft.frontier import OTHER_LABEL, PARETO_LABEL, SELECTED_LABEL, mark_pareto, pareto_mask, plot_frontier
-from saeft.results import OOD_AVG
+from saeft.report.frontier import OTHER_LABEL, PARETO_LABEL, SELECTED_LABEL, mark_pareto, pareto_mask, plot_frontier
+from saeft.report.results import OOD_AVG
 
 NAN = float("nan")
 AXES = (OOD_AVG, "sketch", "rendition")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from saeft import gpu
-from saeft.gpu import GpuSlots, allocated_gpu_count, assign_gpus
+from saeft.infra import gpu
+from saeft.infra.gpu import GpuSlots, allocated_gpu_count, assign_gpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def test_concurrent_claims_get_distinct_gpus_and_freed_ones_are_reused(tmp_path)
 def test_a_claim_dies_with_its_process(tmp_path):
     # A child claims GPU 0 and exits without releasing: the kernel drops its lock.
     code = textwrap.dedent(f"""
-        from saeft.gpu import GpuSlots
+        from saeft.infra.gpu import GpuSlots
         slots = GpuSlots(2, {str(tmp_path)!r})
         print(slots.try_acquire(), flush=True)
         import os; os._exit(0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from saeft import cli
-from saeft.io import load_tensors
+from saeft.infra.io import load_tensors
 
 pytestmark = pytest.mark.slow
 

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from saeft import evaluate, finetune
 from saeft.config import ConfigError, NonNegFloat, PositiveInt
 from saeft.config.stages import EvaluateConfig
 from saeft.methods import Method, MethodParams, all_methods, get_method, needing, register, trained_methods, unregister
 from saeft.methods.base import penalty_weight
+from saeft.stages import evaluate, finetune
 
 
 @dataclasses.dataclass

@@ -11,19 +11,20 @@ import pytest
 import torch
 from torch import nn
 
-from saeft import cache, finetune, models
-from saeft.loss import Context, build_context, method_loss
+from saeft.config import ConfigError
+from saeft.data.registry import get_dataset
+from saeft.infra.io import load_tensors
 from saeft.methods.features import feature_l1, feature_mse
 from saeft.methods.flyp import flyp_loss
 from saeft.methods.l2sp import l2sp_penalty
 from saeft.methods.ldifs import ldifs_distance
-from saeft.config import ConfigError
-from saeft.data.registry import get_dataset
-from saeft.io import load_tensors
-from saeft.models import classifier_from_zeroshot, preprocess_for, save_classifier
-from saeft.regularizers import sae_penalty
+from saeft.nn import models
+from saeft.nn.loss import Context, build_context, method_loss
+from saeft.nn.models import classifier_from_zeroshot, preprocess_for, save_classifier
+from saeft.nn.regularizers import sae_penalty
+from saeft.nn.training import CHECKPOINT_NAME
 from saeft.sae import TopKSAE
-from saeft.training import CHECKPOINT_NAME
+from saeft.stages import cache, finetune
 
 
 
@@ -254,7 +255,7 @@ def test_lpft_converged_probe_beats_zero_shot_and_leaves_the_encoder(clip_file, 
 def test_lpft_probe_is_the_regularised_minimum():
     """The fitted head is a stationary point of the stated objective (mean CE on unit-norm
     embeddings + weight_decay / 2 ||W||^2), whatever the start: the problem is strictly convex."""
-    from saeft.probe import fit_linear_head
+    from saeft.nn.probe import fit_linear_head
 
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(60, 8, generator=generator), torch.randint(0, 3, (60,), generator=generator)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from saeft import cli, tracking
+from saeft import cli
+from saeft.infra import tracking
 
 ARCH = "saeft-tiny-rn"
 
@@ -52,7 +53,7 @@ def _job(uri, queue, index, barrier):
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["SAEFT_MLFLOW_QUEUE"] = queue
-    from saeft import tracking as spawned
+    from saeft.infra import tracking as spawned
 
     barrier.wait()  # every job looks for the study's parent at the same moment
     with spawned.job_run(_track(f"job{index}"), {"i": index}) as run:
@@ -166,8 +167,8 @@ def test_sae_training_logs_step_curves(store, tmp_path):
 
 
 def test_pretraining_hands_its_curve_to_the_sink(tiny_world, tmp_path):
-    from saeft import pretrain
     from saeft.config.stages import PretrainConfig
+    from saeft.stages import pretrain
 
     points = []
     cfg = PretrainConfig.from_dict({"steps": 3, "warmup_steps": 1, "lr": 0.003})
@@ -177,7 +178,7 @@ def test_pretraining_hands_its_curve_to_the_sink(tiny_world, tmp_path):
 
 
 def test_a_curve_averages_windows_of_steps():
-    from saeft.training import Curve
+    from saeft.nn.training import Curve
 
     points = []
     curve = Curve(lambda step, values: points.append((step, values["x"])), total_steps=10, points=3)
@@ -209,8 +210,8 @@ def test_curve_points_wait_and_go_in_batches(store, monkeypatch):
 
 
 def _classifier_file(clip_file, head_file, path):
-    from saeft.io import load_tensors
-    from saeft.models import ImageClassifier, load_clip, save_classifier
+    from saeft.infra.io import load_tensors
+    from saeft.nn.models import ImageClassifier, load_clip, save_classifier
 
     clip, arch = load_clip(clip_file)
     save_classifier(path, ImageClassifier(clip.visual, load_tensors(head_file)[0]["weight"]), arch,
@@ -219,7 +220,7 @@ def _classifier_file(clip_file, head_file, path):
 
 
 def test_the_fine_tuned_model_is_referenced_and_loads_back(store, clip_file, head_file, tmp_path):
-    from saeft.models import load_classifier
+    from saeft.nn.models import load_classifier
 
     weights = _classifier_file(clip_file, head_file, tmp_path / "model.safetensors")
     reference = tracking.model_reference(weights, tmp_path / "train.json")
@@ -270,7 +271,7 @@ def test_a_dead_server_queues_curves_inputs_and_model_for_the_replay(store, clip
 
 
 def test_a_finetune_job_references_its_model(store, tiny_world, clip_file, head_file, tmp_path, monkeypatch):
-    from saeft.models import load_classifier
+    from saeft.nn.models import load_classifier
 
     monkeypatch.setenv("SAEFT_THREADS", "1")
     out = tmp_path / "ft" / "model.safetensors"

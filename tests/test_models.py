@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saeft.models import classifier_from_zeroshot, create_clip, load_clip, pretrained_kind, zeroshot_head
-from saeft.prepare import run_model
+from saeft.nn.models import classifier_from_zeroshot, create_clip, load_clip, pretrained_kind, zeroshot_head
+from saeft.stages.prepare import run_model
 
 ARCH = "saeft-tiny-rn"
 
@@ -60,8 +60,8 @@ def test_zeroshot_head_is_scaled_unit_rows(clip_file, head_file):
 
 
 def test_loading_a_weight_file_skips_the_random_init_and_restores_it(clip_file, monkeypatch):
-    from saeft.io import load_tensors
-    from saeft.models import skip_random_init
+    from saeft.infra.io import load_tensors
+    from saeft.nn.models import skip_random_init
 
     calls = []
     for name in ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_"):

@@ -33,12 +33,12 @@ def data_root(tmp_path_factory):
 def test_real_architecture_through_every_model_stage(arch, width, data_root, tmp_path):
     import torch
 
-    from saeft import cache, evaluate, finetune, prepare
     from saeft.data.registry import get_dataset
     from saeft.data.samples import RealDataOptions
-    from saeft.io import load_tensors, save_tensors
-    from saeft.models import create_clip
+    from saeft.infra.io import load_tensors, save_tensors
+    from saeft.nn.models import create_clip
     from saeft.sae import train as sae_train
+    from saeft.stages import cache, evaluate, finetune, prepare
 
     torch.manual_seed(0)
     checkpoint = tmp_path / "random.safetensors"

@@ -13,10 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saeft import aggregate, figures, reference, tables, tracking
 from saeft.config.aggregate import AggregateConfig
-from saeft.outputs import output_names, table_names
-from saeft.results import OOD_AVG, load_metrics, summarize, wiseft_curves
+from saeft.infra import tracking
+from saeft.plan.outputs import output_names, table_names
+from saeft.report import figures, reference, paper_tables as tables
+from saeft.report.results import OOD_AVG, load_metrics, summarize, wiseft_curves
+from saeft.stages import aggregate
 
 SEEDS = (0, 1, 2)
 SHIFTS = ("sketch", "rendition")

@@ -62,8 +62,8 @@ def paper_config(data_root: Path, checkpoint: Path, counts: dict[str, dict[str, 
 def study(tmp_path_factory):
     import torch
 
-    from saeft.io import save_tensors
-    from saeft.models import create_clip
+    from saeft.infra.io import save_tensors
+    from saeft.nn.models import create_clip
 
     workdir = tmp_path_factory.mktemp("paper")
     counts = build_data_root(workdir / "data", per_class=2)

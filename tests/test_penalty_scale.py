@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
-from saeft import finetune
-from saeft.loss import Context, method_loss
-from saeft.methods import needing
 from saeft.config import ConfigError
-from saeft.regularizers import convert_weights, sae_penalty
+from saeft.methods import needing
+from saeft.nn.loss import Context, method_loss
+from saeft.nn.regularizers import convert_weights, sae_penalty
 from saeft.sae import TopKSAE
+from saeft.stages import finetune
 
 WEIGHTS = dict(lambda_add=2.0, lambda_remove=3.0, lambda_l1=5.0, mu=7.0)
 FEATURE_TERMS = ("add", "remove", "l1")

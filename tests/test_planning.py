@@ -81,7 +81,7 @@ def test_settings_flags_take_only_wildcards():
 def test_rules_take_flags_from_named_functions_and_methods_from_the_registry():
     text = "\n".join(path.read_text() for path in RULE_FILES)
     assert "lambda" not in text  # named functions build the flags (job_files, job_settings)
-    # Method sets come from the registry (get_method(m).needs, .trained), run ids from saeft.runs.
+    # Method sets come from the registry (get_method(m).needs, .trained), run ids from saeft.plan.runs.
     assert not re.search(r"""["'](sae_sparse|sae_add|feat_mse|feat_l1|l2sp|ldifs|flyp|lpft)["']""", text)
     assert ".partition(\"/alpha\")" not in text and ".partition(\"/seed\")" not in text
 
@@ -167,7 +167,7 @@ def test_planning_imports_no_torch_pandas_or_matplotlib(tmp_path, args):
 
 def test_the_import_watch_sees_a_heavy_import_of_saeft(tmp_path):
     snakefile = tmp_path / "Snakefile"
-    snakefile.write_text("import saeft.aggregate\n\n\nrule all:\n    shell:\n        'true'\n")
+    snakefile.write_text("import saeft.stages.aggregate\n\n\nrule all:\n    shell:\n        'true'\n")
     result = plan(tmp_path, snakefile=snakefile)
     assert result["code"] == 0, result["output"][-3000:]
     assert any(hit.startswith(("pandas", "matplotlib")) for hit in result["hits"]), result["hits"]

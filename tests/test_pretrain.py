@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saeft import pretrain
-from saeft.io import load_tensors
-from saeft.training import CHECKPOINT_NAME
+from saeft.infra.io import load_tensors
+from saeft.nn.training import CHECKPOINT_NAME
+from saeft.stages import pretrain
 
 ARCH = "saeft-tiny-rn"
 

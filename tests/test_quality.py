@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from saeft import quality
 from saeft.config import ConfigError
-from saeft.models import create_clip
+from saeft.nn import quality
+from saeft.nn.models import create_clip
 
 ROOT = Path(__file__).resolve().parent.parent
 

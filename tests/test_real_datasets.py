@@ -159,7 +159,7 @@ def test_check_names_missing_wilds_images(fixture_root, tmp_path):
 def test_hooks_restrict_and_project_logits():
     import torch
 
-    from saeft.metrics import eval_logits
+    from saeft.nn.metrics import eval_logits
 
     logits = torch.arange(1000, dtype=torch.float32).repeat(2, 1)
     logits[1, 6] = 5000.0  # class 6 is ImageNet-A's first class
@@ -183,7 +183,7 @@ def test_hooks_restrict_and_project_logits():
 
 
 def test_macro_f1_and_worst_region_by_hand():
-    from saeft.metrics import group_accuracies, macro_f1, worst_group_accuracy
+    from saeft.nn.metrics import group_accuracies, macro_f1, worst_group_accuracy
 
     target = np.array([0, 0, 1, 1, 2])
     predicted = np.array([0, 1, 1, 1, 3])  # class 3 never occurs: no F1 of its own

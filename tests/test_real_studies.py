@@ -80,11 +80,11 @@ def test_paper_config_dry_run_builds_the_full_dag(data_root, tmp_path, name):
 def test_evaluator_masks_imagenet_r_logits(data_root, tmp_path, clip_file):
     import torch
 
-    from saeft import evaluate
     from saeft.data.registry import get_dataset
     from saeft.data.samples import RealDataOptions
-    from saeft.io import read_json, save_tensors
-    from saeft.models import classifier_from_zeroshot, preprocess_for
+    from saeft.infra.io import read_json, save_tensors
+    from saeft.nn.models import classifier_from_zeroshot, preprocess_for
+    from saeft.stages import evaluate
 
     torch.manual_seed(0)
     head = tmp_path / "imagenet.safetensors"
@@ -115,7 +115,7 @@ def test_evaluator_masks_imagenet_r_logits(data_root, tmp_path, clip_file):
 
 
 def classifier_from_zeroshot_dim(clip_file):
-    from saeft.models import load_clip
+    from saeft.nn.models import load_clip
 
     return load_clip(clip_file)[0].visual.output_dim
 
@@ -123,10 +123,10 @@ def classifier_from_zeroshot_dim(clip_file):
 def test_transfer_evaluation_scores_through_the_transfer_head(data_root, tmp_path, clip_file, monkeypatch):
     import torch
 
-    from saeft import evaluate
     from saeft.data.samples import RealDataOptions
-    from saeft.io import save_tensors
-    from saeft.models import classifier_from_zeroshot, save_classifier
+    from saeft.infra.io import save_tensors
+    from saeft.nn.models import classifier_from_zeroshot, save_classifier
+    from saeft.stages import evaluate
 
     torch.manual_seed(1)
     dim = classifier_from_zeroshot_dim(clip_file)
@@ -145,7 +145,7 @@ def test_transfer_evaluation_scores_through_the_transfer_head(data_root, tmp_pat
     # The zero-shot model through the same head gives the same predictions (same visual tower here);
     # by the command, as the workflow runs it: the transfer set beside an eval split of imagenet.
     from saeft import cli
-    from saeft.io import read_json
+    from saeft.infra.io import read_json
 
     zs = tmp_path / "zs.json"
     monkeypatch.setenv("SAEFT_THREADS", "1")  # restored after the test (cli sets it from --threads)
@@ -168,9 +168,9 @@ def test_evaluation_runs_on_the_default_device_with_loader_workers(data_root, tm
     loader workers; the scores equal those of the plain CPU evaluation of the same model."""
     import torch
 
-    from saeft import evaluate
     from saeft.data.samples import RealDataOptions
-    from saeft.io import save_tensors
+    from saeft.infra.io import save_tensors
+    from saeft.stages import evaluate
 
     torch.manual_seed(0)
     head = tmp_path / "imagenet.safetensors"

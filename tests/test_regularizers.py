@@ -1,4 +1,4 @@
-"""Tests for the SAE regularizers (saeft.regularizers), against hand computations."""
+"""Tests for the SAE regularizers (saeft.nn.regularizers), against hand computations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from saeft.regularizers import sae_penalty
+from saeft.nn.regularizers import sae_penalty
 from saeft.sae import TopKSAE
 
 SQRT2 = math.sqrt(2.0)

@@ -1,4 +1,4 @@
-"""Run ids format and parse in one place (saeft.runs)."""
+"""Run ids format and parse in one place (saeft.plan.runs)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from saeft.runs import PATTERN, RunId, alpha_tag, wiseft_base, wiseft_name
+from saeft.plan.runs import PATTERN, RunId, alpha_tag, wiseft_base, wiseft_name
 
 
 @pytest.mark.parametrize("text", ["zeroshot", "ft/seed0", "sae_add/seed12", "ft/seed1/alpha0.5", "lpft/seed2/alpha1"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from saeft.config import ConfigError
-from saeft.io import save_tensors
+from saeft.infra.io import save_tensors
 from saeft.sae import (
     SAETrainConfig,
     TopKSAE,

@@ -11,8 +11,8 @@ import torch
 
 import saeft.sae.train as sae_train
 from saeft.config import ConfigError
-from saeft.io import save_tensors
-from saeft.regularizers import sae_penalty
+from saeft.infra.io import save_tensors
+from saeft.nn.regularizers import sae_penalty
 from saeft.sae import (
     ChunkBatches,
     SAETrainConfig,
@@ -26,7 +26,7 @@ from saeft.sae import (
     topk_encode,
     train_sae,
 )
-from saeft.training import CHECKPOINT_NAME
+from saeft.nn.training import CHECKPOINT_NAME
 
 
 def _write_cache(path, embeddings: np.ndarray, labels: np.ndarray | None = None, chunk_rows=64):

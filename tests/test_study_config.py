@@ -117,7 +117,7 @@ def test_a_method_may_name_an_sae_of_the_sweep():
     # A grid may try dictionaries (null: the main sae:); each name must be in the sweep.
     config["methods"]["saeft"]["grid"] = {"lambda": [1], "sae": [None, "x8"]}
     validate_config(copy.deepcopy(config))
-    from saeft.variants import expand
+    from saeft.plan.variants import expand
 
     variants = expand("saeft", config["methods"]["saeft"])
     assert variants["saeft@lambda=1,sae=null"]["sae"] is None and variants["saeft@lambda=1,sae=x8"]["sae"] == "x8"

@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from saeft import cli, tracking
+from saeft import cli
+from saeft.infra import tracking
 
 TRACK = {"experiment": "study", "run_name": "finetune/seed=0", "tags": {"rule": "finetune"}}
 

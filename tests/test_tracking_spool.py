@@ -16,7 +16,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from saeft import tracking
+from saeft.infra import tracking
 
 matplotlib.use("Agg")
 
@@ -109,7 +109,7 @@ def test_a_spooled_job_leaves_in_mlflow_what_a_live_one_does(tmp_path, monkeypat
 
 
 def test_a_spooling_job_never_imports_mlflow(tmp_path):
-    code = ("import sys; from saeft import tracking\n"
+    code = ("import sys; from saeft.infra import tracking\n"
             "with tracking.job_run({'experiment': 'e', 'run_name': 'r', 'tags': {}}, {'a': 1}) as run:\n"
             "    run.log_metrics({'x': 1.0})\n"
             "assert 'mlflow' not in sys.modules, 'imported MLflow'\n")

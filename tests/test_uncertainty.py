@@ -1,4 +1,4 @@
-"""saeft.uncertainty: paired image bootstrap plus seed spread, checked against hand arithmetic."""
+"""saeft.report.uncertainty: paired image bootstrap plus seed spread, checked against hand arithmetic."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from saeft import metrics
-from saeft.uncertainty import Replicates, average, bootstrap_indices, difference, interval, replicates
+from saeft.nn import metrics
+from saeft.report.uncertainty import Replicates, average, bootstrap_indices, difference, interval, replicates
 
 Z95 = 1.959963984540054  # NormalDist().inv_cdf(0.975)
 
@@ -235,7 +235,7 @@ def test_bootstrap_indices_are_numpys_draw_in_blocks_of_half_the_memory(monkeypa
     every interval stays the same."""
     import numpy as np
 
-    from saeft import uncertainty
+    from saeft.report import uncertainty
 
     monkeypatch.setattr(uncertainty, "_BLOCK", 50)  # 7 rows of 7 images per block, 3 blocks and a part
     drawn = uncertainty.bootstrap_indices(7, 25, seed=4)

@@ -15,8 +15,8 @@ import pytest
 from saeft.config import ConfigError
 from saeft.config.finetune import RUN_KEYS, FinetuneConfig, split_run_params
 from saeft.config.study import _variant_schemas, validate_config
-from saeft.selection import choose, run as run_selection, select, standard_error, variant_scores
-from saeft.variants import study_variants
+from saeft.plan.variants import study_variants
+from saeft.stages.selection import choose, run as run_selection, select, standard_error, variant_scores
 from test_planning import plan
 
 # -- finetune keys in grids and named variants -----------------------------------------------
@@ -106,7 +106,7 @@ def _schedule_sum(warmup: int, total: int) -> float:
 
 
 def test_regime_ratios_compare_peak_and_summed_learning_rates():
-    from saeft.finetune import regime_ratios
+    from saeft.stages.finetune import regime_ratios
 
     cfg = FinetuneConfig(lr=1e-3, warmup_steps=5)
     ratios = regime_ratios(cfg, 40, {"lr": 1e-2, "steps": 200, "warmup_steps": 20})

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saeft.aggregate import reported_mask
 from saeft.config import ConfigError
 from saeft.config.study import validate_config
-from saeft.runs import PATTERN, RunId
-from saeft.selection import choose, read_selections, run as run_selection, select, variant_scores
-from saeft.variants import expand, format_value, grid_label, grid_values, method_of, parse_name, variant_name
+from saeft.plan.runs import PATTERN, RunId
+from saeft.plan.variants import expand, format_value, grid_label, grid_values, method_of, parse_name, variant_name
+from saeft.stages.aggregate import reported_mask
+from saeft.stages.selection import choose, read_selections, run as run_selection, select, variant_scores
 
 
 def test_grid_points_are_named_by_their_sorted_values():
@@ -161,7 +161,7 @@ def test_the_tables_show_the_selected_variant_and_refuse_an_unselected_grid():
 
 def _evaluation(tmp_path, method, seed, correct_on):
     """An evals.json and its predictions.parquet: 20 images per eval set, right on ``correct_on``."""
-    from saeft.evaluate import write_predictions
+    from saeft.stages.evaluate import write_predictions
 
     identity = {"study": "s", "model": "m", "dataset": "d", "method": method, "variant": method, "seed": seed}
     target = np.arange(20) % 4
@@ -179,8 +179,8 @@ def _evaluation(tmp_path, method, seed, correct_on):
 
 def test_paired_differences_and_cells_come_from_the_predictions(tmp_path):
     from saeft.config.aggregate import AggregateConfig
-    from saeft.intervals import Evaluations, add_intervals, comparisons
-    from saeft.results import load_metrics, summarize
+    from saeft.report.intervals import Evaluations, add_intervals, comparisons
+    from saeft.report.results import load_metrics, summarize
 
     files = [_evaluation(tmp_path, m, s, n) for m, n in (("saeft", 20), ("ft", 10)) for s in (0, 1)]
     df = load_metrics([e for e, _ in files])

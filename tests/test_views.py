@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from saeft.embeddings import read_cache
-from saeft import cache, finetune
 from saeft.config import ConfigError
 from saeft.data.registry import get_dataset
-from saeft.io import load_tensors
-from saeft.models import classifier_from_zeroshot, preprocess_for
+from saeft.infra.io import load_tensors
+from saeft.nn.embeddings import read_cache
+from saeft.nn.models import classifier_from_zeroshot, preprocess_for
+from saeft.nn.training import CHECKPOINT_NAME
+from saeft.nn.views import TrainingViews, ViewBank, ViewConfig, crop_flip, keep_pil
 from saeft.sae import TopKSAE
-from saeft.training import CHECKPOINT_NAME
-from saeft.views import TrainingViews, ViewBank, ViewConfig, crop_flip, keep_pil
+from saeft.stages import cache, finetune
 
 BANK = ViewConfig(augment="crop_flip", views=3, view_seed=7, crop_scale=0.4)
 
@@ -57,7 +57,7 @@ def test_view_choice_depends_on_seed_and_epoch_and_stays_in_the_bank(tiny_world)
 
 
 def test_without_augmentation_views_are_the_evaluation_preprocessing(clip_file, tiny_world):
-    from saeft.models import load_clip
+    from saeft.nn.models import load_clip
 
     preprocess = preprocess_for(load_clip(clip_file)[0])
     spec = get_dataset("shapes")

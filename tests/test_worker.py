@@ -1,4 +1,4 @@
-"""The warm worker (saeft.worker): a ``saeft`` command sent to it runs in a forked child exactly as
+"""The warm worker (saeft.infra.worker): a ``saeft`` command sent to it runs in a forked child exactly as
 in a fresh process (output, exit status, death by signal), signals reach the child, a killed
 client takes its child with it, and a job the worker cannot stand in for runs fresh."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from saeft import worker
+from saeft.infra import worker
 
 pytestmark = pytest.mark.skipif(not worker.available(), reason="the worker needs Linux (fork, SOCK_SEQPACKET)")
 
@@ -134,7 +134,7 @@ def test_an_edited_source_file_makes_the_worker_refuse(tmp_path, monkeypatch):
 
 
 def test_the_workflow_starts_the_worker_ready_and_stops_it(tmp_path, monkeypatch):
-    from saeft import background
+    from saeft.infra import background
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SAEFT_TRACKING", "off")  # the worker alone

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from saeft.config.stages import CardsConfig
 from saeft.data.registry import get_dataset
-from saeft.io import atomic_path, load_tensors, write_json
+from saeft.infra.io import atomic_path, load_tensors, write_json
 from saeft.sae import load_sae
 
 logger = logging.getLogger(__name__)

@@ -35,13 +35,13 @@ import pandas as pd
 import torch
 
 from saeft.analysis import metrics
-from saeft.embeddings import read_cache
 from saeft.config.stages import AnalysisConfig
 from saeft.data.registry import get_dataset
-from saeft.io import atomic_path, write_json
-from saeft.models import ImageClassifier, load_run_model, preprocess_for
+from saeft.infra.io import atomic_path, write_json
+from saeft.nn.embeddings import read_cache
+from saeft.nn.models import ImageClassifier, load_run_model, preprocess_for
+from saeft.nn.training import Progress, default_device, eval_loader, setup_torch
 from saeft.sae import TopKSAE, load_sae
-from saeft.training import Progress, default_device, eval_loader, setup_torch
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def run(
     wiseft: tuple[str | os.PathLike, str | os.PathLike, float] | None = None,
 ) -> dict[str, float]:
     """Analyse the model at ``model`` (with ``head``: a zero-shot CLIP; with ``wiseft``: its
-    interpolation with the zero-shot model, :func:`saeft.models.load_run_model`) on every split of
+    interpolation with the zero-shot model, :func:`saeft.nn.models.load_run_model`) on every split of
     ``caches`` (split -> HDF5 cache of its zero-shot embeddings); write ``out_json`` and the
     per-image Parquet ``out_images``. Returns headline numbers per split for the job's log."""
     setup_torch(0)

@@ -2,7 +2,7 @@
 
 Codes are dense ``(N, n_features)`` tensors as :func:`saeft.sae.to_dense` returns them. A feature
 is *active* where the code is non-zero: the definition of ``m = 1[s_0 != 0]`` in the SAE-FT
-regulariser (:func:`saeft.regularizers.sae_penalty`), so "added" and "removed" here are what its
+regulariser (:func:`saeft.nn.regularizers.sae_penalty`), so "added" and "removed" here are what its
 ``add`` and ``remove`` terms penalise.
 
 Reductions run in float64: sums over thousands of rows lose digits in float32.

@@ -29,8 +29,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from saeft.config.aggregate import AggregateConfig
-from saeft.results import load_metrics
-from saeft.io import atomic_path, read_json
+from saeft.infra.io import atomic_path, read_json
+from saeft.report.results import load_metrics
 
 logger = logging.getLogger(__name__)
 

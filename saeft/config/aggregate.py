@@ -21,7 +21,7 @@ def default_method_labels() -> dict[str, str]:
     """Display names: Zero-shot, each registered method's label, and WiSE-FT of each trained
     method other than FT (row ``wiseft_<method>``: "WiSE-FT (<label>)")."""
     from saeft.methods import all_methods
-    from saeft.runs import wiseft_name
+    from saeft.plan.runs import wiseft_name
 
     labels = {"zeroshot": "Zero-shot", **{name: method.label for name, method in all_methods().items()}}
     wiseft = labels.get("wiseft", "WiSE-FT")
@@ -50,7 +50,7 @@ class AggregateConfig(StageConfig):
     decimals: NonNegInt = 1
     """Decimals of means and stds in the tables."""
     bootstrap: PositiveInt = 1000
-    """Bootstrap resamples of each eval set's images behind every interval (saeft.uncertainty)."""
+    """Bootstrap resamples of each eval set's images behind every interval (saeft.report.uncertainty)."""
     level: Annotated[float, Schema(exclusive_minimum=0, exclusive_maximum=1)] = 0.95
     """Coverage of the intervals: bootstrap over images within a seed, with the spread over seeds."""
     compare: str = "saeft"

@@ -1,5 +1,5 @@
 """The ``calibration`` section: which of robust fine-tuning's known effects a study must reproduce
-before its comparison gives a reading (rule ``calibrate``, :mod:`saeft.calibration`). Imports no
+before its comparison gives a reading (rule ``calibrate``, :mod:`saeft.report.calibration`). Imports no
 torch."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from saeft.config.base import Schema, StageConfig, require
 
 CRITERIA = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
-"""The phenomena of ``reference/ROBUST_FT_ANCHORS.md`` (saeft.calibration.PHENOMENA)."""
+"""The phenomena of ``reference/ROBUST_FT_ANCHORS.md`` (saeft.report.calibration.PHENOMENA)."""
 
 ROLE_KEYS = ("lpft", "flyp", "linear_probe", "id_only")
 """Keys naming the method each criterion reads in a role besides the baseline."""

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from saeft.config.base import ConfigError, NonNegInt, Schema, StageConfig, check_schema, require, schema_checked, schema_of
 from saeft.config.aggregate import AggregateConfig
+from saeft.config.base import ConfigError, NonNegInt, Schema, StageConfig, check_schema, require, schema_checked, schema_of
 from saeft.config.calibration import CalibrationConfig
 from saeft.config.finetune import RUN_KEYS, FinetuneConfig, split_run_params
 from saeft.config.stages import (
@@ -63,7 +63,7 @@ def _transfer_schema() -> dict[str, Any]:
 
 def _methods_schema() -> dict[str, Any]:
     """One property per registered method: its parameters, plus for trained methods per-dataset
-    overrides of them (``datasets``) and variants (``grid``, ``variants``: saeft.variants)."""
+    overrides of them (``datasets``) and variants (``grid``, ``variants``: saeft.plan.variants)."""
     from saeft.methods import all_methods
 
     properties = {}
@@ -235,7 +235,7 @@ def _check_methods(cfg: StudyConfig) -> None:
     study) passes the method's dataclass; ``sae`` names a sweep SAE; WiSE-FT interpolates
     methods or variants the study trains."""
     from saeft.methods import get_method
-    from saeft.variants import expand
+    from saeft.plan.variants import expand
 
     trained = [m for m in cfg.methods if get_method(m).trained]
     require(bool(trained), "methods", "lists no trained method (wiseft alone interpolates nothing)")

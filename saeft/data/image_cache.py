@@ -50,7 +50,7 @@ def cached_split(dataset: str, split: str, config: Any, render: Callable[[Any, s
         logger.warning("image cache %s unreadable (%s): rendering again", path, exc)
     images, labels = render(config, split)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:  # not saeft.io.atomic_path: a cache entry is no output, and no fault-injection point
+    try:  # not saeft.infra.io.atomic_path: a cache entry is no output, and no fault-injection point
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as handle:
             np.savez(handle, images=images, labels=labels)

@@ -1,5 +1,5 @@
 """What a fine-tuning method is: data (its name, its hyper-parameter dataclass, what it needs)
-plus the hooks the shared training loop (:mod:`saeft.finetune`) calls, registered once in
+plus the hooks the shared training loop (:mod:`saeft.stages.finetune`) calls, registered once in
 :mod:`saeft.methods`. Imports no torch, so the workflow reads the registry while it plans: a
 method module defines its hooks as functions that import torch inside their bodies.
 
@@ -28,10 +28,10 @@ The contract (every hook optional; a method with none is plain cross-entropy fin
   return ``(logits, image embedding)`` from images); ``finish(towers)`` runs after training,
   before the classifier is saved (e.g. rebuild its head).
 
-``ctx`` is :class:`saeft.loss.Context` (``cfg``, ``params``, ``model``, ``visual``, ``sae``,
-``teacher``, and ``state``, a dict the method's hooks own); ``batch`` is :class:`saeft.loss.Batch`
+``ctx`` is :class:`saeft.nn.loss.Context` (``cfg``, ``params``, ``model``, ``visual``, ``sae``,
+``teacher``, and ``state``, a dict the method's hooks own); ``batch`` is :class:`saeft.nn.loss.Batch`
 (``images``, ``labels``, ``logits``, ``features``, ``f_0``, ``f_theta``, and ``terms``, the
-logged values, to which a hook may add diagnostics); ``towers`` is :class:`saeft.loss.Towers`
+logged values, to which a hook may add diagnostics); ``towers`` is :class:`saeft.nn.loss.Towers`
 (``clip``, ``arch``, ``classifier``, ``spec``: the dataset)."""
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from saeft.methods.registry import register
 from saeft.methods.base import Method
+from saeft.methods.registry import register
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +37,7 @@ def task_loss(ctx: Any, batch: Any) -> torch.Tensor:
 def build_trained(towers: Any) -> nn.Module:
     """Both towers, with the class prompts of the dataset; the temperature stays frozen."""
     from saeft.methods.flyp_towers import FlypModel
-    from saeft.models import tokenizer_for
+    from saeft.nn.models import tokenizer_for
 
     spec = towers.spec
     tokens = tokenizer_for(towers.arch)([prompt for c in spec.classnames for prompt in spec.prompts(c)])
@@ -50,7 +50,7 @@ def finish(towers: Any) -> None:
     """The classifier's head comes from the tuned text tower."""
     import torch
 
-    from saeft.models import zeroshot_head
+    from saeft.nn.models import zeroshot_head
 
     clip, spec = towers.clip, towers.spec
     clip.eval()

@@ -3,7 +3,7 @@ linear probe, then end-to-end fine-tuning from the probed head.
 
 ``probe: converge`` (the reference protocol, the default): before any training step the head is
 fitted to convergence on the frozen zero-shot embeddings of the training split (a multinomial
-logistic regression, :func:`saeft.probe.fit_linear_head`, through the ``fit_head`` hook), then
+logistic regression, :func:`saeft.nn.probe.fit_linear_head`, through the ``fit_head`` hook), then
 ``finetune.epochs`` of end-to-end fine-tuning start from it with the study's ``finetune.lr`` and
 its warm-up and cosine schedule. ``probe: epochs`` (the earlier protocol): ``lp_epochs`` epochs
 of head-only training with the encoder frozen, then ``finetune.epochs`` end to end, all under one
@@ -15,8 +15,8 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Literal
 
 from saeft.config import PositiveFloat, PositiveInt
-from saeft.methods.registry import register
 from saeft.methods.base import Method, MethodParams
+from saeft.methods.registry import register
 
 if TYPE_CHECKING:
     import torch
@@ -61,10 +61,10 @@ def fits_head(params: LpftParams) -> bool:
 def fit_head(ctx: Any, classifier: Any, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Replace ``classifier.head`` with the converged linear probe of ``features`` (the frozen
     zero-shot embeddings of the training images) and ``labels``, started from the zero-shot head;
-    returns the fit's record (:class:`saeft.probe.HeadFit`)."""
+    returns the fit's record (:class:`saeft.nn.probe.HeadFit`)."""
     import torch
 
-    from saeft.probe import fit_linear_head
+    from saeft.nn.probe import fit_linear_head
 
     head = classifier.head
     fit = fit_linear_head(features, labels, head.weight, ctx.params.probe_weight_decay, ctx.params.probe_steps)

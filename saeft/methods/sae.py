@@ -1,4 +1,4 @@
-"""The SAE regularisers (``saeft.regularizers.sae_penalty`` with some weights at zero):
+"""The SAE regularisers (``saeft.nn.regularizers.sae_penalty`` with some weights at zero):
 ``sae_sparse`` (lambda_l1, mu), ``sae_add`` (lambda_add, mu) and ``saeft`` (lambda_add,
 lambda_remove, mu); the loss is ``CE + lambda * penalty``."""
 
@@ -8,8 +8,8 @@ import dataclasses
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from saeft.config import NonNegFloat, Schema
-from saeft.methods.registry import register
 from saeft.methods.base import Method, MethodParams, penalty_weight
+from saeft.methods.registry import register
 
 if TYPE_CHECKING:
     import torch
@@ -63,13 +63,13 @@ class SaeftParams(SaeAddParams):
 
 
 WEIGHTS = ("lambda_add", "lambda_remove", "lambda_l1", "mu")
-"""The weights of :func:`saeft.regularizers.sae_penalty`; a method without one weighs it zero."""
+"""The weights of :func:`saeft.nn.regularizers.sae_penalty`; a method without one weighs it zero."""
 
 
 def penalty(ctx: Any, batch: Any) -> dict[str, torch.Tensor]:
-    """R: :func:`saeft.regularizers.sae_penalty` of f_theta against f_0 with this method's
+    """R: :func:`saeft.nn.regularizers.sae_penalty` of f_theta against f_0 with this method's
     weights; logs rho, the mean teacher embedding norm (docs/penalty_scale.md), as ``f0_norm``."""
-    from saeft.regularizers import sae_penalty
+    from saeft.nn.regularizers import sae_penalty
 
     weights = {k: float(getattr(ctx.params, k, 0.0)) for k in WEIGHTS}
     terms = sae_penalty(batch.f_theta, batch.f_0, ctx.sae, inputs=ctx.params.sae_inputs, **weights)

@@ -17,7 +17,7 @@ def build_trained(towers: Any) -> Any:
     (from the job's seeded generator) and a zero head (no text knowledge either)."""
     import torch
 
-    from saeft.models import create_clip
+    from saeft.nn.models import create_clip
 
     fresh = create_clip(towers.arch, pretrained=None)
     towers.classifier.visual.load_state_dict(fresh.visual.state_dict())

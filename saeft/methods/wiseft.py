@@ -1,5 +1,5 @@
 """WiSE-FT: evaluated, never trained. ``theta_alpha = (1 - alpha) theta_0 + alpha theta_ft`` mixes
-the zero-shot model with a fine-tuned one at evaluation time (``saeft.weights``)."""
+the zero-shot model with a fine-tuned one at evaluation time (``saeft.nn.weights``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import dataclasses
 from typing import Annotated
 
 from saeft.config import Fraction, Schema
-from saeft.methods.registry import register
 from saeft.methods.base import Method, MethodParams
+from saeft.methods.registry import register
 
 
 @dataclasses.dataclass

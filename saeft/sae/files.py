@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from saeft.io import load_tensors, save_tensors
+from saeft.infra.io import load_tensors, save_tensors
 from saeft.sae.model import TopKSAE
 
 _TENSOR_KEYS = ("b_pre", "W_enc", "W_dec")

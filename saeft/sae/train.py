@@ -14,13 +14,13 @@ import torch
 
 from saeft.config import require
 from saeft.config.stages import SAETrainConfig
-from saeft.io import load_tensors, write_json
+from saeft.infra.io import load_tensors, write_json
+from saeft.nn.training import CHECKPOINT_NAME, Curve, resume_checkpoint, save_checkpoint, warmup_cosine
 from saeft.sae.data import ChunkBatches, geometric_median, read_cache, read_embeddings
 from saeft.sae.files import save_sae, shape_metadata
 from saeft.sae.kernels import gathered_code, sparse_decode
 from saeft.sae.metrics import evaluate_sae, stream_fvu
 from saeft.sae.model import TopKSAE
-from saeft.training import CHECKPOINT_NAME, Curve, resume_checkpoint, save_checkpoint, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ CurvesSink = Callable[[str, int, Mapping[str, float]], None]
 """Receives a point of an SAE's training curve: ``(SAE name, step, {name: value})`` with
 ``loss`` (the squared error per embedding element, as the epoch log), ``fvu`` (the batch's
 squared error over the training data's variance) and ``dead_fraction``, averaged over windows
-of steps (:class:`~saeft.training.Curve`)."""
+of steps (:class:`~saeft.nn.training.Curve`)."""
 
 
 def sweep_configs(section: Mapping[str, Any]) -> dict[str, SAETrainConfig]:

@@ -1,7 +1,7 @@
 # Is the world calibrated? Per dataset, the effects established methods show on CLIP (zero-shot
 # competent in ID, FT trading some OOD for ID, WiSE-FT bowing, one basin, LP-FT and FLYP ahead
 # of FT OOD), measured from the study's own runs of the baselines, never SAE-FT's
-# (saeft.calibration). The aggregate turns the records into tables/calibration.{csv,md} and
+# (saeft.report.calibration). The aggregate turns the records into tables/calibration.{csv,md} and
 # withholds the comparison's reading where a gate criterion (calibration.gate) fails.
 # Its input and flag functions are in common.smk (calibration).
 

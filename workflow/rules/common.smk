@@ -13,19 +13,19 @@ from pathlib import Path
 
 from snakemake.sourcecache import LocalSourceFile
 
-from saeft import background
+from saeft.infra import background
 from saeft.config.base import ConfigError
 from saeft.config.finetune import split_run_params
 from saeft.config.calibration import ROLE_KEYS
 from saeft.config.study import pretrained_kind, validate_config
 from saeft.data.registry import get_dataset
-from saeft.io import atomic_path
+from saeft.infra.io import atomic_path
 from saeft.data.subset import REDUCTION_KEYS
 from saeft.methods import get_method
-from saeft.mlflow_store import tracking_enabled
-from saeft.outputs import output_names
-from saeft.runs import PATTERN as RUN_PATTERN, RunId
-from saeft.variants import PATTERN as VARIANT_PATTERN, grid_values, method_of, study_variants
+from saeft.infra.mlflow_store import tracking_enabled
+from saeft.plan.outputs import output_names
+from saeft.plan.runs import PATTERN as RUN_PATTERN, RunId
+from saeft.plan.variants import PATTERN as VARIANT_PATTERN, grid_values, method_of, study_variants
 
 try:
     validate_config(config, workflow.source_path("../schemas/config.schema.json"))
@@ -39,7 +39,7 @@ R = f"results/{STUDY}"
 MODEL = config["model"]["name"]
 SEEDS = config["seeds"]
 METHODS = [m for m in config["methods"] if get_method(m).trained]  # a finetune job per variant and seed each
-# Each trained method's variants (saeft.variants): name -> parameters; one, named by the method,
+# Each trained method's variants (saeft.plan.variants): name -> parameters; one, named by the method,
 # without a grid. Of a method with several, every variant trains on the selection seeds and the
 # one selected on ID validation (checkpoint select_variants) on the other seeds.
 VARIANTS = study_variants(config["methods"], METHODS)
@@ -145,7 +145,7 @@ envvars:
 
 
 def tracking_queue():
-    """The folder where jobs queue MLflow calls that failed (saeft.tracking.queue_dir)."""
+    """The folder where jobs queue MLflow calls that failed (saeft.infra.tracking.queue_dir)."""
     return os.environ.get("SAEFT_MLFLOW_QUEUE") or os.path.abspath("mlflow-queue")
 
 
@@ -163,7 +163,7 @@ def track(rule_name, wildcards):
     """--track of a job: its MLflow run (experiment per study, run name rule/wildcards, tags). Part
     of the settings param, so its value must not change with code versions: every job would rerun.
     Tags computed from these (method, variant and its grid values, seed, alpha...) are added by
-    the job itself (saeft.tracking.comparison_tags)."""
+    the job itself (saeft.infra.tracking.comparison_tags)."""
     items = dict(wildcards.items())
     tags = {"rule": rule_name, "study": STUDY, **{f"wc.{k}": v for k, v in items.items()}}
     name = f"{rule_name}/{','.join(f'{k}={v}' for k, v in items.items())}" if items else rule_name
@@ -388,7 +388,7 @@ def wiseft_bases(dataset):
 
 
 def evaluation_runs(dataset, curve=False, selected_only=False):
-    """Every evaluated model of ``dataset`` (run ids, saeft.runs): zero-shot once, the fine-tuned
+    """Every evaluated model of ``dataset`` (run ids, saeft.plan.runs): zero-shot once, the fine-tuned
     runs (trained_runs), WiSE-FT of its bases at the reported alpha (and, with ``curve``, on the
     whole alpha grid) on every seed."""
     runs = [RunId()] + trained_runs(dataset, selected_only)

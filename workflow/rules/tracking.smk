@@ -1,5 +1,5 @@
 # The run's two background processes, started before the first job and stopped after the last:
-# the warm worker (saeft.worker), which runs the jobs of a local run without their start-up
+# the warm worker (saeft.infra.worker), which runs the jobs of a local run without their start-up
 # imports, and the MLflow sync (saeft sync-tracking --follow), which creates the store, the
 # experiment and the study's parent run, then sends each job's spooled tracking within seconds
 # of its end. Runs that could not be sent (server down) wait in mlflow-queue/ until

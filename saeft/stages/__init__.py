@@ -1,0 +1,1 @@
+"""One module per ``saeft <command>`` stage; a stage imports helpers below it, never another stage."""
