@@ -76,3 +76,12 @@ def test_loading_a_weight_file_skips_the_random_init_and_restores_it(clip_file, 
         raise RuntimeError("boom")
     torch.nn.init.normal_(torch.empty(3))  # restored, even after an error
     assert calls == [(3,)]
+
+
+def test_the_public_import_path_is_the_models_module():
+    # docs/tracking.md and docs/export.md tell users `from saeft.models import ...`
+    import saeft.models as public
+    import saeft.nn.models as models
+
+    assert public.__all__ and all(getattr(public, name) is getattr(models, name) for name in public.__all__)
+    assert {"load_classifier", "open_clip_module"} <= set(public.__all__)
