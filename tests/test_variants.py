@@ -14,8 +14,9 @@ from saeft.config import ConfigError
 from saeft.config.study import validate_config
 from saeft.plan.runs import PATTERN, RunId
 from saeft.plan.variants import expand, format_value, grid_label, grid_values, method_of, parse_name, variant_name
+from saeft.report.results import read_selections
 from saeft.stages.aggregate import reported_mask
-from saeft.stages.selection import choose, read_selections, run as run_selection, select, variant_scores
+from saeft.stages.selection import choose, run as run_selection, select, variant_scores
 
 
 def test_grid_points_are_named_by_their_sorted_values():

@@ -358,3 +358,13 @@ def read_training_logs(paths: Iterable[str | os.PathLike]) -> dict[str, list[dic
         runs.setdefault(str(data["dataset"]), []).append(data)
     return runs
 
+
+def read_selections(paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, Any]]:
+    """``selection.json`` files (the ``select_variants`` stage's) by dataset (errors name the file)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("methods"), dict) or "dataset" not in data:
+            raise ValueError(f"{path}: expected a selection with 'dataset' and 'methods'")
+        out[str(data["dataset"])] = data
+    return out

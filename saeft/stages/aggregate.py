@@ -25,13 +25,12 @@ from saeft.config.aggregate import AggregateConfig
 from saeft.infra.io import atomic_path, read_json
 from saeft.plan.outputs import METRICS_PARQUET, output_names
 from saeft.plan.runs import wiseft_name  # re-exported (with output_names) for rules that still import them from here
+from saeft.report import calibration, intervals, reference, variant_tables
 from saeft.report import figures as fig_mod
 from saeft.report import frontier as frontier_mod
-from saeft.report import calibration, intervals, reference
 from saeft.report import paper_tables as tab_mod
-from saeft.report import variant_tables
-from saeft.report.results import OOD_AVG, load_metrics, read_training_logs, reported_results, summarize, wiseft_curves
-from saeft.stages.selection import read_selections
+from saeft.report.results import (OOD_AVG, load_metrics, read_selections, read_training_logs, reported_results, summarize,
+                                  wiseft_curves)
 
 logger = logging.getLogger(__name__)
 

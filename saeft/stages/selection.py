@@ -151,15 +151,4 @@ def run(
     return record
 
 
-def read_selections(paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, Any]]:
-    """``selection.json`` files by dataset (errors name the file)."""
-    out: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        data = read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("methods"), dict) or "dataset" not in data:
-            raise ValueError(f"{path}: expected a selection with 'dataset' and 'methods'")
-        out[str(data["dataset"])] = data
-    return out
-
-
-__all__ = ["CRITERIA", "RULES", "choose", "read_selections", "run", "select", "standard_error", "variant_scores"]
+__all__ = ["CRITERIA", "RULES", "choose", "run", "select", "standard_error", "variant_scores"]
