@@ -23,8 +23,7 @@ from matplotlib.figure import Figure
 
 from saeft.config.aggregate import AggregateConfig
 from saeft.infra.io import atomic_path, read_json
-from saeft.plan.outputs import METRICS_PARQUET, output_names
-from saeft.plan.runs import wiseft_name  # re-exported (with output_names) for rules that still import them from here
+from saeft.plan.outputs import METRICS_PARQUET
 from saeft.report import calibration, intervals, reference, variant_tables
 from saeft.report import figures as fig_mod
 from saeft.report import frontier as frontier_mod
@@ -212,4 +211,4 @@ def headline(df: pd.DataFrame, summary: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-__all__ = ["Outputs", "draw_figures", "headline", "output_names", "run", "wiseft_name", "write_tables"]
+__all__ = ["Outputs", "draw_figures", "headline", "run", "write_tables"]
