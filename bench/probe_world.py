@@ -124,7 +124,7 @@ def main() -> None:
             worst[s] = min(100 * float(right[y == c].mean()) for c in y.unique())
         print("  zero-shot worst class: " + ", ".join(f"{s} {v:.0f}" for s, v in worst.items()))
         train_emb = embed_split(zeroshot.visual, torch.utils.data.TensorDataset(*data["train"]))
-        lp = {s: 100 * linear_probe_accuracy(train_emb, embed_split(zeroshot.visual, torch.utils.data.TensorDataset(*data[s])), 10) for s in ("val", "test")}
+        lp = {s: 100 * linear_probe_accuracy(train_emb, embed_split(zeroshot.visual, torch.utils.data.TensorDataset(*data[s])), len(spec.classnames)) for s in ("val", "test")}
         print(f"  linear probe val {lp['val']:.1f} test {lp['test']:.1f}")
         # Head-only WiSE-FT: the zero-shot features fixed, the head moved from the zero-shot head
         # to a converged probe's. How much OOD an ID-trained head loses on the zero-shot features
@@ -180,7 +180,7 @@ def main() -> None:
             if soup_scores:
                 row("soup", soup_scores)
             ft, w5, w25 = mean["ft"], mean["wise0.5"], mean.get("wise0.25")
-            chance = 10.0
+            chance = 100.0 / len(spec.classnames)
             keep = min((ft[s] - chance) / max(zs[s] - chance, 1e-9) for s in spec.ood_evals)
             print(f"  P2 zs/ft ID {zs['test'] / ft['test']:.2f} (>=0.8); LP-ZS {lp['test'] - zs['test']:+.1f} (<=15)")
             print(f"  P3 dID {ft['test'] - zs['test']:+.1f} (>=8) dOOD {ft['ood'] - zs['ood']:+.1f} (<0) min keep {keep:.2f} (>=0.5)")
