@@ -12,6 +12,12 @@ every ``--spurious``::
 
     PYTHONPATH=. python bench/probe_world.py --model results/default/models/saeft-vit-p4/zeroshot \\
         --spurious 0.9 0.3 --lrs 1e-2 3e-4 --seeds 0 1
+
+The Fashion-MNIST world the same way (``--config`` merges over the default study, as the workflow
+merges ``--configfile``)::
+
+    PYTHONPATH=. python bench/probe_world.py --dataset fashion_mnist --config config/fashion_mnist.yaml \\
+        --model results/fashion_mnist/models/saeft-vit-p4/zeroshot --lrs 1e-4 --seeds 0
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config/config.yaml", help="study config (its finetune keys and world)")
-    parser.add_argument("--model", required=True, help="folder with model.safetensors and heads/shapes.safetensors")
+    parser.add_argument("--config", default="config/config.yaml",
+                        help="study config (its finetune keys and world), merged over the default study's")
+    parser.add_argument("--model", required=True, help="folder with model.safetensors and heads/<dataset>.safetensors")
+    parser.add_argument("--dataset", default="shapes", help="the world: shapes (config key synthetic) or fashion_mnist")
     parser.add_argument("--spurious", type=float, nargs="+", default=[None], help="ID shortcut strengths")
     parser.add_argument("--lrs", type=float, nargs="+", default=[None], help="fine-tuning peak lrs")
     parser.add_argument("--epochs", type=int, default=None)
@@ -56,10 +64,20 @@ def main() -> None:
     from saeft.nn.weights import interpolate_weights
     from saeft.stages import finetune
 
-    config = validate_config(yaml.safe_load(Path(args.config).read_text()))
+    config = yaml.safe_load(Path(args.config).read_text())
+    default = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
+    if Path(args.config).resolve() != default:  # a study file merges over the default study, as in the workflow
+        from snakemake.utils import update_config
+
+        merged = yaml.safe_load(default.read_text())
+        update_config(merged, {k: v for k, v in config.items() if k != "methods"})
+        merged["methods"] = config.get("methods", merged["methods"])
+        config = merged
+    config = validate_config(config)
     folder = Path(args.model)
-    model_path, head_path = folder / "model.safetensors", folder / "heads" / "shapes.safetensors"
-    spec = get_dataset("shapes")
+    model_path, head_path = folder / "model.safetensors", folder / "heads" / f"{args.dataset}.safetensors"
+    spec = get_dataset(args.dataset)
+    section = "synthetic" if args.dataset == "shapes" else args.dataset
     if args.head_scale != 1.0:
         from safetensors.torch import load_file, save_file
 
@@ -100,7 +118,7 @@ def main() -> None:
         return f"ID {only(a, b, 'test'):.1f} / {only(b, a, 'test'):.1f}, OOD {ood(a, b):.1f} / {ood(b, a):.1f}"
 
     for spurious in args.spurious:
-        world = {**config["synthetic"], **({"spurious": spurious} if spurious is not None else {})}
+        world = {**config.get(section, {}), **({"spurious": spurious} if spurious is not None else {})}
         if args.test_per_class:
             world["test_per_class"] = args.test_per_class
         world.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.world)})
@@ -111,7 +129,7 @@ def main() -> None:
             loaded = spec.load(split, preprocess, options)
             images, labels = zip(*(loaded[i] for i in range(len(loaded))))
             data[split] = (torch.stack(images), torch.tensor(labels))
-        print(f"world spurious={world['spurious']} (rendered in {time.monotonic() - started:.0f} s)")
+        print(f"world spurious={world.get('spurious')} (rendered in {time.monotonic() - started:.0f} s)")
         print(f"  {'model':<18}" + " ".join(f"{k[:6]:>6}" for k in ("val", "test", *spec.ood_evals, "ood")) + " vloss  cf_id cf_ood")
         zs_logits = {s: logits_of(zeroshot, data[s]) for s in splits}
         zs = scores(zs_logits)
@@ -153,7 +171,7 @@ def main() -> None:
                     out = Path(tmp) / f"{seed}"
                     out.mkdir()
                     t0 = time.monotonic()
-                    finetune.run(model_path, head_path, "shapes", options, cfg, out / "model.safetensors", out / "train.json")
+                    finetune.run(model_path, head_path, args.dataset, options, cfg, out / "model.safetensors", out / "train.json")
                     tuned, _ = load_classifier(out / "model.safetensors")
                     tuned_states.append({k: v.clone() for k, v in tuned.state_dict().items()})
                     ft_logits = {s: logits_of(tuned, data[s]) for s in splits}
