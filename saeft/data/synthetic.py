@@ -69,6 +69,9 @@ PROMPT_TEMPLATES: tuple[str, ...] = (
 )
 # The background hue each class prefers when the shortcut is on (evenly spread on the wheel).
 CLASS_HUES = np.linspace(0.0, 1.0, len(CLASSNAMES), endpoint=False)
+# The object colour each class prefers in the pretraining corpus (``pretrain_object_cue``): a
+# different assignment from the background hues, half a step off them.
+OBJECT_HUES = (CLASS_HUES[np.array([3, 7, 0, 5, 9, 1, 8, 2, 6, 4])] + 0.05) % 1.0
 
 Split = Literal["pretrain", "train", "val", "test", "sae_train", "sae_heldout", "resampled", "sketch", "rendition", "hard"]
 # sae_train / sae_heldout: more ID photos (with the training splits' shortcut) for the SAE, which
@@ -116,6 +119,11 @@ class WorldConfig(StageConfig):
     (a ring captioned "circle"), as web captions confuse similar categories: the zero-shot head
     then errs on those pairs in every domain, as CLIP's prompt head does, while labelled ID data
     can correct it. Below 0.5, so a caption still names its own class more often."""
+    pretrain_object_cue: Fraction = 0.0
+    """Probability that a pretraining image's object is drawn in its class's colour, a cue no
+    caption names: web images carry correlations of their own, so zero-shot leans partly on
+    features the ID photos (objects of random colour) and the shifts do not share, and that
+    differ from the ID shortcut fine-tuning learns. 0 keeps object colours random everywhere."""
     object_scale: Annotated[float, Schema(exclusive_minimum=0, maximum=2)] = 1.0
     """Size of the objects in every domain, relative to the original renderer (1: about a third
     of the image side); larger objects are easier to tell apart at a given resolution."""
@@ -159,7 +167,8 @@ def render_image(cfg: WorldConfig, split: str, index: int) -> tuple[np.ndarray, 
     rng = np.random.default_rng([cfg.seed, zlib.crc32(split.encode()), index])
     spurious = {"pretrain": 0.0, "resampled": cfg.spurious_resampled}.get(split, cfg.spurious)
     renderer = _RENDERERS[domain]
-    image = renderer(rng, label, cfg.image_size * _SUPERSAMPLE, spurious, cfg.object_scale)
+    cue = cfg.pretrain_object_cue if split == "pretrain" else 0.0
+    image = renderer(rng, label, cfg.image_size * _SUPERSAMPLE, spurious, cfg.object_scale, cue)
     return _downsample(image), label
 
 
@@ -292,12 +301,20 @@ def _photo_background(rng: np.random.Generator, size: int, hue: float, noise: fl
     return image + np.kron(coarse, np.ones((8, 8, 1)))
 
 
-def _shaded_object(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _object_hue(rng: np.random.Generator, label: int, cue: float) -> float:
+    """A random hue, or with probability ``cue`` the class's object hue (no draw at 0)."""
+    if cue > 0 and rng.random() < cue:
+        return OBJECT_HUES[label] + rng.normal(0, 0.02)
+    return rng.random()
+
+
+def _shaded_object(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, u: np.ndarray, v: np.ndarray,
+                   label: int = 0, cue: float = 0.0) -> np.ndarray:
     """A shaded object of random hue, either light on a darkened background or dark on a
     lightened one: the shape always stands out by its value (as objects do in photos), which a
     small ViT needs to learn shapes from photos in a few thousand contrastive steps."""
     light = rng.random() < 0.5
-    colour = _hsv(rng.random(), rng.uniform(0.4, 1.0), rng.uniform(0.85, 1.0) if light else rng.uniform(0.05, 0.25))
+    colour = _hsv(_object_hue(rng, label, cue), rng.uniform(0.4, 1.0), rng.uniform(0.85, 1.0) if light else rng.uniform(0.05, 0.25))
     shade = np.clip(1.0 + 0.25 * (u * rng.normal() + v * rng.normal()) / 2, 0.5, 1.3)
     shaded = np.clip(colour * shade[..., None], 0, 1)
     background = image * 0.55 if light else np.clip(image * 0.6 + 0.4, 0, 1)
@@ -317,24 +334,24 @@ def _outline(mask: np.ndarray, width: int) -> np.ndarray:
     return mask & ~eroded
 
 
-def _render_photo(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0) -> np.ndarray:
+def _render_photo(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0, cue: float = 0.0) -> np.ndarray:
     u, v, _ = _geometry(rng, size, (0.24 * scale, 0.36 * scale))
     hue = _background_hue(rng, label, spurious)
     image = _photo_background(rng, size, hue, noise=0.06)
-    image = _shaded_object(image, _shape_mask(label, u, v), rng, u, v)
+    image = _shaded_object(image, _shape_mask(label, u, v), rng, u, v, label, cue)
     return np.clip(image + rng.normal(0, 0.03, size=image.shape), 0, 1)
 
 
-def _render_resampled(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0) -> np.ndarray:
+def _render_resampled(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0, cue: float = 0.0) -> np.ndarray:
     # Same renderer, re-collected: smaller objects, harsher light, more sensor noise.
     u, v, _ = _geometry(rng, size, (0.2 * scale, 0.3 * scale))
     hue = _background_hue(rng, label, spurious)
     image = _photo_background(rng, size, hue, noise=0.09) * rng.uniform(0.7, 1.15)
-    image = _shaded_object(image, _shape_mask(label, u, v), rng, u, v)
+    image = _shaded_object(image, _shape_mask(label, u, v), rng, u, v, label, cue)
     return np.clip(image + rng.normal(0, 0.05, size=image.shape), 0, 1)
 
 
-def _render_sketch(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0) -> np.ndarray:
+def _render_sketch(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0, cue: float = 0.0) -> np.ndarray:
     u, v, _ = _geometry(rng, size, (0.24 * scale, 0.36 * scale))
     paper = rng.uniform(0.85, 1.0)
     image = np.full((size, size, 3), paper) + rng.normal(0, 0.02, size=(size, size, 1))
@@ -347,7 +364,7 @@ def _render_sketch(rng: np.random.Generator, label: int, size: int, spurious: fl
     return np.clip(image, 0, 1)
 
 
-def _render_rendition(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0) -> np.ndarray:
+def _render_rendition(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0, cue: float = 0.0) -> np.ndarray:
     u, v, _ = _geometry(rng, size, (0.24 * scale, 0.36 * scale))
     ys, xs = np.mgrid[0:size, 0:size]
     period = int(rng.integers(6, 14))
@@ -358,17 +375,17 @@ def _render_rendition(rng: np.random.Generator, label: int, size: int, spurious:
     c1, c2 = _hsv(rng.random(), 0.5, 0.95), _hsv(rng.random(), 0.5, 0.8)
     image = np.where(pattern[..., None], c1, c2)
     mask = _shape_mask(label, u, v)
-    image = np.where(mask[..., None], _hsv(rng.random(), 1.0, 1.0), image)
+    image = np.where(mask[..., None], _hsv(_object_hue(rng, label, cue), 1.0, 1.0), image)
     image[_outline(mask, int(rng.integers(2, 4)))] = 0.0
     return image
 
 
-def _render_hard(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0) -> np.ndarray:
+def _render_hard(rng: np.random.Generator, label: int, size: int, spurious: float, scale: float = 1.0, cue: float = 0.0) -> np.ndarray:
     u, v, size_px = _geometry(rng, size, (0.24 * scale, 0.36 * scale))
     # Adversarial context: the background hue is another class's shortcut hue.
     hue = _background_hue(rng, label, spurious, wrong=spurious > 0)
     image = _photo_background(rng, size, hue, noise=0.08)
-    image = _shaded_object(image, _shape_mask(label, u, v), rng, u, v)
+    image = _shaded_object(image, _shape_mask(label, u, v), rng, u, v, label, cue)
     # Occluders: two bars in background-like colours, each hiding a part of the object.
     for _ in range(2):
         w, h = rng.uniform(0.25, 0.6) * size_px * 2, rng.uniform(0.15, 0.3) * size_px * 2
