@@ -112,7 +112,7 @@ def run(arch: str, options: Any, cfg: PretrainConfig, out: str | Path,
     ``on_step(step)`` is called after each step (progress hooks, fault injection in tests);
     ``curve`` receives the training curve, ``loss`` and ``lr`` averaged over windows of steps
     (:class:`~saeft.nn.training.Curve`)."""
-    setup_torch(cfg.seed)
+    setup_torch(cfg.seed, cfg.threads)  # the configured count, not the job's: it decides the weights
     model = create_clip(arch, pretrained=None)
     preprocess = preprocess_for(model)
     tokenizer = tokenizer_for(arch)

@@ -226,10 +226,9 @@ def command_line(flags):
     return " ".join(words)
 
 
-def all_cores(wildcards):
-    """Threads of a job that takes the machine: the --cores of the run, read at job time (a
-    --report or a dry run gives none)."""
-    return workflow.cores
+def pretrain_threads(wildcards):
+    """Threads of pretrain_clip: the config's, since they decide its weights (not only its speed)."""
+    return config["pretrain"]["threads"]
 
 
 TRANSFER = config["transfer"]

@@ -13,7 +13,7 @@ rule pretrain_clip:
         job_benchmark("pretrain_clip", "{model}")
     conda:
         SAEFT_ENV
-    threads: all_cores
+    threads: pretrain_threads
     resources:
         gpu=1,
     params:
