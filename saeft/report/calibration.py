@@ -158,6 +158,27 @@ class _Study:
         return self.interval(uncertainty.Replicates(ra.seeds, ra.point / rb.point, ra.boot / rb.boot))
 
 
+# Accuracies are counts over images, so a difference can lie exactly on a threshold (+2.0 points)
+# and still come out a rounding error (1e-17) below it: every comparison allows for that error.
+_ROUNDING = 1e-9
+
+
+def _ge(x: float, threshold: float) -> bool:
+    return x >= threshold - _ROUNDING
+
+
+def _le(x: float, threshold: float) -> bool:
+    return x <= threshold + _ROUNDING
+
+
+def _gt(x: float, threshold: float) -> bool:
+    return x > threshold + _ROUNDING
+
+
+def _lt(x: float, threshold: float) -> bool:
+    return x < threshold - _ROUNDING
+
+
 def _pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
@@ -183,19 +204,19 @@ def _p1(s: _Study) -> list[Part]:
     zs_ood = s.interval(s.column(zs, OOD_AVG))
     margin = zs_ood.mean - (line[0] * zs_id + line[1])
     ratio = zs_ood.mean / zs_id
-    return [_part(f"ZS OOD − ID-only line at ZS's ID {_pts(margin)} (≥ +10)", margin >= 0.10),
-            _part(f"ZS OOD/ID {ratio:.2f} (≥ 0.8)", ratio >= 0.8)]
+    return [_part(f"ZS OOD − ID-only line at ZS's ID {_pts(margin)} (≥ +10)", _ge(margin, 0.10)),
+            _part(f"ZS OOD/ID {ratio:.2f} (≥ 0.8)", _ge(ratio, 0.8))]
 
 
 def _p2(s: _Study) -> list[Part]:
     zs, ft = s.runs("zeroshot"), s.runs(s.inputs.baseline)
     ratio = s.ratio(zs, ft, s.id_set)
-    parts = [_part(f"ZS/FT ID {_iv(ratio, 1, False, 2)} (≥ 0.8)", ratio.mean >= 0.8, ratio)]
+    parts = [_part(f"ZS/FT ID {_iv(ratio, 1, False, 2)} (≥ 0.8)", _ge(ratio.mean, 0.8), ratio)]
     if s.inputs.linear_probe is None:
         parts.append(Part("LP − ZS: no linear probe measured", UNMEASURED))
     else:
         gap = s.inputs.linear_probe - s.interval(s.column(zs, s.id_set)).mean
-        parts.append(_part(f"LP − ZS ID {_pts(gap)} (≤ +15)", gap <= 0.15))
+        parts.append(_part(f"LP − ZS ID {_pts(gap)} (≤ +15)", _le(gap, 0.15)))
     return parts
 
 
@@ -209,10 +230,10 @@ def _p3(s: _Study) -> list[Part]:
         if z > chance:  # a shift zero-shot does not beat chance on has nothing to keep
             keeps[shift] = (f - chance) / (z - chance)
     worst = min(keeps, key=lambda k: keeps[k]) if keeps else None
-    parts = [_part(f"ΔID {_iv(did)} (≥ +8)", did.mean >= 0.08, did),
-             _part(f"ΔOOD {_iv(dood)} (< 0, resolved)", dood.high < 0, dood)]
+    parts = [_part(f"ΔID {_iv(did)} (≥ +8)", _ge(did.mean, 0.08), did),
+             _part(f"ΔOOD {_iv(dood)} (< 0, resolved)", _lt(dood.high, 0), dood)]
     if worst is not None:
-        parts.append(_part(f"least kept: {worst} {keeps[worst]:.2f} of ZS above chance (≥ 0.5)", keeps[worst] >= 0.5))
+        parts.append(_part(f"least kept: {worst} {keeps[worst]:.2f} of ZS above chance (≥ 0.5)", _ge(keeps[worst], 0.5)))
     else:
         parts.append(Part("shifts kept: zero-shot is at chance on every shift", UNMEASURED))
     return parts
@@ -222,7 +243,7 @@ def _p4(s: _Study) -> list[Part]:
     if s.inputs.lr_ratio is None:
         return [Part("the study does not pretrain its model: no pretraining lr to compare with", UNMEASURED)]
     ratio = s.inputs.lr_ratio
-    return [_part(f"FT lr / pretraining lr {ratio:.3g} (≤ 0.2){'; ' + s.inputs.lr_detail if s.inputs.lr_detail else ''}", ratio <= 0.2)]
+    return [_part(f"FT lr / pretraining lr {ratio:.3g} (≤ 0.2){'; ' + s.inputs.lr_detail if s.inputs.lr_detail else ''}", _le(ratio, 0.2))]
 
 
 def _p5(s: _Study) -> list[Part]:
@@ -232,14 +253,14 @@ def _p5(s: _Study) -> list[Part]:
     zs_ood, ft_ood = s.interval(s.column(zs, OOD_AVG)).mean, s.interval(s.column(ft, OOD_AVG)).mean
     top, name = (zs, "ZS") if zs_ood >= ft_ood else (ft, "FT")
     bow = s.diff(w5, top, OOD_AVG)
-    parts = [_part(f"WiSE(0.5) − {name} OOD {_iv(bow)} (≥ +2, interval > 0)", bow.mean >= 0.02 and bow.low > 0, bow)]
+    parts = [_part(f"WiSE(0.5) − {name} OOD {_iv(bow)} (≥ +2, interval > 0)", _ge(bow.mean, 0.02) and _gt(bow.low, 0), bow)]
     if w25:
         low = s.diff(w25, zs, OOD_AVG)
-        parts.append(_part(f"WiSE(0.25) − ZS OOD {_iv(low)} (≥ 0)", low.mean >= 0, low))
+        parts.append(_part(f"WiSE(0.25) − ZS OOD {_iv(low)} (≥ 0)", _ge(low.mean, 0), low))
     else:
         parts.append(Part("WiSE(0.25): not in the study's α grid", UNMEASURED))
     did = s.diff(w5, ft, s.id_set)
-    parts.append(_part(f"WiSE(0.5) − FT ID {_iv(did)} (≥ −2)", did.mean >= -0.02, did))
+    parts.append(_part(f"WiSE(0.5) − FT ID {_iv(did)} (≥ −2)", _ge(did.mean, -0.02), did))
     return parts
 
 
@@ -250,21 +271,21 @@ def _p6(s: _Study) -> list[Part]:
         l0, l1 = path[0.0], path[1.0]
         excess = {a: loss - ((1 - a) * l0 + a * l1) for a, loss in path.items() if 0 < a < 1}
         worst = max(excess, key=lambda a: excess[a])
-        parts.append(_part(f"ID-val loss barrier {excess[worst]:+.3f} at α {worst:g} (≤ 0)", excess[worst] <= 0))
+        parts.append(_part(f"ID-val loss barrier {excess[worst]:+.3f} at α {worst:g} (≤ 0)", _le(excess[worst], 0)))
     else:
         parts.append(Part("ID-val loss along the path: not measured", UNMEASURED))
     w5 = s.wiseft_runs(0.5)
     if s.inputs.ensemble and w5:
         ens = s.runs(s.inputs.ensemble, 0.5)
         did, dood = s.diff(w5, ens, s.id_set), s.diff(w5, ens, OOD_AVG)
-        ok = abs(did.mean) <= 0.02 and abs(dood.mean) <= 0.02
+        ok = _le(abs(did.mean), 0.02) and _le(abs(dood.mean), 0.02)
         parts.append(_part(f"weight − output ensemble at 0.5: ID {_iv(did)}, OOD {_iv(dood)} (within ±2)", ok, dood))
     else:
         parts.append(Part("output-space ensemble: not measured", UNMEASURED))
     ft = s.runs(s.inputs.baseline)
     if s.inputs.soup and len(ft) > 1:
         gain = s.diff(s.runs(s.inputs.soup), ft, s.id_set)
-        parts.append(_part(f"soup of {len(ft)} FT seeds − their mean ID {_iv(gain)} (≥ 0)", gain.mean >= 0, gain))
+        parts.append(_part(f"soup of {len(ft)} FT seeds − their mean ID {_iv(gain)} (≥ 0)", _ge(gain.mean, 0), gain))
     else:
         parts.append(Part("soup of FT seeds: needs at least 2 seeds", UNMEASURED))
     return parts
@@ -275,8 +296,8 @@ def _versus_ft(s: _Study, method: str, ood_margin: float, id_margin: float, labe
     if not other:
         return [Part(f"no {label} runs in the study", UNMEASURED)]
     dood, did = s.diff(other, ft, OOD_AVG), s.diff(other, ft, s.id_set)
-    return [_part(f"{label} − FT OOD {_iv(dood)} (≥ {_pts(ood_margin)})", dood.mean >= ood_margin, dood),
-            _part(f"{label} − FT ID {_iv(did)} (≥ {_pts(-id_margin)})", did.mean >= -id_margin, did)]
+    return [_part(f"{label} − FT OOD {_iv(dood)} (≥ {_pts(ood_margin)})", _ge(dood.mean, ood_margin), dood),
+            _part(f"{label} − FT ID {_iv(did)} (≥ {_pts(-id_margin)})", _ge(did.mean, -id_margin), did)]
 
 
 CHECKS = {
