@@ -89,9 +89,9 @@ class PretrainConfig(StageConfig):
     """Registered dataset whose captioned pretraining corpus is used (its config section gives
     its options)."""
     threads: PositiveInt = 1
-    """CPU threads the pretraining job runs on, whatever ``--cores`` allows beyond them: the
-    thread count changes the order of sums and so the weights (docs/reproducibility.md), and a
-    study's calibration is of one model. More threads are faster (two: about 20% here)."""
+    """CPU threads the pretraining runs on, even where ``--cores`` gives its job fewer or more:
+    the thread count changes the order of sums and so the weights (docs/reproducibility.md), and
+    a study's calibration is of one model. Two threads are about 20% faster than one here."""
     min_zeroshot_acc: Fraction = 0.5
     """The gate: prepare_model refuses the pretrained model when its zero-shot top-1 on the
     dataset's ID held-out split (quality.json) is below this. Not a training key: changing it
